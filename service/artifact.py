@@ -1,0 +1,186 @@
+"""The artifact folder: the only thing `training/` and `service/` share.
+
+An artifact is a self-describing folder (like a Triton model repository entry):
+
+    manifest.json               this schema; every other file listed with its sha256
+    text_features.safetensors   "text_features" (C, D) float32, row i = class id i (0 = normal);
+                                "abnormal_feature" (D,) the generic abnormal feature t_Abar
+    encoder.onnx                image encoder + visual prompts + adapters + scoring head
+    encoder.safetensors         the same weights for the PyTorch backend (no pickle)
+
+Both encoder files implement one contract (see `service.backends.base`): inputs
+`pixel_values` (B, 3, S, S) float32 and `allowed` (B, C) bool; outputs `anomaly_score`,
+`type_scores`, `anomaly_map`, `type_map`, `class_max`.
+
+Loading verifies every file's sha256 before anything is deserialised, so a truncated copy or
+a tampered file is refused with a message that names it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class ArtifactError(RuntimeError):
+    """An artifact folder that cannot be served; the message names the offending file."""
+
+
+class FileEntry(BaseModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class VocabEntry(BaseModel):
+    id: int = Field(ge=0, le=255)
+    name: str = Field(min_length=1)
+
+
+class Product(BaseModel):
+    """Per-product settings: which defect types may compete, and its thresholds."""
+
+    defect_types: list[str] | None = None  # None = the whole vocabulary
+    image_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+
+
+class BackboneInfo(BaseModel):
+    name: str
+    pretrained: str | None = None
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    embed_dim: int
+    act: Literal["gelu", "quick_gelu"] = "gelu"
+
+
+class Verification(BaseModel):
+    """What bake measured when it checked its own export (ORT vs PyTorch on the same input)."""
+
+    max_abs_diff: dict[str, float]
+    type_map_mismatch_fraction: float
+    tolerance: float
+    passed: bool
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    name: str
+    version: str
+    created: str
+    description: str = ""
+    backbone: BackboneInfo
+    image_size: int = Field(gt=0)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tapped_layers: list[int]
+    visual_prompt_tokens: int = Field(ge=0)
+    prompt_alpha: float = Field(default=0.01, ge=0.0, le=1.0)
+    temperature: float = Field(gt=0)
+    prompts: Literal["learned", "handcrafted"]
+    text_mode: Literal["fixed", "reference"] = "fixed"
+    vocabulary: list[VocabEntry]
+    products: dict[str, Product] = {}
+    image_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
+    pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    gaussian_sigma: float = Field(default=0.0, ge=0.0)
+    files: dict[str, FileEntry]
+    verification: Verification | None = None
+    provenance: dict = {}
+
+    @model_validator(mode="after")
+    def _check(self) -> "Manifest":
+        ids = [v.id for v in self.vocabulary]
+        if ids != list(range(len(ids))):
+            raise ValueError(f"vocabulary ids must be 0..C-1 in order, got {ids}")
+        if not self.vocabulary or self.vocabulary[0].name != "normal":
+            raise ValueError("vocabulary[0] must be 'normal'")
+        names = [v.name for v in self.vocabulary]
+        if len(set(names)) != len(names):
+            raise ValueError("vocabulary names must be unique")
+        for pname, prod in self.products.items():
+            unknown = set(prod.defect_types or []) - set(names[1:])
+            if unknown:
+                raise ValueError(f"product {pname!r} names unknown defect types {sorted(unknown)}")
+        return self
+
+    def encoder_config(self) -> dict:
+        """Geometry for the plain-PyTorch encoder (service.backends.torch_model)."""
+        b = self.backbone
+        return {"width": b.width, "layers": b.layers, "heads": b.heads, "patch_size": b.patch_size,
+                "image_size": self.image_size, "embed_dim": b.embed_dim, "taps": self.tapped_layers,
+                "prompt_tokens": self.visual_prompt_tokens, "alpha": self.prompt_alpha, "act": b.act,
+                "temperature": self.temperature}
+
+    @property
+    def class_names(self) -> list[str]:
+        return [v.name for v in self.vocabulary]
+
+    @property
+    def defect_names(self) -> list[str]:
+        return self.class_names[1:]
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
+
+
+def read_manifest(folder: str | Path) -> Manifest:
+    """Parse and validate manifest.json (no file hashes checked)."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise ArtifactError(f"artifact folder {folder} does not exist")
+    if not path.is_file():
+        raise ArtifactError(f"{path}: manifest missing")
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: invalid manifest: {e}") from e
+
+
+def verify_files(folder: str | Path, manifest: Manifest, names: list[str] | None = None) -> None:
+    """Check size and sha256 of the listed files; raise naming the first one that is wrong."""
+    folder = Path(folder)
+    for name in names if names is not None else list(manifest.files):
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise ArtifactError(f"{folder / MANIFEST}: no entry for {name}")
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path}: file listed in the manifest is missing")
+        size = path.stat().st_size
+        if size != entry.bytes:
+            raise ArtifactError(f"{path}: size {size} != {entry.bytes} in the manifest (truncated or replaced)")
+        digest = sha256_file(path)
+        if digest != entry.sha256:
+            raise ArtifactError(f"{path}: sha256 {digest} does not match the manifest ({entry.sha256}); refusing to load")
+
+
+def load_manifest(folder: str | Path, verify: bool = True) -> Manifest:
+    """Read the manifest and, by default, verify every file it lists."""
+    manifest = read_manifest(folder)
+    if verify:
+        verify_files(folder, manifest)
+    return manifest
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    path = Path(folder) / MANIFEST
+    path.write_text(manifest.model_dump_json(indent=2) + "\n")
+    return path

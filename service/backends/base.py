@@ -1,0 +1,53 @@
+"""The backend contract: preprocessed images in, per-image scores and maps out.
+
+Both backends run the same computation (encoder, visual prompts, adapters and the scoring
+head), so everything large stays where the encoder runs and only compact results come back:
+
+    inputs   pixel_values  (B, 3, S, S) float32, CLIP-normalised
+             allowed       (B, C) bool: classes that may win the type argmax (column 0, normal,
+                           is always allowed); this is how a product's defect list is applied
+    outputs  anomaly_score (B,)        P(abnormal) from softmax over [t_N, t_Abar] / tau
+             type_scores   (B, C)      softmax over [t_N, t_1..t_K] / tau of the global feature
+             anomaly_map   (B, S, S)   mean over tapped layers of the summed defect
+                                       probabilities, upsampled (bilinear, align_corners) -> [0, 1]
+             type_map      (B, S, S)   uint8 argmax over the allowed classes (0 = normal)
+             class_max     (B, C)      max over pixels of each class's probability map
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+INPUT_NAMES = ("pixel_values", "allowed")
+OUTPUT_NAMES = ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max")
+
+
+@dataclass
+class EncoderOutputs:
+    anomaly_score: np.ndarray
+    type_scores: np.ndarray
+    anomaly_map: np.ndarray
+    type_map: np.ndarray
+    class_max: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.anomaly_score.shape[0])
+
+    def item(self, i: int) -> "EncoderOutputs":
+        """The i-th image's outputs, each keeping a leading batch axis of 1."""
+        return EncoderOutputs(*(getattr(self, n)[i : i + 1] for n in OUTPUT_NAMES))
+
+    @classmethod
+    def concat(cls, parts: list["EncoderOutputs"]) -> "EncoderOutputs":
+        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in OUTPUT_NAMES))
+
+
+class Backend(Protocol):
+    """What the batcher calls, from a worker thread, never from the event loop."""
+
+    name: str  # "onnxruntime" | "torch"
+    provider: str  # execution provider / device actually in use
+
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray) -> EncoderOutputs: ...

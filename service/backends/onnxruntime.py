@@ -1,0 +1,52 @@
+"""ONNX Runtime backend: CPU here, CUDA or TensorRT execution providers on a GPU node."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from service.backends.base import INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
+
+PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def choose_providers(requested: list[str] | None, trt_cache_dir: str | None) -> list:
+    """Requested providers that this onnxruntime build has (in order), else the best available."""
+    available = ort.get_available_providers()
+    names = [p for p in (requested or PREFERENCE) if p in available]
+    if requested and not names:
+        raise ValueError(f"none of the requested providers {requested} is available; this build has {available}")
+    if "CPUExecutionProvider" not in names:
+        names.append("CPUExecutionProvider")
+    out: list = []
+    for name in names:
+        if name == "TensorrtExecutionProvider":
+            opts = {"trt_fp16_enable": True}
+            if trt_cache_dir:
+                os.makedirs(trt_cache_dir, exist_ok=True)
+                opts |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": trt_cache_dir,
+                         "trt_timing_cache_enable": True, "trt_timing_cache_path": trt_cache_dir}
+            out.append((name, opts))
+        else:
+            out.append(name)
+    return out
+
+
+class OrtBackend:
+    name = "onnxruntime"
+
+    def __init__(self, model_path: Path, providers: list[str] | None = None, trt_cache_dir: str | None = None,
+                 intra_op_threads: int = 0):
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(str(model_path), sess_options=opts,
+                                            providers=choose_providers(providers, trt_cache_dir))
+        self.provider = self.session.get_providers()[0]
+
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray) -> EncoderOutputs:
+        feeds = dict(zip(INPUT_NAMES, (np.ascontiguousarray(pixel_values, dtype=np.float32),
+                                       np.ascontiguousarray(allowed, dtype=bool))))
+        return EncoderOutputs(*self.session.run(list(OUTPUT_NAMES), feeds))

@@ -1,0 +1,31 @@
+"""PyTorch backend: the plain-torch encoder from `encoder.safetensors` (no training/, no pickle)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from service.backends.base import EncoderOutputs
+from service.backends.torch_model import load_encoder
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, weights: Path, config: dict, device: str | None = None, precision: str = "fp32"):
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}")
+        self.device = torch.device(device)
+        self.dtype = DTYPES[precision]
+        self.model = load_encoder(str(weights), config, device=device, dtype=self.dtype)
+        self.provider = f"{self.device.type}:{precision}"
+
+    @torch.inference_mode()
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray) -> EncoderOutputs:
+        x = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).to(self.device, self.dtype)
+        a = torch.from_numpy(np.ascontiguousarray(allowed, dtype=bool)).to(self.device)
+        return EncoderOutputs(*(t.cpu().numpy() for t in self.model(x, a)))

@@ -1,0 +1,140 @@
+"""The DAPO image encoder and scoring head in plain PyTorch, built from `encoder.safetensors`.
+
+This is what the torch backend runs, without `training/` or OpenCLIP: a standard CLIP ViT
+(pre-norm blocks, GELU or QuickGELU, token pooling) with deep visual prompts, adapters and the
+scoring head. Weights come from safetensors only (no pickle). `ScoringHead` is also what
+`training/export.py` puts at the end of the ONNX graph, so both backends score with one code.
+
+Attention uses `F.scaled_dot_product_attention`, which picks flash / memory-efficient kernels
+on a GPU; the module runs in fp32, fp16 or bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ScoringHead(nn.Module):
+    """Text features baked in; global + per-tap patch features -> the backend contract outputs."""
+
+    def __init__(self, text_features: torch.Tensor, abnormal: torch.Tensor, grid: int, image_size: int,
+                 temperature: float):
+        super().__init__()
+        self.register_buffer("text", text_features.float().clone())  # (C, D)
+        self.register_buffer("pair", torch.stack([text_features[0], abnormal]).float().clone())  # (2, D)
+        self.grid = grid
+        self.image_size = image_size
+        self.inv_tau = 1.0 / temperature
+
+    def forward(self, global_feat: torch.Tensor, patches: list[torch.Tensor], allowed: torch.Tensor):
+        text = self.text.to(global_feat.dtype)
+        pair = self.pair.to(global_feat.dtype)
+        anomaly_score = torch.softmax(global_feat @ pair.T * self.inv_tau, dim=-1)[:, 1]
+        type_scores = torch.softmax(global_feat @ text.T * self.inv_tau, dim=-1)
+        probs = torch.stack([torch.softmax(p @ text.T * self.inv_tau, dim=-1) for p in patches]).mean(0)
+        b, _, c = probs.shape
+        probs = probs.transpose(1, 2).reshape(b, c, self.grid, self.grid)
+        # Upsampling is linear, so summing layers first then upsampling once equals METHOD's order.
+        up = F.interpolate(probs, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+        anomaly_map = up[:, 1:].sum(dim=1)
+        masked = up.masked_fill(~allowed[:, :, None, None], -1.0)
+        type_map = masked.argmax(dim=1).to(torch.uint8)
+        class_max = up.amax(dim=(2, 3))
+        return anomaly_score.float(), type_scores.float(), anomaly_map.float(), type_map, class_max.float()
+
+
+class _Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, w = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(b, n, 3, self.heads, -1).unbind(2)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int, act: str):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(width)
+        self.attn = _Attention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)})
+        self.quick = act == "quick_gelu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        h = self.mlp["c_fc"](self.ln_2(x))
+        h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
+        return x + self.mlp["c_proj"](h)
+
+
+class DapoImageEncoder(nn.Module):
+    """ViT + deep visual prompts + adapters + scoring head; parameter names match the bake."""
+
+    def __init__(self, *, width: int, layers: int, heads: int, patch_size: int, image_size: int, embed_dim: int,
+                 taps: list[int], prompt_tokens: int, alpha: float, act: str, text_features: torch.Tensor,
+                 abnormal: torch.Tensor, temperature: float):
+        super().__init__()
+        grid = image_size // patch_size
+        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList(_Block(width, heads, act) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, embed_dim))
+        self.prompt_tokens = nn.Parameter(torch.empty(layers, prompt_tokens, width))
+        self.adapters = nn.ModuleList(nn.Linear(width, embed_dim) for _ in taps)
+        self.taps = list(taps)
+        self.alpha = alpha
+        self.head = ScoringHead(text_features, abnormal, grid, image_size, temperature)
+
+    def forward(self, pixel_values: torch.Tensor, allowed: torch.Tensor):
+        n = self.prompt_tokens.shape[1]
+        x = self.conv1(pixel_values.to(self.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
+        x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
+        x = torch.cat([x[:, :1], self.prompt_tokens[0].expand(x.shape[0], -1, -1).to(x.dtype), x[:, 1:]], dim=1)
+        patches = []
+        for i, block in enumerate(self.blocks):
+            if i > 0:
+                slots = self.alpha * x[:, 1:1 + n] + (1.0 - self.alpha) * self.prompt_tokens[i].to(x.dtype)
+                x = torch.cat([x[:, :1], slots, x[:, 1 + n:]], dim=1)
+            x = block(x)
+            if i + 1 in self.taps:
+                patches.append(F.normalize(self.adapters[self.taps.index(i + 1)](x[:, 1 + n:]), dim=-1))
+        pooled = F.normalize(self.ln_post(x[:, 0]) @ self.proj, dim=-1)
+        return self.head(pooled, patches, allowed)
+
+
+def state_dict_for_export(visual: nn.Module, prompt_tokens: torch.Tensor, adapters: nn.ModuleList) -> dict:
+    """Map an OpenCLIP VisionTransformer + DAPO parts onto DapoImageEncoder's parameter names."""
+    sd = {k: v for k, v in visual.state_dict().items() if not k.startswith("transformer.")}
+    for k, v in visual.transformer.state_dict().items():
+        # resblocks.{i}.attn.*, ln_1, ln_2, mlp.c_fc, mlp.c_proj -> blocks.{i}.*
+        sd["blocks." + k.removeprefix("resblocks.")] = v
+    sd["prompt_tokens"] = prompt_tokens.detach()
+    for j, a in enumerate(adapters):
+        sd[f"adapters.{j}.weight"] = a.weight.detach()
+        sd[f"adapters.{j}.bias"] = a.bias.detach()
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}
+
+
+def load_encoder(weights_path: str, config: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DapoImageEncoder:
+    """Build DapoImageEncoder from manifest geometry and load `encoder.safetensors` (strict)."""
+    from safetensors.torch import load_file
+
+    sd = load_file(weights_path, device="cpu")
+    model = DapoImageEncoder(text_features=sd.pop("head.text"), abnormal=sd.pop("head.abnormal"), **config)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not m.startswith("head.")]
+    if missing or unexpected:
+        raise ValueError(f"{weights_path}: weights do not fit the encoder (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.to(device=device, dtype=dtype).eval()

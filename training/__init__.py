@@ -1,0 +1,1 @@
+"""dapo-inspect offline package: DAPO model, training, evaluation, bake (writes artifacts)."""

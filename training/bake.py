@@ -1,0 +1,192 @@
+"""`dapo bake`: turn a model (learned checkpoint or handcrafted prompts) into a served artifact.
+
+Text features for the vocabulary are computed once here (the reference prototype recomputed
+them for every image). The image side is exported twice (ONNX, plain-torch safetensors) and
+bake checks its own work: the training model, ONNX Runtime and the service's torch encoder
+run the same inputs, and bake fails if any output differs by more than the tolerance.
+
+Re-baking a learned checkpoint with a longer vocabulary needs no training: a defect word the
+prompts never saw gets its own class id, features and masks (the paper's zero-shot claim).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from service.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verification, file_entry, load_manifest,
+                              write_manifest)
+from service.backends import create_backend
+from service.backends.base import OUTPUT_NAMES, EncoderOutputs
+from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
+from training.export import (ExportModule, encoder_config, export_onnx, export_safetensors,
+                             torch_export_supported)
+from training.model import DapoConfig, DapoModel
+from training.prompts import abnormal_feature, handcrafted_text_features
+
+TOLERANCE = 1e-4
+DEMO_IMAGE_SIZE = 112
+DEMO_VOCAB = ["scratch", "hole", "crack", "contamination", "bent", "discoloration"]
+DEMO_PRODUCTS = {
+    "disc": Product(defect_types=["scratch", "hole", "crack"]),
+    "plate": Product(defect_types=["hole", "contamination", "discoloration"], image_threshold=0.6),
+}
+
+
+@dataclass
+class BakeReport:
+    folder: Path
+    manifest: Manifest
+    seconds: dict[str, float]
+    sizes: dict[str, int]
+
+
+def clean_vocabulary(words: list[str]) -> list[str]:
+    """Strip, drop empties, refuse duplicates and the reserved word 'normal'."""
+    out = [w.strip() for w in words if w.strip()]
+    if not out:
+        raise ValueError("the defect vocabulary is empty")
+    dupes = sorted({w for w in out if out.count(w) > 1})
+    if dupes:
+        raise ValueError(f"duplicate defect words: {dupes}")
+    if "normal" in out:
+        raise ValueError("'normal' is class 0 and cannot be a defect word")
+    if len(out) > 255:
+        raise ValueError("at most 255 defect words (class ids are uint8)")
+    return out
+
+
+@torch.no_grad()
+def text_features_for(model: DapoModel, words: list[str], prompts: str) -> torch.Tensor:
+    if prompts == "learned":
+        return model.text_features(words)
+    if prompts == "handcrafted":
+        return handcrafted_text_features(model.clip, model.text_prompts.tokenizer, words)
+    raise ValueError(f"prompts must be 'learned' or 'handcrafted', got {prompts!r}")
+
+
+def _compare(ref: EncoderOutputs, other: EncoderOutputs) -> tuple[dict[str, float], float]:
+    diffs = {n: float(np.max(np.abs(getattr(ref, n).astype(np.float64) - getattr(other, n))))
+             for n in OUTPUT_NAMES if n != "type_map"}
+    mismatch = float(np.mean(ref.type_map != other.type_map))
+    return diffs, mismatch
+
+
+@torch.no_grad()
+def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch: int = 2, seed: int = 0,
+                  tolerance: float = TOLERANCE, backends: tuple[str, ...] = ("onnxruntime", "torch")) -> Verification:
+    """Run the training model and each exported backend on the same inputs; compare outputs."""
+    rng = np.random.default_rng(seed)
+    s = manifest.image_size
+    pixels = rng.standard_normal((batch, 3, s, s), dtype=np.float32)
+    allowed = rng.random((batch, len(manifest.vocabulary))) < 0.6
+    allowed[:, 0] = True
+    ref = EncoderOutputs(*(t.numpy() for t in module(torch.from_numpy(pixels), torch.from_numpy(allowed))))
+    worst: dict[str, float] = {}
+    mismatch = 0.0
+    for name in backends:
+        out = create_backend(folder, manifest, backend=name, providers=["CPUExecutionProvider"], device="cpu") \
+            .run(pixels, allowed)
+        diffs, mm = _compare(ref, out)
+        for k, v in diffs.items():
+            worst[f"{name}.{k}"] = v
+        mismatch = max(mismatch, mm)
+    passed = all(v <= tolerance for v in worst.values()) and mismatch <= 1e-3
+    return Verification(max_abs_diff=worst, type_map_mismatch_fraction=mismatch, tolerance=tolerance, passed=passed)
+
+
+def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, version: str = "0.1.0",
+         prompts: str = "learned", products: dict[str, Product] | None = None, image_threshold: float = 0.5,
+         pixel_threshold: float | None = None, gaussian_sigma: float = 0.0, description: str = "",
+         provenance: dict | None = None, tolerance: float = TOLERANCE, overwrite: bool = False) -> BakeReport:
+    """Write a verified artifact folder; nothing is left at out_dir if any step fails."""
+    words = clean_vocabulary(words)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--force) to replace it")
+    model.eval()
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    text = text_features_for(model, words, prompts).float()
+    abnormal = abnormal_feature(text)
+    seconds["text_features"] = time.perf_counter() - t0
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".bake-", dir=out_dir.parent))
+    try:
+        save_file({"text_features": text.contiguous(), "abnormal_feature": abnormal.contiguous()},
+                  str(tmp / "text_features.safetensors"))
+        module = ExportModule(model, text, abnormal).eval()
+        t = time.perf_counter()
+        export_onnx(module, tmp / "encoder.onnx", model.geometry["image_size"], len(words) + 1)
+        seconds["export_onnx"] = time.perf_counter() - t
+        files = ["text_features.safetensors", "encoder.onnx"]
+        unsupported = torch_export_supported(model)
+        if unsupported is None:
+            export_safetensors(model, text, abnormal, tmp / "encoder.safetensors")
+            files.append("encoder.safetensors")
+        manifest = _manifest(model, words, name, version, prompts, products or {}, image_threshold,
+                             pixel_threshold, gaussian_sigma, description, provenance or {},
+                             {f: file_entry(tmp / f) for f in files})
+        if unsupported:
+            manifest.provenance["torch_backend"] = f"not exported: {unsupported}"
+        t = time.perf_counter()
+        backends = ("onnxruntime", "torch") if unsupported is None else ("onnxruntime",)
+        manifest.verification = verify_export(module, tmp, manifest, tolerance=tolerance, backends=backends)
+        seconds["verify"] = time.perf_counter() - t
+        if not manifest.verification.passed:
+            raise RuntimeError(f"export verification failed (tolerance {tolerance}): "
+                               f"{manifest.verification.model_dump()}")
+        write_manifest(tmp, manifest)
+        load_manifest(tmp)  # what the service will do: schema + every sha256
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.rename(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    seconds["total"] = time.perf_counter() - t0
+    sizes = {f: (out_dir / f).stat().st_size for f in manifest.files}
+    return BakeReport(out_dir, manifest, seconds, sizes)
+
+
+def _manifest(model: DapoModel, words, name, version, prompts, products, image_threshold, pixel_threshold,
+              gaussian_sigma, description, provenance, files) -> Manifest:
+    geo = model.geometry
+    spec = model.config.backbone
+    enc = encoder_config(model)
+    return Manifest(
+        name=name, version=version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        description=description,
+        backbone=BackboneInfo(name=Path(spec.name).stem if spec.name.endswith(".json") else spec.name,
+                              pretrained=Path(spec.pretrained).name if spec.pretrained else None,
+                              patch_size=geo["patch_size"], width=geo["width"], layers=geo["layers"],
+                              heads=geo["heads"], embed_dim=geo["embed_dim"], act=geo["act"]),
+        image_size=geo["image_size"], mean=OPENAI_MEAN, std=OPENAI_STD, tapped_layers=enc["taps"],
+        visual_prompt_tokens=enc["prompt_tokens"], prompt_alpha=enc["alpha"], temperature=enc["temperature"],
+        prompts=prompts, text_mode=model.config.text_mode,
+        vocabulary=[VocabEntry(id=i, name=n) for i, n in enumerate(["normal", *words])],
+        products=products, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
+        gaussian_sigma=gaussian_sigma, files=files, provenance=provenance,
+    )
+
+
+def demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 42) -> DapoModel:
+    """The tiny random-weight model behind the demo artifact (plumbing only, not a detector)."""
+    spec = BackboneSpec(name=TINY, pretrained=None, image_size=image_size, seed=seed)
+    return DapoModel(DapoConfig(backbone=spec, seed=seed))
+
+
+def bake_demo(out_dir: str | Path, overwrite: bool = True) -> BakeReport:
+    """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads."""
+    return bake(demo_model(), DEMO_VOCAB, out_dir, name="dapo-demo", version="0.1.0", products=dict(DEMO_PRODUCTS),
+                description="DEMO: tiny randomly initialised OpenCLIP ViT with untrained DAPO prompts. "
+                            "Exercises the whole pipeline; its scores carry no meaning.",
+                provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite)
