@@ -1,0 +1,135 @@
+"""`dapo`: one command line for the offline and the serving half.
+
+Serving subcommands need only the service install; training subcommands (bake, train, ...)
+import `training/` lazily and say which extra to install when torch/OpenCLIP are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_ARTIFACT = Path("model_artifacts/demo")
+
+
+def _need_training():
+    try:
+        import open_clip  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        sys.exit(f"dapo: this subcommand needs the training extra ({e.name} missing): "
+                 "pip install 'dapo-inspect[train,cpu]'")
+
+
+def _words(value: str) -> list[str]:
+    """A comma list, or @file with one word per line."""
+    if value.startswith("@"):
+        return [w.strip() for w in Path(value[1:]).read_text().splitlines() if w.strip()]
+    return [w.strip() for w in value.split(",") if w.strip()]
+
+
+def cmd_bake(args: argparse.Namespace) -> int:
+    _need_training()
+    from service.artifact import Product
+    from training import bake as B
+
+    if args.demo:
+        report = B.bake_demo(args.out or DEFAULT_ARTIFACT, overwrite=True)
+    else:
+        products = {k: Product(**v) for k, v in json.loads(Path(args.products).read_text()).items()} \
+            if args.products else {}
+        if args.checkpoint:
+            from training.checkpoint import load_checkpoint
+
+            model, meta = load_checkpoint(args.checkpoint)
+            words = _words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
+            words += [w for w in _words(args.add_defect or "") if w not in words]
+            prompts = "learned"
+        else:
+            if args.prompts != "handcrafted":
+                sys.exit("dapo bake: give --checkpoint DIR (learned prompts), --prompts handcrafted, or --demo")
+            from training.backbone import BackboneSpec
+            from training.model import DapoConfig, DapoModel
+
+            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
+            model = DapoModel(DapoConfig(backbone=spec))
+            words = _words(args.vocab or ",".join(B.DEMO_VOCAB))
+            prompts = "handcrafted"
+        if not args.out:
+            sys.exit("dapo bake: --out DIR is required")
+        report = B.bake(model, words, args.out, name=args.name or Path(args.out).name, version=args.version,
+                        prompts=prompts, products=products, image_threshold=args.image_threshold,
+                        gaussian_sigma=args.sigma, overwrite=args.force,
+                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None})
+    v = report.manifest.verification
+    print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
+                      "bytes": report.sizes, "classes": report.manifest.class_names,
+                      "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
+                      "tolerance": v.tolerance}, indent=2))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in {"artifact": args.artifact, "backend": args.backend, "host": args.host,
+                                   "port": args.port}.items() if v is not None}
+    settings = Settings(**overrides)
+    artifact = Path(settings.artifact)
+    if not (artifact / "manifest.json").is_file():
+        if args.artifact is not None or artifact != DEFAULT_ARTIFACT:
+            sys.exit(f"dapo serve: no artifact at {artifact} (manifest.json missing)")
+        print(f"dapo serve: no artifact given and none at {artifact}; baking the tiny demo artifact there "
+              "(random weights: plumbing only)", file=sys.stderr)
+        _need_training()
+        from training.bake import bake_demo
+
+        bake_demo(artifact)
+    from service.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=settings.graceful_timeout_s if hasattr(settings, "graceful_timeout_s") else 30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dapo", description="DAPO zero-shot industrial inspection")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("bake", help="build a served artifact (text features + exported encoder + manifest)")
+    b.add_argument("--demo", action="store_true", help="tiny random-weight artifact (no downloads, seconds)")
+    b.add_argument("--checkpoint", help="learned checkpoint folder (dapo train output)")
+    b.add_argument("--prompts", choices=["learned", "handcrafted"], default="learned")
+    b.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
+    b.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
+    b.add_argument("--image-size", type=int, default=518)
+    b.add_argument("--vocab", help="defect words: comma list or @file (default: the checkpoint's)")
+    b.add_argument("--add-defect", help="extra defect words appended to the vocabulary (zero-shot, no retraining)")
+    b.add_argument("--products", help="JSON file {product: {defect_types, image_threshold, pixel_threshold}}")
+    b.add_argument("--image-threshold", type=float, default=0.5)
+    b.add_argument("--sigma", type=float, default=0.0, help="Gaussian sigma on the anomaly map (0 = off)")
+    b.add_argument("--out", help="artifact folder (default for --demo: model_artifacts/demo)")
+    b.add_argument("--name")
+    b.add_argument("--version", default="0.1.0")
+    b.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    b.set_defaults(func=cmd_bake)
+
+    s = sub.add_parser("serve", help="run the HTTP service on an artifact (bakes the demo if none)")
+    s.add_argument("--artifact")
+    s.add_argument("--backend", choices=["onnxruntime", "torch"])
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.set_defaults(func=cmd_serve)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

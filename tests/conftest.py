@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny random OpenCLIP configs only (no weights can be downloaded here)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+
+warnings.filterwarnings("ignore", message=".*pretrained weights.*")
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory) -> Path:
+    """A real artifact baked from the tiny random backbone (same path as `dapo bake --demo`)."""
+    from training.bake import bake_demo
+
+    return bake_demo(tmp_path_factory.mktemp("artifacts") / "demo").folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from training.bake import demo_model
+
+    return demo_model()

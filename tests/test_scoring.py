@@ -1,0 +1,46 @@
+"""Per-call scoring policy: product filters, thresholds, overrides, smoothing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.artifact import load_manifest
+from service.scoring import ScoringError, allowed_classes, final_type_map, policy, smooth
+
+
+def test_product_and_override_filters(demo_artifact):
+    m = load_manifest(demo_artifact)
+    names = m.class_names
+    assert allowed_classes(m).all()
+    disc = allowed_classes(m, "disc")
+    assert [n for n, a in zip(names, disc) if a] == ["normal", "scratch", "hole", "crack"]
+    only = allowed_classes(m, "disc", ["bent"])
+    assert [n for n, a in zip(names, only) if a] == ["normal", "bent"]
+    with pytest.raises(ScoringError, match="unknown product 'gear'"):
+        allowed_classes(m, "gear")
+    with pytest.raises(ScoringError, match=r"unknown defect types \['warp'\]"):
+        allowed_classes(m, None, ["warp"])
+
+
+def test_thresholds_resolve_product_then_call(demo_artifact):
+    m = load_manifest(demo_artifact)
+    assert policy(m).image_threshold == 0.5
+    assert policy(m, "plate").image_threshold == 0.6
+    assert policy(m, "plate", threshold=0.9).image_threshold == 0.9
+    with pytest.raises(ScoringError, match="threshold"):
+        policy(m, threshold=1.5)
+
+
+def test_pixel_threshold_clears_weak_pixels():
+    types = np.array([[1, 2], [3, 0]], np.uint8)
+    amap = np.array([[0.9, 0.2], [0.6, 0.9]], np.float32)
+    assert (final_type_map(types, amap, None) == types).all()
+    assert final_type_map(types, amap, 0.5).tolist() == [[1, 0], [3, 0]]
+
+
+def test_smoothing_is_off_by_default_and_spreads_when_on():
+    a = np.zeros((81, 81), np.float32)
+    a[40, 40] = 1
+    assert smooth(a, 0.0) is a
+    s = smooth(a, 4.0)  # far from the border: mass kept, peak spread over ~2*pi*sigma^2 pixels
+    assert s[40, 40] < 0.05 and s[40, 44] > 0 and abs(s.sum() - 1) < 1e-3
