@@ -27,6 +27,8 @@ def test_demo_artifact_is_complete_and_verified(demo_artifact):
     assert m.class_names == ["normal", *DEMO_VOCAB]
     assert m.verification.passed and m.verification.tolerance == 1e-4
     assert max(m.verification.max_abs_diff.values()) < 1e-5
+    assert {f"{b}.{o}" for b in ("onnxruntime", "torch") for o in ("anomaly_score", "anomaly_map", "class_probs")} \
+        <= set(m.verification.max_abs_diff)
     assert m.verification.type_map_mismatch_fraction == 0.0
     assert m.tapped_layers == [1, 2, 3, 4] and m.image_size == 112 and m.temperature == 0.07
     assert "DEMO" in m.description and m.provenance["weights"] == "random"

@@ -24,7 +24,7 @@ from safetensors.torch import save_file
 from service.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verification, file_entry, load_manifest,
                               write_manifest)
 from service.backends import create_backend
-from service.backends.base import OUTPUT_NAMES, EncoderOutputs
+from service.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
 from training.export import (ExportModule, encoder_config, export_onnx, export_safetensors,
                              torch_export_supported)
@@ -74,7 +74,7 @@ def text_features_for(model: DapoModel, words: list[str], prompts: str) -> torch
 
 def _compare(ref: EncoderOutputs, other: EncoderOutputs) -> tuple[dict[str, float], float]:
     diffs = {n: float(np.max(np.abs(getattr(ref, n).astype(np.float64) - getattr(other, n))))
-             for n in OUTPUT_NAMES if n != "type_map"}
+             for n in GRAPH_OUTPUTS if n != "type_map"}
     mismatch = float(np.mean(ref.type_map != other.type_map))
     return diffs, mismatch
 
@@ -93,7 +93,7 @@ def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch:
     mismatch = 0.0
     for name in backends:
         out = create_backend(folder, manifest, backend=name, providers=["CPUExecutionProvider"], device="cpu") \
-            .run(pixels, allowed)
+            .run(pixels, allowed, class_probs=True)
         diffs, mm = _compare(ref, out)
         for k, v in diffs.items():
             worst[f"{name}.{k}"] = v

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.backends.base import INPUT_NAMES, OUTPUT_NAMES
+from service.backends.base import GRAPH_OUTPUTS, INPUT_NAMES
 from service.backends.torch_model import ScoringHead, state_dict_for_export
 from training.model import DapoModel
 
@@ -22,7 +22,7 @@ OPSET = 18
 
 
 class ExportModule(nn.Module):
-    """pixel_values, allowed -> the five contract outputs, via the training model's own forward."""
+    """pixel_values, allowed -> the contract outputs, via the training model's own forward."""
 
     def __init__(self, model: DapoModel, text_features: torch.Tensor, abnormal: torch.Tensor):
         super().__init__()
@@ -39,14 +39,14 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, n_classes: in
     """Trace to ONNX with a dynamic batch axis on every input and output."""
     module.eval()
     example = (torch.randn(2, 3, image_size, image_size), torch.ones(2, n_classes, dtype=torch.bool))
-    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *GRAPH_OUTPUTS)}
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX symbolic
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example, str(path), input_names=list(INPUT_NAMES),
-                              output_names=list(OUTPUT_NAMES), dynamic_axes=dynamic, opset_version=OPSET,
+                              output_names=list(GRAPH_OUTPUTS), dynamic_axes=dynamic, opset_version=OPSET,
                               dynamo=False)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

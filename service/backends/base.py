@@ -12,6 +12,8 @@ head), so everything large stays where the encoder runs and only compact results
                                        probabilities, upsampled (bilinear, align_corners) -> [0, 1]
              type_map      (B, S, S)   uint8 argmax over the allowed classes (0 = normal)
              class_max     (B, C)      max over pixels of each class's probability map
+    optional class_probs   (B, C, S, S) per-class probability maps; only fetched on request
+                           (evaluation's multi-type metrics), never on the serving path
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import numpy as np
 
 INPUT_NAMES = ("pixel_values", "allowed")
 OUTPUT_NAMES = ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max")
+GRAPH_OUTPUTS = (*OUTPUT_NAMES, "class_probs")
 
 
 @dataclass
@@ -31,17 +34,21 @@ class EncoderOutputs:
     anomaly_map: np.ndarray
     type_map: np.ndarray
     class_max: np.ndarray
+    class_probs: np.ndarray | None = None
+
+    def _names(self) -> tuple[str, ...]:
+        return GRAPH_OUTPUTS if self.class_probs is not None else OUTPUT_NAMES
 
     def __len__(self) -> int:
         return int(self.anomaly_score.shape[0])
 
     def item(self, i: int) -> "EncoderOutputs":
         """The i-th image's outputs, each keeping a leading batch axis of 1."""
-        return EncoderOutputs(*(getattr(self, n)[i : i + 1] for n in OUTPUT_NAMES))
+        return EncoderOutputs(*(getattr(self, n)[i : i + 1] for n in self._names()))
 
     @classmethod
     def concat(cls, parts: list["EncoderOutputs"]) -> "EncoderOutputs":
-        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in OUTPUT_NAMES))
+        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in parts[0]._names()))
 
 
 class Backend(Protocol):
@@ -50,4 +57,4 @@ class Backend(Protocol):
     name: str  # "onnxruntime" | "torch"
     provider: str  # execution provider / device actually in use
 
-    def run(self, pixel_values: np.ndarray, allowed: np.ndarray) -> EncoderOutputs: ...
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs: ...

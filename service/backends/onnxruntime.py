@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
+from service.backends.base import GRAPH_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -46,7 +46,8 @@ class OrtBackend:
                                             providers=choose_providers(providers, trt_cache_dir))
         self.provider = self.session.get_providers()[0]
 
-    def run(self, pixel_values: np.ndarray, allowed: np.ndarray) -> EncoderOutputs:
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
         feeds = dict(zip(INPUT_NAMES, (np.ascontiguousarray(pixel_values, dtype=np.float32),
                                        np.ascontiguousarray(allowed, dtype=bool))))
-        return EncoderOutputs(*self.session.run(list(OUTPUT_NAMES), feeds))
+        names = GRAPH_OUTPUTS if class_probs else OUTPUT_NAMES  # ORT copies out only what is asked
+        return EncoderOutputs(*self.session.run(list(names), feeds))

@@ -25,7 +25,9 @@ class TorchBackend:
         self.provider = f"{self.device.type}:{precision}"
 
     @torch.inference_mode()
-    def run(self, pixel_values: np.ndarray, allowed: np.ndarray) -> EncoderOutputs:
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
         x = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).to(self.device, self.dtype)
         a = torch.from_numpy(np.ascontiguousarray(allowed, dtype=bool)).to(self.device)
-        return EncoderOutputs(*(t.cpu().numpy() for t in self.model(x, a)))
+        outs = self.model(x, a)
+        outs = outs if class_probs else outs[:-1]  # the per-class maps stay on the device
+        return EncoderOutputs(*(t.float().cpu().numpy() if t.dtype != torch.uint8 else t.cpu().numpy() for t in outs))

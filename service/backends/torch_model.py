@@ -41,7 +41,8 @@ class ScoringHead(nn.Module):
         masked = up.masked_fill(~allowed[:, :, None, None], -1.0)
         type_map = masked.argmax(dim=1).to(torch.uint8)
         class_max = up.amax(dim=(2, 3))
-        return anomaly_score.float(), type_scores.float(), anomaly_map.float(), type_map, class_max.float()
+        return (anomaly_score.float(), type_scores.float(), anomaly_map.float(), type_map, class_max.float(),
+                up.float())
 
 
 class _Attention(nn.Module):
