@@ -70,6 +70,64 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_samples(layout: str, root: str, split: str | None):
+    """Samples of a data set by layout name; `synth` reads a `dapo synth` folder's splits.json."""
+    if layout == "synth":
+        from training.synth import load_split
+
+        return load_split(root, split or "train")
+    from training.data import load_dataset
+
+    return load_dataset(layout, root, **({"split": split} if split and layout != "folder" else {}))
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="data set root folder")
+    p.add_argument("--layout", default="folder",
+                   help="mvtec, visa, mpdd, mad, realiad, meta_json, folder (custom) or synth")
+    p.add_argument("--split", help="split name (data-set specific; synth: train, test_shift, test_zeroshot)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _need_training()
+    from training.data import Vocabulary, vocabulary_from_samples, with_vocabulary
+    from training.train import config_from_args, train
+
+    samples = _load_samples(args.layout, args.data, args.split or ("train" if args.layout == "synth" else None))
+    vocab = Vocabulary(_words(args.vocab)) if args.vocab else vocabulary_from_samples(samples)
+    samples = with_vocabulary(samples, vocab)
+    last = train(samples, vocab, config_from_args(args), resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"checkpoint": str(last), "vocabulary": list(vocab.words), "images": len(samples)}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _need_training()
+    from training.evaluate import evaluate, format_table, write_reports
+
+    samples = _load_samples(args.layout, args.data, args.split)
+    result = evaluate(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
+                      use_products=not args.no_products, progress=not args.quiet)
+    print(format_table(result))
+    write_reports(result, args.json, args.csv)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    _need_training()
+    from training.calibrate import calibrate
+
+    samples = [s for s in _load_samples(args.layout, args.data, args.split) if s.label == 0]
+    print(json.dumps(calibrate(args.artifact, samples, args.image_quantile, args.pixel_quantile), indent=2))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from training.synth import synth_main
+
+    return synth_main(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -116,6 +174,51 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--version", default="0.1.0")
     b.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     b.set_defaults(func=cmd_bake)
+
+    t = sub.add_parser("train", help="learn DAPO prompts and adapters (CLIP frozen)")
+    _data_args(t)
+    t.add_argument("--out", default="runs/dapo", help="run folder: epoch_<k>/ and last/ checkpoints")
+    t.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
+    t.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
+    t.add_argument("--image-size", type=int, default=518)
+    t.add_argument("--taps", help="tapped blocks, 1-based, comma list (default: quarters of the depth)")
+    t.add_argument("--text-mode", choices=["fixed", "reference"], default="fixed")
+    t.add_argument("--vocab", help="defect words (default: those in the data)")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="paper metrics of an artifact on a data set (through the serving code)")
+    e.add_argument("--artifact", required=True)
+    _data_args(e)
+    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
+    e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
+    e.add_argument("--json", help="write the full result as JSON")
+    e.add_argument("--csv", help="write the per-category table as CSV")
+    e.add_argument("--quiet", action="store_true")
+    e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("calibrate", help="per-product thresholds from good parts, into the manifest")
+    c.add_argument("--artifact", required=True)
+    _data_args(c)
+    c.add_argument("--image-quantile", type=float, default=0.99)
+    c.add_argument("--pixel-quantile", type=float, default=0.999)
+    c.set_defaults(func=cmd_calibrate)
+
+    from training.synth import add_synth_arguments  # numpy + Pillow only
+
+    y = add_synth_arguments(sub.add_parser("synth", help="seeded synthetic defect data set (custom layout)"))
+    y.set_defaults(func=cmd_synth)
 
     s = sub.add_parser("serve", help="run the HTTP service on an artifact (bakes the demo if none)")
     s.add_argument("--artifact")

@@ -1,0 +1,118 @@
+"""`dapo eval`: the paper's metrics, measured on a baked artifact through the serving code.
+
+Images go through the artifact's backend (ONNX Runtime by default) and the service's scoring
+policy (product filter, smoothing), so what is measured is what is served. Metrics are
+computed per category (product) and averaged, as the paper reports them:
+image AUROC / AP / max-F1, pixel AUROC, AUPRO (FPR <= 0.3), and multi-type pixel macro
+AUROC / AP / F1 with per-defect-type values.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from service.artifact import load_manifest
+from service.backends import create_backend
+from service.scoring import policy, smooth
+from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
+from training.metrics import binary_metrics, mean_over, multitype_pixel_metrics
+
+SUMMARY_KEYS = ("image_auroc", "image_ap", "image_max_f1", "pixel_auroc", "aupro", "mt_auroc", "mt_ap", "mt_f1")
+
+
+class _Collector:
+    """Per-product arrays at the model resolution (float16 class maps to bound memory)."""
+
+    def __init__(self):
+        self.labels, self.scores, self.masks, self.maps, self.gt, self.probs = [], [], [], [], [], []
+
+    def add(self, label, score, has_mask, class_mask, amap, probs):
+        self.labels.append(label)
+        self.scores.append(score)
+        if has_mask:
+            self.masks.append(class_mask != 0)
+            self.maps.append(amap.astype(np.float32))
+            self.gt.append(class_mask)
+            self.probs.append(probs.astype(np.float16))
+
+
+def run_artifact(artifact: str | Path, samples: list[Sample], backend: str = "onnxruntime", batch_size: int = 16,
+                 sigma: float | None = None, use_products: bool = True, progress: bool = True) -> dict[str, _Collector]:
+    folder = Path(artifact)
+    manifest = load_manifest(folder)
+    engine = create_backend(folder, manifest, backend=backend)
+    samples = with_vocabulary(samples, Vocabulary(manifest.defect_names))  # unknown words raise, naming the image
+    dataset = AnomalyDataset(samples, size=manifest.image_size, mean=manifest.mean, std=manifest.std)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    sigma = manifest.gaussian_sigma if sigma is None else sigma
+    per_product: dict[str, _Collector] = defaultdict(_Collector)
+    index = 0
+    for pixels, class_mask, labels, has_mask in tqdm(loader, desc="eval", disable=not progress, leave=False):
+        batch = samples[index:index + len(labels)]
+        index += len(labels)
+        allowed = np.stack([policy(manifest, s.product if use_products and s.product in manifest.products
+                                   else None).allowed for s in batch])
+        out = engine.run(pixels.numpy(), allowed, class_probs=True)
+        for i, s in enumerate(batch):
+            per_product[s.product].add(int(labels[i]), float(out.anomaly_score[i]), bool(has_mask[i]),
+                                       class_mask[i].numpy(), smooth(out.anomaly_map[i], sigma), out.class_probs[i])
+    return per_product
+
+
+def metrics_for(c: _Collector, class_names: list[str]) -> dict:
+    masks = np.stack(c.masks) if c.masks else None
+    maps = np.stack(c.maps) if c.maps else None
+    res = binary_metrics(np.array(c.labels), np.array(c.scores), masks, maps)
+    if c.gt:
+        mt = multitype_pixel_metrics(np.stack(c.gt), np.stack(c.probs).astype(np.float32), class_names=class_names)
+        res |= {"mt_auroc": mt["auroc"], "mt_ap": mt["ap"], "mt_f1": mt["f1"], "per_type": mt["per_class"]}
+        res["notes"] |= mt["notes"]
+    res["images"] = len(c.labels)
+    return res
+
+
+def evaluate(artifact: str | Path, samples: list[Sample], **kwargs) -> dict:
+    """{'per_product': {p: metrics}, 'mean': {metric: value}, 'per_type': {word: mean metrics}}."""
+    class_names = load_manifest(artifact, verify=False).class_names
+    collected = run_artifact(artifact, samples, **kwargs)
+    per_product = {p: metrics_for(c, class_names) for p, c in sorted(collected.items())}
+    per_type: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    for res in per_product.values():
+        for word, vals in res.get("per_type", {}).items():
+            for k in ("auroc", "ap", "f1"):
+                per_type[word][k].append(vals[k])
+    type_means = {w: {k: float(np.nanmean(v)) if not all(map(math.isnan, v)) else math.nan for k, v in d.items()}
+                  for w, d in per_type.items()}
+    return {"artifact": str(artifact), "per_product": per_product,
+            "mean": mean_over(per_product, list(SUMMARY_KEYS)), "per_type": type_means}
+
+
+def format_table(result: dict) -> str:
+    """A per-category table (percentages), the mean last."""
+    header = ["category", *SUMMARY_KEYS]
+    rows = [[p, *(r.get(k, math.nan) for k in SUMMARY_KEYS)] for p, r in result["per_product"].items()]
+    rows.append(["mean", *(result["mean"].get(k, math.nan) for k in SUMMARY_KEYS)])
+    width = max(len(h) for h in header) + 1
+    lines = ["".join(h.ljust(width) for h in header)]
+    for r in rows:
+        lines.append(str(r[0]).ljust(width) + "".join(
+            ("  n/a" if math.isnan(v) else f"{100 * v:5.1f}").ljust(width) for v in r[1:]))
+    return "\n".join(lines)
+
+
+def write_reports(result: dict, json_path: str | Path | None, csv_path: str | Path | None) -> None:
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2, default=float, allow_nan=True))
+    if csv_path:
+        with open(csv_path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["category", *SUMMARY_KEYS])
+            for p, r in [*result["per_product"].items(), ("mean", result["mean"])]:
+                w.writerow([p, *(r.get(k, "") for k in SUMMARY_KEYS)])
