@@ -1,6 +1,7 @@
 """`dapo calibrate`: per-product thresholds from good parts, written into the manifest.
 
-A threshold is a quantile of the scores that known-good parts get (image: anomaly score;
+A threshold is a quantile ("higher" method: an observed score, never interpolated) of the scores
+that known-good parts get (image: anomaly score;
 pixel: anomaly-map values), so the expected false-alarm rate on good parts is 1 - quantile.
 Only manifest.json changes; the hashed model files stay as they are.
 """
@@ -30,8 +31,9 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
     manifest = load_manifest(artifact)
     table = {}
     for product, c in sorted(collected.items()):
-        image_thr = float(np.quantile(np.array(c.scores), image_quantile))
-        pixel_thr = float(np.quantile(np.concatenate([m.ravel() for m in c.maps]), pixel_quantile)) if c.maps else None
+        image_thr = float(np.quantile(np.array(c.scores), image_quantile, method="higher"))
+        pixel_thr = float(np.quantile(np.concatenate([m.ravel() for m in c.maps]), pixel_quantile, method="higher")) \
+            if c.maps else None
         entry = manifest.products.get(product, Product())
         manifest.products[product] = entry.model_copy(update={"image_threshold": min(image_thr, 1.0),
                                                               "pixel_threshold": pixel_thr})

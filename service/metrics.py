@@ -1,0 +1,58 @@
+"""Prometheus metrics, one CollectorRegistry per app.
+
+A registry per app (not the global default) keeps several apps in one process (tests, or an
+embedding host) from double-registering or mixing their numbers. Names follow Prometheus
+conventions (base units, `_total` counters); the endpoint label is the route template, never
+the raw path, so label cardinality stays bounded.
+"""
+from __future__ import annotations
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every metric the service exports; also the batcher's observer."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("dapo_requests_total", "HTTP requests by endpoint, method and status",
+                                ["endpoint", "method", "status"], registry=r)
+        self.latency = Histogram("dapo_request_duration_seconds", "HTTP request latency",
+                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("dapo_queue_wait_seconds", "Time an image waited for its batch to start",
+                                    buckets=QUEUE_BUCKETS, registry=r)
+        self.inference = Histogram("dapo_inference_seconds", "Backend time per batch",
+                                   buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("dapo_batch_size", "Images per backend call",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.images = Counter("dapo_images_processed_total", "Images that went through the backend", registry=r)
+        self.queue_depth = Gauge("dapo_queue_depth", "Images waiting for a batch", registry=r)
+        self.in_flight = Gauge("dapo_requests_in_flight", "HTTP requests being served", registry=r)
+
+    # --- batcher hooks (service.batching.BatchObserver) ---------------------------------
+    def observe_batch(self, size: int, inference_s: float) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(inference_s)
+        self.images.inc(size)
+
+    def observe_queue_wait(self, seconds: float) -> None:
+        self.queue_wait.observe(max(seconds, 0.0))
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    # --- HTTP hooks ---------------------------------------------------------------------
+    def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, method, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this app's registry."""
+        return generate_latest(self.registry)

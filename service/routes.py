@@ -1,0 +1,224 @@
+"""HTTP endpoints: parse and check the request, then hand over to `service.pipeline`.
+
+/detect reads multipart itself (rather than through FastAPI File parameters) so that the auth
+check happens before the body is read, the file-count and field-size limits are enforced while
+parsing, and multipart errors map to our envelope with the right status. The form schema is
+still documented in OpenAPI through `openapi_extra`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import pipeline, postprocess, scoring
+from service.errors import ApiError
+from service.schemas import DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse
+from service.security import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
+from service.state import ServiceState
+
+router = APIRouter()
+
+ECHO_FIELDS = ("product", "part_id", "station_id", "recipe_id")
+MAX_FIELD_LEN = 256
+MAX_FILENAME_LEN = 255
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+_PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def service_of(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def authenticate(state: ServiceState, api_key: str | None) -> str:
+    """The caller's principal, or 401 (same answer for a missing and a wrong key)."""
+    principal = state.api_keys.check(api_key)
+    if principal is None:
+        raise ApiError(401, "unauthorized", "missing or invalid API key (X-API-Key)",
+                       {"WWW-Authenticate": "ApiKey"})
+    return principal
+
+
+def require_ready(state: ServiceState) -> None:
+    if not state.serving:
+        raise ApiError(503, "not_ready", "the model is not loaded yet or the service is stopping",
+                       {"Retry-After": str(state.settings.retry_after_s)})
+
+
+async def read_form(request: Request, state: ServiceState) -> FormData:
+    """Parse multipart with our limits; multipart errors -> 400, too many files -> 413."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        raise ApiError(415, "unsupported_media_type", "POST /detect expects multipart/form-data")
+    try:
+        return await request.form(max_files=state.settings.max_files, max_fields=32,
+                                  max_part_size=64 * 1024)
+    except StarletteHTTPException as e:
+        detail = str(e.detail)
+        if detail.startswith("Too many files"):
+            raise ApiError(413, "too_many_files", f"at most {state.settings.max_files} images per request") from e
+        raise ApiError(400, "malformed_multipart", f"malformed multipart body: {detail}") from e
+
+
+async def collect_uploads(form: FormData) -> list[pipeline.Upload]:
+    """The `image` files in upload order, with their bytes; 400 when absent or not files."""
+    values = form.getlist("image")
+    if not values:
+        raise ApiError(400, "missing_image", "no `image` file in the form")
+    uploads = []
+    for i, value in enumerate(values):
+        if not isinstance(value, UploadFile):
+            raise ApiError(400, "malformed_multipart", f"form field `image` #{i} is not a file")
+        name = (value.filename or f"image[{i}]")[:MAX_FILENAME_LEN]
+        uploads.append(pipeline.Upload(name, await value.read()))
+    return uploads
+
+
+def echo_fields(form: FormData) -> dict[str, str]:
+    """The identification fields given, checked to be short text (never used as paths)."""
+    echo = {}
+    for name in ECHO_FIELDS:
+        value = form.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ApiError(422, "invalid_parameter", f"form field `{name}` must be text, not a file")
+        if len(value) > MAX_FIELD_LEN:
+            raise ApiError(422, "invalid_parameter", f"form field `{name}` is longer than {MAX_FIELD_LEN}")
+        echo[name] = value
+    return echo
+
+
+def parse_defect_types(raw: str | None) -> list[str] | None:
+    """`a,b,c` -> ["a", "b", "c"]; an empty value is passed on so scoring can refuse it."""
+    if raw is None:
+        return None
+    return [t.strip() for t in raw.split(",") if t.strip()]
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if len(key) > MAX_IDEMPOTENCY_KEY_LEN or not _PRINTABLE.match(key):
+        raise ApiError(422, "invalid_parameter",
+                       f"Idempotency-Key must be 1..{MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters")
+    return key
+
+
+def model_ref(state: ServiceState) -> dict[str, str]:
+    m = state.manifest
+    assert m is not None
+    return {"name": m.name, "version": m.version, "backbone": m.backbone.name}
+
+
+@router.post(
+    "/detect",
+    summary="Detect and localise defects in one or more images",
+    response_model=None,
+    responses={200: {"model": DetectResponse}, **_ERRORS},
+    openapi_extra={"requestBody": {"required": True,
+                                   "content": {"multipart/form-data": {"schema": DETECT_FORM_SCHEMA}}}},
+)
+async def detect(
+    request: Request,
+    mask_format: Literal["rle", "png", "none"] = "rle",
+    heatmap: bool = False,
+    overlay: bool = False,
+    threshold: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
+    defect_types: Annotated[str | None, Query(description="comma list restricting the competing types")] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+    idempotency_key: Annotated[str | None, Header()] = None,
+) -> Response:
+    state = service_of(request)
+    principal = authenticate(state, x_api_key)
+    require_ready(state)
+    key = check_idempotency_key(idempotency_key)
+    assert state.manifest is not None
+    policy = scoring.policy(state.manifest, None, parse_defect_types(defect_types), threshold)  # early 422
+    form = await read_form(request, state)
+    try:
+        echo = echo_fields(form)
+        policy = scoring.policy(state.manifest, echo.get("product"), parse_defect_types(defect_types), threshold)
+        uploads = await collect_uploads(form)
+    finally:
+        await form.close()
+    options = postprocess.RenderOptions(mask_format, heatmap, overlay, state.settings.min_region_px,
+                                        state.settings.max_regions)
+    request_id = request.state.request_id
+
+    async def produce() -> StoredResponse:
+        results = await pipeline.detect(state, uploads, policy, options, echo)
+        body = {"request_id": request_id, "model": model_ref(state), "results": results}
+        return StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
+
+    if key is None:
+        stored, replayed = await produce(), False
+    else:
+        fingerprint = request_fingerprint(
+            "/detect", request.query_params.multi_items(), sorted(echo.items()),
+            [("image", u.filename, u.data) for u in uploads])
+        stored, replayed = await state.idempotency.run(f"{principal}:{key}", fingerprint, produce)
+    headers = {"Idempotent-Replayed": "true"} if replayed else {}
+    return Response(stored.body, status_code=stored.status, media_type=stored.media_type, headers=headers)
+
+
+@router.get("/livez", summary="The process is up")
+async def livez() -> dict[str, str]:
+    return {"status": "alive"}
+
+
+@router.get("/readyz", summary="Artifact loaded, warm-up done, backend usable",
+            responses={503: {"model": ErrorResponse}})
+async def readyz(request: Request) -> JSONResponse:
+    state = service_of(request)
+    require_ready(state)
+    assert state.backend is not None
+    return JSONResponse({"status": "ready", "backend": state.backend.name, "provider": state.backend.provider})
+
+
+@router.get("/v1/model", summary="The served model, its vocabulary and per-product settings",
+            responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def model_info(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+    state = service_of(request)
+    authenticate(state, x_api_key)
+    m, backend, s = state.manifest, state.backend, state.settings
+    if m is None or backend is None:
+        require_ready(state)
+    assert m is not None and backend is not None
+    products = {
+        name: {"defect_types": p.defect_types if p.defect_types is not None else m.defect_names,
+               "image_threshold": p.image_threshold if p.image_threshold is not None else m.image_threshold,
+               "pixel_threshold": p.pixel_threshold if p.pixel_threshold is not None else m.pixel_threshold}
+        for name, p in m.products.items()}
+    return JSONResponse({
+        **model_ref(state),
+        "description": m.description,
+        "created": m.created,
+        "image_size": m.image_size,
+        "backend": {"name": backend.name, "provider": backend.provider},
+        "vocabulary": [{"id": v.id, "name": v.name} for v in m.vocabulary],
+        "image_threshold": m.image_threshold,
+        "pixel_threshold": m.pixel_threshold,
+        "gaussian_sigma": m.gaussian_sigma,
+        "products": products,
+        "verification_passed": m.verification.passed if m.verification is not None else None,
+        "auth_enabled": state.api_keys.enabled,
+        "limits": {"max_body_bytes": s.max_body_bytes, "max_files": s.max_files, "max_pixels": s.max_pixels,
+                   "max_side": s.max_side},
+        "batching": {"max_batch_size": s.max_batch_size, "max_queue_delay_ms": s.max_queue_delay_ms,
+                     "max_queue_size": s.max_queue_size, "workers": s.workers},
+    })
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    state = service_of(request)
+    if state.batcher is not None:
+        state.metrics.set_queue_depth(state.batcher.depth)
+    return Response(state.metrics.render(), media_type=state.metrics.content_type)

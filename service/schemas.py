@@ -1,0 +1,104 @@
+"""Response models: the API.md contract as pydantic classes, for /docs and contract tests.
+
+The routes build plain dicts (no per-request validation cost); these models document them in
+OpenAPI and the tests validate real answers against them with extra="forbid", so the docs and
+the wire format cannot drift apart silently.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    name: str
+    version: str
+    backbone: str
+
+
+class DefectType(_Strict):
+    name: str
+    score: float = Field(description="P(type | defective), over the types allowed for this call")
+    area_fraction: float
+    max_pixel_score: float
+
+
+class Region(_Strict):
+    defect_type: str
+    bbox: list[int] = Field(min_length=4, max_length=4, description="[x, y, w, h], original pixels")
+    area_px: int
+    score: float = Field(description="max anomaly-map value inside the region")
+
+
+class Rle(_Strict):
+    size: list[int] = Field(min_length=2, max_length=2, description="[H, W]")
+    counts: str
+
+
+class Mask(_Strict):
+    format: Literal["rle", "png"]
+    label_map: dict[str, str]
+    rle: dict[str, Rle] | None = None
+    png: str | None = Field(default=None, description="base64 indexed PNG; pixel value = class id")
+
+
+class Timing(_Strict):
+    decode: float
+    preprocess: float
+    queue_wait: float
+    inference: float
+    postprocess: float
+
+
+class Result(_Strict):
+    filename: str
+    width: int
+    height: int
+    anomaly_score: float
+    is_anomalous: bool
+    threshold: float
+    defect_types: list[DefectType]
+    regions: list[Region]
+    mask: Mask | None = None
+    heatmap_png: str | None = None
+    overlay_png: str | None = None
+    timing_ms: Timing
+    product: str | None = None
+    part_id: str | None = None
+    station_id: str | None = None
+    recipe_id: str | None = None
+
+
+class DetectResponse(_Strict):
+    request_id: str
+    model: ModelRef
+    results: list[Result]
+
+
+class ErrorBody(_Strict):
+    code: str
+    message: str
+    request_id: str
+
+
+class ErrorResponse(_Strict):
+    error: ErrorBody
+
+
+DETECT_FORM_SCHEMA = {
+    "type": "object",
+    "required": ["image"],
+    "properties": {
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
+                  "description": "one or more images: JPEG, PNG, BMP, TIFF, WebP"},
+        "product": {"type": "string", "description": "selects allowed defect types and thresholds"},
+        "part_id": {"type": "string"},
+        "station_id": {"type": "string"},
+        "recipe_id": {"type": "string"},
+    },
+}

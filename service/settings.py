@@ -1,0 +1,95 @@
+"""Runtime configuration of the service, read from `DAPO_*` environment variables.
+
+Everything an operator tunes on a line lives here (artifact, backend, batching, limits, keys),
+so a deployment is described by its environment alone (12-factor; docker-compose friendly).
+List values accept a comma-separated string (`DAPO_PROVIDERS=CUDA,CPU`) because that is what
+people type into compose files; a JSON list works as well.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _split_list(value: object) -> object:
+    """Turn "a, b" or '["a","b"]' into ["a", "b"]; leave lists (and None) alone."""
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return []
+        if text.startswith("["):
+            return json.loads(text)
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """All knobs of `dapo serve`; defaults suit one GPU node behind a line gateway."""
+
+    model_config = SettingsConfigDict(env_prefix="DAPO_", extra="ignore")
+
+    # --- model -------------------------------------------------------------------------
+    artifact: Path = Path("model_artifacts/demo")
+    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    # Execution providers in preference order (e.g. TensorRT,CUDA,CPU); None = backend's choice.
+    providers: Annotated[list[str] | None, NoDecode] = None
+    trt_cache_dir: str | None = None
+    warmup: bool = True
+
+    # --- batching (Triton-style dynamic batching) ---------------------------------------
+    max_batch_size: int = Field(default=8, ge=1, le=256)
+    max_queue_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    max_queue_size: int = Field(default=64, ge=1)  # images waiting; beyond it: 503 at once
+    workers: int = Field(default=1, ge=1, le=64)  # inference threads (concurrent batches)
+    retry_after_s: int = Field(default=1, ge=0)
+
+    # --- request limits ---------------------------------------------------------------
+    max_body_bytes: int = Field(default=50 * 1024 * 1024, ge=1)
+    max_files: int = Field(default=16, ge=1)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_side: int = Field(default=16384, ge=1)
+
+    # --- postprocessing -----------------------------------------------------------------
+    min_region_px: int = Field(default=16, ge=1)  # smaller connected regions are not reported
+    max_regions: int = Field(default=100, ge=0)  # per image, highest score first
+
+    # --- security -----------------------------------------------------------------------
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    api_keys_file: Path | None = None
+    idempotency_ttl_s: float = Field(default=600.0, gt=0)
+    idempotency_max_entries: int = Field(default=1024, ge=1)
+    cors_origins: Annotated[list[str], NoDecode] = []  # empty = CORS off
+
+    # --- process ------------------------------------------------------------------------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    graceful_timeout_s: float = Field(default=30.0, gt=0)  # uvicorn's wait for in-flight requests
+
+    @field_validator("providers", "api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        return _split_list(value)
+
+    @field_validator("providers", mode="after")
+    @classmethod
+    def _empty_providers_is_auto(cls, value: list[str] | None) -> list[str] | None:
+        return value or None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Settings":
+        # A request's images are queued all-or-nothing, so one request must fit the queue.
+        if self.max_files > self.max_queue_size:
+            raise ValueError(
+                f"max_files ({self.max_files}) must not exceed max_queue_size ({self.max_queue_size})"
+            )
+        return self

@@ -1,0 +1,138 @@
+"""Postprocessing on hand-made encoder outputs: original size, masks, regions, ranking."""
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from service.backends.base import EncoderOutputs
+from service.postprocess import FullResMaps, RenderOptions, find_regions, postprocess
+from service.scoring import Policy
+
+NAMES = ["normal", "scratch", "crack", "stain"]
+
+
+def outputs(type_map: np.ndarray, anomaly_map: np.ndarray, type_scores=(0.1, 0.6, 0.2, 0.1)) -> EncoderOutputs:
+    c = len(NAMES)
+    return EncoderOutputs(
+        anomaly_score=np.array([0.8], np.float32),
+        type_scores=np.array([type_scores], np.float32),
+        anomaly_map=anomaly_map[None].astype(np.float32),
+        type_map=type_map[None].astype(np.uint8),
+        class_max=np.ones((1, c), np.float32),
+    )
+
+
+def policy(allowed=(True, True, True, True), pixel_threshold=None, image_threshold=0.5) -> Policy:
+    return Policy(np.array(allowed), image_threshold, pixel_threshold, 0.0)
+
+
+def decode_png(b64: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+def sample_maps(s: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    tmap = np.zeros((s, s), np.uint8)
+    tmap[1:3, 1:4] = 1
+    tmap[5:7, 5:8] = 2
+    amap = np.where(tmap > 0, 0.9, 0.1).astype(np.float32)
+    amap[1, 1] = 0.95
+    return tmap, amap
+
+
+def test_rle_equals_png_mask_at_original_size():
+    tmap, amap = sample_maps()
+    w, h = 37, 23
+    out = outputs(tmap, amap)
+    rle = postprocess(out, policy(), w, h, NAMES, RenderOptions(mask_format="rle"))
+    png = postprocess(out, policy(), w, h, NAMES, RenderOptions(mask_format="png"))
+    assert rle["width"] == png["width"] == w and rle["height"] == png["height"] == h
+    indexed = decode_png(png["mask"]["png"])
+    assert indexed.mode == "P" and indexed.size == (w, h)
+    ids = np.asarray(indexed)
+    assert set(np.unique(ids)) == {0, 1, 2}
+    assert set(rle["mask"]["rle"]) == {"scratch", "crack"}  # stain has no pixels: omitted
+    for name, obj in rle["mask"]["rle"].items():
+        assert obj["size"] == [h, w] and isinstance(obj["counts"], str)
+        decoded = mask_utils.decode({"size": obj["size"], "counts": obj["counts"].encode()})
+        np.testing.assert_array_equal(decoded, ids == NAMES.index(name))
+    assert rle["mask"]["label_map"] == {"0": "normal", "1": "scratch", "2": "crack", "3": "stain"}
+
+
+def test_defect_types_ranked_renormalised_and_consistent_with_mask():
+    tmap, amap = sample_maps()
+    res = postprocess(outputs(tmap, amap), policy(), 16, 16, NAMES, RenderOptions())
+    names = [d["name"] for d in res["defect_types"]]
+    assert names == ["scratch", "crack"]
+    scratch, crack = res["defect_types"]
+    # renormalised over allowed defect types: 0.6 / (0.6 + 0.2 + 0.1)
+    assert abs(scratch["score"] - 0.6 / 0.9) < 1e-5 and abs(crack["score"] - 0.2 / 0.9) < 1e-5
+    assert scratch["area_fraction"] == 6 * 4 / 256  # 2x3 cells, each 2x2 pixels at 16x16
+    assert 0.9 < scratch["max_pixel_score"] <= 0.95  # bilinear upsampling blends the peak a little
+    assert res["is_anomalous"] is True and res["threshold"] == 0.5
+
+
+def test_excluded_types_do_not_share_the_score():
+    tmap, amap = sample_maps()
+    res = postprocess(outputs(tmap, amap), policy(allowed=(True, True, True, False)), 16, 16, NAMES,
+                      RenderOptions())
+    scores = {d["name"]: d["score"] for d in res["defect_types"]}
+    assert abs(scores["scratch"] - 0.6 / 0.8) < 1e-5
+
+
+def test_pixel_threshold_removes_weak_pixels():
+    tmap, amap = sample_maps()
+    amap[5:7, 5:8] = 0.3  # the crack is weak
+    res = postprocess(outputs(tmap, amap), policy(pixel_threshold=0.5), 8, 8, NAMES, RenderOptions(min_region_px=1))
+    assert [d["name"] for d in res["defect_types"]] == ["scratch"]
+    assert {r["defect_type"] for r in res["regions"]} == {"scratch"}
+
+
+def test_regions_bbox_area_score_on_a_hand_made_map():
+    classes = np.zeros((10, 12), np.uint8)
+    classes[2:5, 3:7] = 1  # 3x4 block
+    classes[7:9, 0:2] = 1  # 2x2 block, separate component of the same class
+    classes[6, 10] = 2  # a single pixel: below min area
+    classes[0:2, 9:12] = 2  # 2x3 block
+    classes[4, 7] = 1  # touches (4, 6) diagonally? no: same row, adjacent -> joins the first block
+    anomaly = np.zeros((10, 12), np.float32)
+    anomaly[3, 4] = 0.9
+    anomaly[8, 1] = 0.7
+    anomaly[0, 11] = 0.8
+    regions = find_regions(FullResMaps(anomaly, classes), NAMES, min_px=2, max_regions=10)
+    assert regions == [
+        {"defect_type": "scratch", "bbox": [3, 2, 5, 3], "area_px": 13, "score": 0.9},
+        {"defect_type": "crack", "bbox": [9, 0, 3, 2], "area_px": 6, "score": 0.8},
+        {"defect_type": "scratch", "bbox": [0, 7, 2, 2], "area_px": 4, "score": 0.7},
+    ]
+    assert len(find_regions(FullResMaps(anomaly, classes), NAMES, min_px=2, max_regions=1)) == 1
+
+
+def test_regions_are_eight_connected():
+    classes = np.zeros((4, 4), np.uint8)
+    classes[0, 0] = classes[1, 1] = classes[2, 2] = 1
+    regions = find_regions(FullResMaps(np.ones((4, 4), np.float32), classes), NAMES, 1, 10)
+    assert len(regions) == 1 and regions[0]["bbox"] == [0, 0, 3, 3] and regions[0]["area_px"] == 3
+
+
+def test_heatmap_and_overlay_at_original_size_and_none_mask():
+    tmap, amap = sample_maps()
+    image = Image.new("RGB", (30, 20), (10, 20, 30))
+    res = postprocess(outputs(tmap, amap), policy(), 30, 20, NAMES,
+                      RenderOptions(mask_format="none", heatmap=True, overlay=True), image)
+    assert "mask" not in res
+    heat = decode_png(res["heatmap_png"])
+    assert heat.mode == "L" and heat.size == (30, 20)
+    h = np.asarray(heat)
+    assert h.max() >= 229 and h.min() <= 26  # 0.9 and 0.1 of 255, bilinear in between
+    over = decode_png(res["overlay_png"])
+    assert over.mode == "RGB" and over.size == (30, 20)
+
+
+def test_no_defect_pixels_gives_empty_lists():
+    s = 8
+    res = postprocess(outputs(np.zeros((s, s)), np.full((s, s), 0.05)), policy(), 9, 7, NAMES, RenderOptions())
+    assert res["defect_types"] == [] and res["regions"] == [] and res["mask"]["rle"] == {}
