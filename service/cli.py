@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -128,6 +129,12 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return synth_main(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from service.bench import run
+
+    return run(args)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -150,6 +157,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                 timeout_graceful_shutdown=settings.graceful_timeout_s if hasattr(settings, "graceful_timeout_s") else 30)
+    return 0
+
+
+def _detect_summary(body: dict) -> str:
+    """A short fixed-width table of a /detect answer (one line per image)."""
+    rows = [("file", "size", "score", "anomalous", "threshold", "top defect", "regions")]
+    for r in body.get("results", []):
+        top = r.get("defect_types") or []
+        rows.append((str(r.get("filename", "")), f"{r.get('width')}x{r.get('height')}",
+                     f"{r.get('anomaly_score', 0):.3f}", "yes" if r.get("is_anomalous") else "no",
+                     f"{r.get('threshold', 0):.3f}", f"{top[0]['name']} ({top[0]['score']:.2f})" if top else "-",
+                     str(len(r.get("regions") or []))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    model = body.get("model", {})
+    lines.append(f"model {model.get('name')} {model.get('version')}  request_id {body.get('request_id')}")
+    return "\n".join(lines)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    try:
+        from service.client import DapoClient, DapoClientError
+    except ImportError as e:  # pragma: no cover - depends on the install
+        sys.exit(f"dapo detect: the client needs httpx ({e.name} missing): pip install httpx")
+
+    try:
+        with DapoClient(args.url, api_key=args.api_key, timeout=args.timeout, retries=args.retries) as client:
+            body = client.detect(args.files, product=args.product, part_id=args.part_id,
+                                 station_id=args.station_id, recipe_id=args.recipe_id,
+                                 mask_format=args.mask_format, heatmap=args.heatmap, overlay=args.overlay,
+                                 threshold=args.threshold, defect_types=args.defect_types)
+    except DapoClientError as e:
+        print(f"dapo detect: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"dapo detect: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
+    if args.out:
+        Path(args.out).write_text(json.dumps(body, indent=2))
+    print(_detect_summary(body) if args.summary else json.dumps(body, indent=2))
     return 0
 
 
@@ -219,6 +266,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     y = add_synth_arguments(sub.add_parser("synth", help="seeded synthetic defect data set (custom layout)"))
     y.set_defaults(func=cmd_synth)
+
+    from service.bench import add_arguments as add_bench_arguments
+
+    k = sub.add_parser("bench", help="speed: bare encoder sweep, /detect vs encoder ratio, load (JSON)")
+    add_bench_arguments(k)
+    k.set_defaults(func=cmd_bench)
+
+    d = sub.add_parser("detect", help="send images to a running service's /detect and print the answer")
+    d.add_argument("files", nargs="+", metavar="FILE", help="image files")
+    d.add_argument("--url", default=os.environ.get("DAPO_URL", "http://127.0.0.1:8000"),
+                   help="service base URL (default: $DAPO_URL or http://127.0.0.1:8000)")
+    d.add_argument("--api-key", default=os.environ.get("DAPO_API_KEY"), help="X-API-Key (default: $DAPO_API_KEY)")
+    for field in ("product", "part-id", "station-id", "recipe-id"):
+        d.add_argument(f"--{field}")
+    d.add_argument("--mask-format", choices=["rle", "png", "none"], default="rle")
+    d.add_argument("--heatmap", action="store_true")
+    d.add_argument("--overlay", action="store_true")
+    d.add_argument("--threshold", type=float, help="image threshold for this call (0..1)")
+    d.add_argument("--defect-types", help="comma list restricting the competing types")
+    d.add_argument("--timeout", type=float, default=30.0, help="seconds per attempt")
+    d.add_argument("--retries", type=int, default=3, help="retries on connection errors, 429/503 and 5xx")
+    d.add_argument("--out", help="also write the full JSON answer to this file")
+    d.add_argument("--summary", action="store_true", help="print a short table instead of the JSON")
+    d.set_defaults(func=cmd_detect)
 
     s = sub.add_parser("serve", help="run the HTTP service on an artifact (bakes the demo if none)")
     s.add_argument("--artifact")

@@ -48,6 +48,9 @@ class ImageError(ValueError):
         self.code = code
 
 
+EXIF_ORIENTATION = 0x0112
+
+
 def sniff_format(data: bytes) -> str | None:
     """The Pillow format name from the file's magic bytes, or None if not an accepted one."""
     if data[:3] == b"\xff\xd8\xff":
@@ -87,7 +90,9 @@ def open_checked(data: bytes, filename: str, max_pixels: int, max_side: int) -> 
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as e:
         raise ImageError(filename, f"image too large ({e})", 413, "image_too_large") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+    except UnidentifiedImageError as e:  # Pillow's message only names the BytesIO object
+        raise ImageError(filename, f"cannot read {fmt} header: not a valid {fmt} file") from e
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise ImageError(filename, f"cannot read {fmt} header: {e}") from e
     except Exception as e:  # hostile headers must never become a 500
         raise ImageError(filename, f"cannot read {fmt} header: {type(e).__name__}: {e}") from e
@@ -139,7 +144,8 @@ def decode(data: bytes, filename: str, max_pixels: int, max_side: int) -> Image.
     img = open_checked(data, filename, max_pixels, max_side)
     try:
         img.load()
-        img = ImageOps.exif_transpose(img)
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transpose copies: only when needed
+            img = ImageOps.exif_transpose(img)
     except Image.DecompressionBombError as e:
         raise ImageError(filename, f"image too large ({e})", 413, "image_too_large") from e
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:

@@ -1,10 +1,11 @@
 """One image's encoder outputs -> the JSON fields of its result, at the ORIGINAL resolution.
 
-Steps, in order: optional smoothing (scoring.smooth) at the model size S; the anomaly map is
-resized to W x H bilinearly (Pillow mode 'F', so no 8-bit quantisation) and the type map by
-nearest neighbour (class ids must not be interpolated); the pixel threshold, if any, is applied
-at full resolution (scoring.final_type_map); then statistics, regions and masks are all read
-off that one final type map, so they always agree with each other.
+Steps, in order: optional smoothing (scoring.smooth) and the pixel threshold
+(scoring.final_type_map) at the model size S; that one final class map is what masks, areas and
+regions are read from. Statistics and connected components are computed at S and mapped
+exactly to the original W x H (see ClassMaps), so their cost does not grow with the upload;
+masks are the class map upsampled by nearest neighbour (class ids are never interpolated);
+heatmaps/overlays use the anomaly map resized bilinearly in float (Pillow mode 'F').
 
 Defect-type score (`defect_types[].score`): the image-level `type_scores` of that class
 renormalised over the defect classes allowed for this call, i.e. P(type | defective, allowed).
@@ -48,11 +49,55 @@ class RenderOptions:
 
 
 @dataclass
-class FullResMaps:
-    """The anomaly map (float32) and the final class map (uint8), both (H, W)."""
+class ClassMaps:
+    """The final maps at the model resolution S, plus their exact map to the original W x H.
 
-    anomaly: np.ndarray
-    classes: np.ndarray
+    The full-resolution class map is the nearest-neighbour upsampling `classes[src_y][:, src_x]`,
+    so every original pixel has exactly one model pixel. Statistics and regions are computed at
+    S (a fixed, small cost whatever the upload size) and mapped exactly: a model pixel (i, j)
+    stands for row_h[i] * col_w[j] original pixels, and a box of model pixels for the original
+    columns/rows whose source falls inside it. Masks, areas and boxes therefore agree exactly.
+    """
+
+    anomaly: np.ndarray  # (S, S) float32, smoothed
+    classes: np.ndarray  # (S, S) uint8, after the pixel threshold
+    src_x: np.ndarray  # (W,) source column of each original column
+    src_y: np.ndarray  # (H,) source row of each original row
+
+    @classmethod
+    def identity(cls, anomaly: np.ndarray, classes: np.ndarray) -> "ClassMaps":
+        h, w = classes.shape
+        return cls(anomaly, classes, np.arange(w), np.arange(h))
+
+    @property
+    def width(self) -> int:
+        return len(self.src_x)
+
+    @property
+    def height(self) -> int:
+        return len(self.src_y)
+
+    def pixel_weights(self) -> np.ndarray:
+        """(S, S) number of original pixels each model pixel covers (0 when downsampling skips it)."""
+        sh, sw = self.classes.shape
+        return np.outer(np.bincount(self.src_y, minlength=sh), np.bincount(self.src_x, minlength=sw))
+
+    def full_classes(self) -> np.ndarray:
+        """(H, W) uint8 class map at the original resolution."""
+        return np.take(np.take(self.classes, self.src_y, axis=0), self.src_x, axis=1)
+
+    def full_anomaly(self) -> np.ndarray:
+        """(H, W) float32 anomaly map, bilinear (only for heatmaps/overlays)."""
+        img = Image.fromarray(np.ascontiguousarray(self.anomaly, dtype=np.float32))
+        return np.asarray(img.resize((self.width, self.height), Image.Resampling.BILINEAR), dtype=np.float32)
+
+    def box(self, rows: slice, cols: slice) -> list[int] | None:
+        """[x, y, w, h] in original pixels of a model-pixel box; None if no original pixel maps in."""
+        x0 = int(np.searchsorted(self.src_x, cols.start, "left"))
+        x1 = int(np.searchsorted(self.src_x, cols.stop - 1, "right"))
+        y0 = int(np.searchsorted(self.src_y, rows.start, "left"))
+        y1 = int(np.searchsorted(self.src_y, rows.stop - 1, "right"))
+        return [x0, y0, x1 - x0, y1 - y0] if x1 > x0 and y1 > y0 else None
 
 
 def sig(x: float, digits: int = 6) -> float:
@@ -60,21 +105,17 @@ def sig(x: float, digits: int = 6) -> float:
     return float(f"{float(x):.{digits}g}")
 
 
-def resize_maps(anomaly_map: np.ndarray, type_map: np.ndarray, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
-    """(S, S) maps -> (H, W): anomaly bilinear in float, classes nearest."""
-    amap = Image.fromarray(np.ascontiguousarray(anomaly_map, dtype=np.float32))
-    amap = np.asarray(amap.resize((width, height), Image.Resampling.BILINEAR), dtype=np.float32)
-    tmap = Image.fromarray(np.ascontiguousarray(type_map, dtype=np.uint8))
-    tmap = np.asarray(tmap.resize((width, height), Image.Resampling.NEAREST), dtype=np.uint8)
-    return amap, tmap
+def nearest_index(n_out: int, n_in: int) -> np.ndarray:
+    """Source index of each of n_out output positions under nearest-neighbour resizing."""
+    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
 
 
-def full_resolution(outputs: EncoderOutputs, policy: scoring.Policy, width: int, height: int) -> FullResMaps:
-    """Smooth at model size, resize to the original size, apply the pixel threshold."""
-    amap = scoring.smooth(outputs.anomaly_map[0], policy.gaussian_sigma)
-    amap, tmap = resize_maps(amap, outputs.type_map[0], width, height)
-    classes = scoring.final_type_map(tmap, amap, policy.pixel_threshold)
-    return FullResMaps(anomaly=amap, classes=np.asarray(classes, dtype=np.uint8))
+def model_maps(outputs: EncoderOutputs, policy: scoring.Policy, width: int, height: int) -> ClassMaps:
+    """Smooth and threshold at the model size S; attach the mapping to the original W x H."""
+    amap = scoring.smooth(outputs.anomaly_map[0], policy.gaussian_sigma).astype(np.float32)
+    classes = np.asarray(scoring.final_type_map(outputs.type_map[0], amap, policy.pixel_threshold), np.uint8)
+    sh, sw = classes.shape
+    return ClassMaps(amap, classes, nearest_index(width, sw), nearest_index(height, sh))
 
 
 def renormalised_type_scores(type_scores: np.ndarray, allowed: np.ndarray) -> np.ndarray:
@@ -85,75 +126,77 @@ def renormalised_type_scores(type_scores: np.ndarray, allowed: np.ndarray) -> np
     return scores / total if total > 0 else scores
 
 
-def present_defects(classes: np.ndarray) -> list[int]:
-    """Defect class ids with at least one pixel (bincount: much faster than np.unique here)."""
-    return [int(c) for c in np.nonzero(np.bincount(classes.ravel()))[0] if c != 0]
-
-
 def label_max(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Max of `values` per label id 0..n_labels-1 (-inf where absent).
-
-    np.maximum.at is a single unbuffered pass; scipy.ndimage.maximum sorts all pixels, which
-    on a 24 MP image took seconds per class.
-    """
+    """Max of `values` per label id 0..n_labels-1 (-inf where absent); one unbuffered pass."""
     out = np.full(n_labels, -np.inf, dtype=np.float32)
     np.maximum.at(out, labels.ravel(), values.ravel())
     return out
 
 
-def rank_defect_types(maps: FullResMaps, type_scores: np.ndarray, allowed: np.ndarray,
+def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndarray,
                       class_names: list[str]) -> list[dict[str, Any]]:
-    """Defect types with pixels, most likely first (score, then area)."""
+    """Defect types with pixels at the original resolution, most likely first (score, then area)."""
     n_classes = len(class_names)
-    counts = np.bincount(maps.classes.ravel(), minlength=n_classes)
-    maxima = label_max(maps.anomaly, maps.classes, max(n_classes, int(maps.classes.max()) + 1))
+    weights = maps.pixel_weights()
+    visible = weights > 0
+    areas = np.bincount(maps.classes.ravel(), weights=weights.ravel(), minlength=n_classes)
+    maxima = label_max(np.where(visible, maps.anomaly, -np.inf), maps.classes, max(n_classes, int(maps.classes.max()) + 1))
     probs = renormalised_type_scores(type_scores, allowed)
-    total = maps.classes.size
+    total = maps.width * maps.height
     ranked = [
-        {"name": class_names[c], "score": sig(probs[c]), "area_fraction": sig(counts[c] / total),
+        {"name": class_names[c], "score": sig(probs[c]), "area_fraction": sig(areas[c] / total),
          "max_pixel_score": sig(maxima[c])}
-        for c in range(1, n_classes) if counts[c] > 0
+        for c in range(1, n_classes) if areas[c] > 0
     ]
     ranked.sort(key=lambda d: (-d["score"], -d["area_fraction"]))
     return ranked
 
 
-def _class_regions(maps: FullResMaps, c: int, name: str, min_px: int, limit: int) -> list[dict[str, Any]]:
-    """Up to `limit` components of class c of at least min_px pixels, best first."""
+def present_defects(classes: np.ndarray) -> list[int]:
+    """Defect class ids with at least one pixel."""
+    return [int(c) for c in np.nonzero(np.bincount(classes.ravel()))[0] if c != 0]
+
+
+def _class_regions(maps: ClassMaps, weights: np.ndarray, c: int, name: str, min_px: int,
+                   limit: int) -> list[dict[str, Any]]:
+    """Up to `limit` components of class c covering at least min_px original pixels, best first."""
     labels, n = ndimage.label(maps.classes == c, structure=_EIGHT_CONNECTED)
     if n == 0 or limit == 0:
         return []
-    areas = np.bincount(labels.ravel(), minlength=n + 1)
-    maxima = label_max(maps.anomaly, labels, n + 1)
-    ids = np.nonzero(areas[1:] >= min_px)[0] + 1
+    areas = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n + 1)
+    maxima = label_max(np.where(weights > 0, maps.anomaly, -np.inf), labels, n + 1)
+    ids = np.nonzero(areas[1:] >= max(min_px, 1))[0] + 1
     ids = ids[np.lexsort((-areas[ids], -maxima[ids]))][:limit]  # score desc, then area desc
     boxes = ndimage.find_objects(labels)
     regions = []
     for i in ids:
-        ys, xs = boxes[i - 1]
-        regions.append({
-            "defect_type": name,
-            "bbox": [int(xs.start), int(ys.start), int(xs.stop - xs.start), int(ys.stop - ys.start)],
-            "area_px": int(areas[i]),
-            "score": sig(maxima[i]),
-        })
+        bbox = maps.box(*boxes[i - 1])
+        if bbox is not None:
+            regions.append({"defect_type": name, "bbox": bbox, "area_px": int(round(areas[i])),
+                            "score": sig(maxima[i])})
     return regions
 
 
-def find_regions(maps: FullResMaps, class_names: list[str], min_px: int, max_regions: int) -> list[dict[str, Any]]:
-    """8-connected components per defect class, highest score first; tiny ones dropped."""
+def find_regions(maps: ClassMaps, class_names: list[str], min_px: int, max_regions: int) -> list[dict[str, Any]]:
+    """8-connected components per defect class, highest score first; tiny ones dropped.
+
+    Components are found on the model-resolution class map. When the upload is at least the
+    model size, nearest upsampling keeps 8-connectivity, so these are exactly the components of
+    the returned mask; for smaller uploads, model pixels no original pixel maps to are ignored.
+    """
+    weights = maps.pixel_weights()
     regions: list[dict[str, Any]] = []
     for c in present_defects(maps.classes):
-        regions += _class_regions(maps, c, class_names[c], min_px, max_regions)
+        regions += _class_regions(maps, weights, c, class_names[c], min_px, max_regions)
     regions.sort(key=lambda r: (-r["score"], -r["area_px"]))
     return regions[:max_regions]
 
 
-def rle_masks(classes: np.ndarray, class_names: list[str]) -> dict[str, dict[str, Any]]:
+def rle_masks(classes: np.ndarray, class_names: list[str], present: list[int] | None = None) -> dict[str, dict[str, Any]]:
     """COCO compressed RLE per defect type present; size is [H, W] as in COCO."""
     out: dict[str, dict[str, Any]] = {}
     column_major = np.ascontiguousarray(classes.T)  # one transpose, then each mask is a free view
-    for c in present_defects(classes):
+    for c in present_defects(classes) if present is None else present:
         binary = (column_major == c).view(np.uint8).T  # (H, W), Fortran order, no copy
         rle = mask_utils.encode(binary)
         counts = rle["counts"]
@@ -210,13 +253,14 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = _OVERLAY_ALPHA)
     return Image.blend(image.convert("RGB"), colour, alpha)
 
 
-def build_mask(classes: np.ndarray, class_names: list[str], mask_format: MaskFormat) -> dict[str, Any] | None:
+def build_mask(classes: np.ndarray, class_names: list[str], mask_format: MaskFormat,
+               present: list[int] | None = None) -> dict[str, Any] | None:
     """The `mask` object of a result, or None when mask_format=none."""
     if mask_format == "none":
         return None
     label_map = {str(i): name for i, name in enumerate(class_names)}
     if mask_format == "rle":
-        return {"format": "rle", "label_map": label_map, "rle": rle_masks(classes, class_names)}
+        return {"format": "rle", "label_map": label_map, "rle": rle_masks(classes, class_names, present)}
     return {"format": "png", "label_map": label_map, "png": png_mask(classes)}
 
 
@@ -224,7 +268,7 @@ def postprocess(outputs: EncoderOutputs, policy: scoring.Policy, width: int, hei
                 class_names: list[str], options: RenderOptions,
                 image: Image.Image | None = None) -> dict[str, Any]:
     """Everything of one result that comes from the model (no filename, ids or timings)."""
-    maps = full_resolution(outputs, policy, width, height)
+    maps = model_maps(outputs, policy, width, height)
     score = float(outputs.anomaly_score[0])
     result: dict[str, Any] = {
         "width": width,
@@ -235,11 +279,13 @@ def postprocess(outputs: EncoderOutputs, policy: scoring.Policy, width: int, hei
         "defect_types": rank_defect_types(maps, outputs.type_scores[0], policy.allowed, class_names),
         "regions": find_regions(maps, class_names, options.min_region_px, options.max_regions),
     }
-    mask = build_mask(maps.classes, class_names, options.mask_format)
+    present = [class_names.index(d["name"]) for d in result["defect_types"]]  # types with pixels
+    mask = build_mask(maps.full_classes(), class_names, options.mask_format, present) \
+        if options.mask_format != "none" else None
     if mask is not None:
         result["mask"] = mask
     if options.heatmap or options.overlay:
-        heat = heatmap_u8(maps.anomaly)
+        heat = heatmap_u8(maps.full_anomaly())
         if options.heatmap:
             result["heatmap_png"] = png_b64(Image.fromarray(heat))
         if options.overlay:

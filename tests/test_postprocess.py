@@ -9,7 +9,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.backends.base import EncoderOutputs
-from service.postprocess import FullResMaps, RenderOptions, find_regions, postprocess
+from service.postprocess import ClassMaps, RenderOptions, find_regions, model_maps, postprocess
 from service.scoring import Policy
 
 NAMES = ["normal", "scratch", "crack", "stain"]
@@ -71,7 +71,7 @@ def test_defect_types_ranked_renormalised_and_consistent_with_mask():
     # renormalised over allowed defect types: 0.6 / (0.6 + 0.2 + 0.1)
     assert abs(scratch["score"] - 0.6 / 0.9) < 1e-5 and abs(crack["score"] - 0.2 / 0.9) < 1e-5
     assert scratch["area_fraction"] == 6 * 4 / 256  # 2x3 cells, each 2x2 pixels at 16x16
-    assert 0.9 < scratch["max_pixel_score"] <= 0.95  # bilinear upsampling blends the peak a little
+    assert scratch["max_pixel_score"] == 0.95  # the model-resolution peak
     assert res["is_anomalous"] is True and res["threshold"] == 0.5
 
 
@@ -102,19 +102,19 @@ def test_regions_bbox_area_score_on_a_hand_made_map():
     anomaly[3, 4] = 0.9
     anomaly[8, 1] = 0.7
     anomaly[0, 11] = 0.8
-    regions = find_regions(FullResMaps(anomaly, classes), NAMES, min_px=2, max_regions=10)
+    regions = find_regions(ClassMaps.identity(anomaly, classes), NAMES, min_px=2, max_regions=10)
     assert regions == [
         {"defect_type": "scratch", "bbox": [3, 2, 5, 3], "area_px": 13, "score": 0.9},
         {"defect_type": "crack", "bbox": [9, 0, 3, 2], "area_px": 6, "score": 0.8},
         {"defect_type": "scratch", "bbox": [0, 7, 2, 2], "area_px": 4, "score": 0.7},
     ]
-    assert len(find_regions(FullResMaps(anomaly, classes), NAMES, min_px=2, max_regions=1)) == 1
+    assert len(find_regions(ClassMaps.identity(anomaly, classes), NAMES, min_px=2, max_regions=1)) == 1
 
 
 def test_regions_are_eight_connected():
     classes = np.zeros((4, 4), np.uint8)
     classes[0, 0] = classes[1, 1] = classes[2, 2] = 1
-    regions = find_regions(FullResMaps(np.ones((4, 4), np.float32), classes), NAMES, 1, 10)
+    regions = find_regions(ClassMaps.identity(np.ones((4, 4), np.float32), classes), NAMES, 1, 10)
     assert len(regions) == 1 and regions[0]["bbox"] == [0, 0, 3, 3] and regions[0]["area_px"] == 3
 
 
@@ -136,3 +136,35 @@ def test_no_defect_pixels_gives_empty_lists():
     s = 8
     res = postprocess(outputs(np.zeros((s, s)), np.full((s, s), 0.05)), policy(), 9, 7, NAMES, RenderOptions())
     assert res["defect_types"] == [] and res["regions"] == [] and res["mask"]["rle"] == {}
+
+
+def test_stats_and_regions_are_exact_at_the_original_resolution():
+    """Areas and boxes computed at the model size equal a brute-force pass over the full mask."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(0)
+    small = (rng.random((8, 8)) < 0.25).astype(np.uint8) * rng.integers(1, 4, (8, 8)).astype(np.uint8)
+    amap = rng.random((8, 8)).astype(np.float32)
+    w, h = 37, 23  # non-integer scales on both axes
+    out = outputs(small, amap)
+    res = postprocess(out, policy(), w, h, NAMES, RenderOptions(mask_format="png", min_region_px=1, max_regions=1000))
+    full = np.asarray(decode_png(res["mask"]["png"]))
+    for d in res["defect_types"]:
+        assert d["area_fraction"] == float(f"{(full == NAMES.index(d['name'])).sum() / (w * h):.6g}")
+    brute = []
+    for c in range(1, 4):
+        labels, n = ndimage.label(full == c, structure=np.ones((3, 3)))
+        for sl in ndimage.find_objects(labels):
+            ys, xs = sl
+            brute.append((NAMES[c], [xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start]))
+    got = [(r["defect_type"], r["bbox"]) for r in res["regions"]]
+    assert sorted(got) == sorted(brute)
+    areas = {tuple(r["bbox"]): r["area_px"] for r in res["regions"]}
+    for name, (x, y, bw, bh) in brute:
+        assert areas[(x, y, bw, bh)] == int((full[y:y + bh, x:x + bw] == NAMES.index(name)).sum())
+
+
+def test_model_maps_map_every_original_pixel_once():
+    maps = model_maps(outputs(np.zeros((8, 8)), np.zeros((8, 8))), policy(), 37, 5)
+    assert maps.pixel_weights().sum() == 37 * 5
+    assert maps.full_classes().shape == (5, 37)

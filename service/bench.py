@@ -1,0 +1,228 @@
+"""`dapo bench`: speed figures for an artifact, printed as JSON (benchmarks, never tests).
+
+- ``encoder``: the bare backend (ONNX Runtime / torch, fp32 / fp16 / bf16) swept over batch
+  sizes: images/s, per-batch latency p50/p95/p99, peak GPU memory where there is a GPU.
+- ``e2e``: POST /detect on a real server process (uvicorn, default settings) against the bare
+  ONNX encoder on the same images in the same run, one image at a time: the ratio is what the
+  service costs on top of the model (decode, preprocess, batching, postprocess, JSON, HTTP).
+- ``load``: images/s end to end with concurrent clients (what a GPU node should be judged by).
+
+Absolute times on a shared CPU are noisy; ratios measured in one run are what to compare.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from service.artifact import load_manifest
+from service.backends import create_backend
+from service.imaging import preprocess
+
+
+def percentiles(values_s: list[float]) -> dict[str, float]:
+    a = np.asarray(values_s) * 1000.0
+    return {f"p{q}_ms": round(float(np.percentile(a, q)), 2) for q in (50, 95, 99)}
+
+
+def test_images(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
+    """Textured PNGs with a few drawn marks (deterministic): realistic entropy for decode/encode."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = rng.integers(90, 160, size=(height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+        img = Image.fromarray(base).resize((width, height), Image.Resampling.BICUBIC)
+        arr = np.asarray(img).copy()
+        y, x = rng.integers(0, height - 20), rng.integers(0, width - 60)
+        arr[y:y + 3, x:x + 60] = 20
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def _gpu_mem_mb() -> float | None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    except ImportError:
+        pass
+    return None
+
+
+def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
+                  seconds: float = 3.0, providers: list[str] | None = None) -> list[dict]:
+    manifest = load_manifest(artifact)
+    s, c = manifest.image_size, len(manifest.vocabulary)
+    rows = []
+    for backend in backends:
+        for precision in precisions if backend == "torch" else ["fp32"]:
+            engine = create_backend(artifact, manifest, backend=backend, providers=providers, precision=precision)
+            for b in batch_sizes:
+                x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
+                allowed = np.ones((b, c), bool)
+                engine.run(x, allowed)  # warm-up (graph optimisation, cuDNN/TensorRT autotune)
+                times = []
+                start = time.perf_counter()
+                while time.perf_counter() - start < seconds or len(times) < 3:
+                    t = time.perf_counter()
+                    engine.run(x, allowed)
+                    times.append(time.perf_counter() - t)
+                rows.append({"backend": backend, "provider": engine.provider, "precision": precision, "batch": b,
+                             "img_per_s": round(b * len(times) / sum(times), 2), **percentiles(times),
+                             "gpu_mem_mb": _gpu_mem_mb()})
+    return rows
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """`dapo serve` in a subprocess on a free loopback port (the deployment's own entry point)."""
+
+    def __init__(self, artifact: Path, env: dict[str, str] | None = None):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environ = os.environ | {"DAPO_ARTIFACT": str(artifact), "DAPO_HOST": "127.0.0.1",
+                                "DAPO_PORT": str(self.port), "DAPO_LOG_LEVEL": "WARNING"} | (env or {})
+        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=environ,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def __enter__(self) -> "Server":
+        import httpx
+
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int = 480, rounds: int = 3,
+              mask_format: str = "rle") -> dict:
+    """Sequential single-image /detect vs the bare ONNX encoder at batch 1, interleaved rounds."""
+    import httpx
+
+    manifest = load_manifest(artifact)
+    images = test_images(n_images, width, height)
+    pixels = [preprocess(Image.open(io.BytesIO(b)).convert("RGB"), manifest.image_size, manifest.mean,
+                         manifest.std)[None] for b in images]
+    allowed = np.ones((1, len(manifest.vocabulary)), bool)
+    encoder = create_backend(artifact, manifest, backend="onnxruntime")
+    encoder.run(pixels[0], allowed)
+    enc_times: list[float] = []
+    e2e_times: list[float] = []
+    with Server(artifact) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        for data in images[:2]:  # warm the server's path
+            client.post("/detect", files={"image": ("x.png", data, "image/png")}).raise_for_status()
+        for _ in range(rounds):
+            for x in pixels:
+                t = time.perf_counter()
+                encoder.run(x, allowed)
+                enc_times.append(time.perf_counter() - t)
+            for data in images:
+                t = time.perf_counter()
+                r = client.post("/detect", params={"mask_format": mask_format},
+                                files={"image": ("part.png", data, "image/png")})
+                e2e_times.append(time.perf_counter() - t)
+                r.raise_for_status()
+    enc, e2e = sum(enc_times), sum(e2e_times)
+    return {"artifact": str(artifact), "image_size": manifest.image_size, "backbone": manifest.backbone.name,
+            "upload": f"{width}x{height} PNG", "requests": len(e2e_times), "mask_format": mask_format,
+            "encoder_ms_per_image": round(1000 * enc / len(enc_times), 2),
+            "detect_ms_per_image": round(1000 * e2e / len(e2e_times), 2),
+            "ratio_detect_over_encoder": round(e2e / enc, 3),
+            "encoder": percentiles(enc_times), "detect": percentiles(e2e_times)}
+
+
+def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width: int = 640,
+               height: int = 480) -> dict:
+    """Images/s end to end with concurrent single-image clients (micro-batching at work)."""
+    import httpx
+
+    images = test_images(8, width, height)
+    with Server(artifact) as server, httpx.Client(base_url=server.url, timeout=300,
+                                                  limits=httpx.Limits(max_connections=concurrency)) as client:
+        def one(i: int) -> tuple[float, int]:
+            t = time.perf_counter()
+            r = client.post("/detect", files={"image": ("p.png", images[i % len(images)], "image/png")})
+            return time.perf_counter() - t, r.status_code
+
+        one(0)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            results = list(pool.map(one, range(requests)))
+        wall = time.perf_counter() - start
+        metrics = client.get("/metrics").text
+    ok = [t for t, code in results if code == 200]
+    sizes = [line for line in metrics.splitlines() if line.startswith("dapo_batch_size_sum")
+             or line.startswith("dapo_batch_size_count")]
+    return {"concurrency": concurrency, "requests": requests, "ok": len(ok), "img_per_s": round(len(ok) / wall, 2),
+            **percentiles(ok), "batch_size_metric": sizes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dapo bench", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--artifact", required=True)
+    p.add_argument("--mode", choices=["encoder", "e2e", "load", "all"], default="all")
+    p.add_argument("--backends", default="onnxruntime,torch")
+    p.add_argument("--precisions", default="fp32", help="torch precisions: fp32,fp16,bf16")
+    p.add_argument("--batch-sizes", default="1,2,4,8")
+    p.add_argument("--providers", help="ORT execution providers, comma list (default: best available)")
+    p.add_argument("--seconds", type=float, default=3.0, help="time per encoder configuration")
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--size", default="640x480", help="uploaded image size WxH")
+
+
+def run(args: argparse.Namespace) -> int:
+    w, h = (int(v) for v in args.size.lower().split("x"))
+    artifact = Path(args.artifact)
+    out: dict = {}
+    if args.mode in ("encoder", "all"):
+        out["encoder"] = bench_encoder(artifact, args.backends.split(","), args.precisions.split(","),
+                                       [int(b) for b in args.batch_sizes.split(",")], args.seconds,
+                                       args.providers.split(",") if args.providers else None)
+    if args.mode in ("e2e", "all"):
+        out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds)
+    if args.mode in ("load", "all"):
+        out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h)
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
