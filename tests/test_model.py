@@ -119,3 +119,16 @@ def test_real_backbone_name_is_known_to_open_clip():
     assert "ViT-L-14-336-quickgelu" in open_clip.list_models()
     assert ("ViT-L-14-336-quickgelu", "openai") in open_clip.list_pretrained() or \
         ("ViT-L-14-336", "openai") in open_clip.list_pretrained()
+
+
+def test_the_real_architecture_at_518_has_the_papers_geometry():
+    """ViT-L/14@336 (random init here: no weights can be downloaded) resized to 518 -> 37x37."""
+    m = build("ViT-L-14-336-quickgelu", 518)
+    g = m.geometry
+    assert (g["width"], g["layers"], g["embed_dim"], g["text_width"], g["text_layers"]) == (1024, 24, 768, 768, 12)
+    assert g["grid"] == 37 and g["act"] == "quick_gelu"
+    assert m.clip.visual.positional_embedding.shape == (37 * 37 + 1, 1024)
+    assert m.config.taps == [6, 12, 18, 24]
+    assert m.visual_prompts.tokens.shape == (24, 4, 1024)
+    assert [tuple(a.weight.shape) for a in m.visual_prompts.adapters] == [(768, 1024)] * 4
+    assert m.text_prompts.deep.shape == (12, 4, 768) and m.text_prompts.ctx_abnormal.shape == (10, 5, 768)
