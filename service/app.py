@@ -29,6 +29,7 @@ from service.errors import envelope, install_handlers, request_id_of
 from service.logs import configure_logging
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.routes import router
+from service.ui import router as ui_router
 from service.settings import Settings
 from service.state import ServiceState, cpu_workers
 
@@ -40,7 +41,8 @@ def build_backend(folder: Path, manifest: Manifest, settings: Settings) -> Backe
     from service.backends import create_backend
 
     return create_backend(folder, manifest, backend=settings.backend, providers=settings.providers,
-                          trt_cache_dir=settings.trt_cache_dir)
+                          trt_cache_dir=settings.trt_cache_dir, device=settings.device,
+                          precision=settings.precision)
 
 
 def warm_up(backend: Backend, manifest: Manifest, batch_sizes: list[int]) -> None:
@@ -104,6 +106,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                               "regions and masks for uploaded images.")
     app.state.service = state
     app.include_router(router)
+    app.include_router(ui_router)  # the operator page at / and /ui (static, same API)
     install_handlers(app, settings.retry_after_s)
 
     async def client_gone(request, exc: ClientDisconnect):  # nobody reads this answer

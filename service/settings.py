@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     # Execution providers in preference order (e.g. TensorRT,CUDA,CPU); None = backend's choice.
     providers: Annotated[list[str] | None, NoDecode] = None
     trt_cache_dir: str | None = None
+    device: str | None = None  # torch backend: "cuda", "cuda:1", "cpu"; None = cuda if available
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # torch backend compute precision
     warmup: bool = True
 
     # --- batching (Triton-style dynamic batching) ---------------------------------------
