@@ -95,7 +95,12 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await start(state, backend)
+        try:
+            await start(state, backend)
+        except Exception as e:  # one clear line naming the file before uvicorn's "startup failed"
+            log.error("cannot start: %s", e, extra={"artifact": str(settings.artifact),
+                                                   "error_type": type(e).__name__})
+            raise
         try:
             yield
         finally:

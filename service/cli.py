@@ -153,6 +153,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from training.bake import bake_demo
 
         bake_demo(artifact)
+    if getattr(args, "ray", False):  # the same app as N Ray Serve replicas (the `ray` extra)
+        from service.ray_serve import serve_forever
+
+        return serve_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
     from service.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
@@ -296,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=["onnxruntime", "torch"])
     s.add_argument("--host")
     s.add_argument("--port", type=int)
+    s.add_argument("--ray", action="store_true", help="scale out with Ray Serve (pip install 'dapo-inspect[ray]')")
+    s.add_argument("--replicas", default=1, type=lambda v: v if v == "auto" else int(v),
+                   help="with --ray: replica count, or 'auto' for Serve's autoscaler (default 1)")
+    s.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica (0.5 packs two)")
     s.set_defaults(func=cmd_serve)
     return p
 

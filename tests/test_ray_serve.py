@@ -1,0 +1,168 @@
+"""Ray Serve scale-out: the same app as two replicas behind Serve's proxy, on local CPU Ray.
+
+Asserts that each replica ran the app's lifespan (both answer /readyz and /detect), that ~20
+requests spread over both replicas (`X-Replica`), and that every answer equals the single-
+process service's for the same image (score, defect types, regions, mask), as the replicas
+run the same code on the same artifact. Batch size 1 on both sides makes the computation
+identical, so the comparison is exact.
+
+Skipped when ray[serve] is not installed (the `ray` extra); runs otherwise (~30 s, mostly
+Ray's own start-up).
+"""
+from __future__ import annotations
+
+import io
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from fastapi.testclient import TestClient
+from PIL import Image
+
+serve = pytest.importorskip("ray.serve", reason="ray[serve] not installed (pip install 'dapo-inspect[ray]')")
+import ray
+
+from service.app import create_app
+from service.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+QUERY = "mask_format=rle&heatmap=true"
+
+
+def image_bytes(seed: int, w: int = 72, h: int = 56) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.uint8)
+    img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
+    img[..., 2] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+    img[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 255, (h // 2 - h // 3, w // 2 - w // 4, 3))
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def comparable(result: dict) -> dict:
+    """A result without what legitimately differs between two runs (timings)."""
+    return {k: v for k, v in result.items() if k != "timing_ms"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def settings(demo_artifact) -> Settings:
+    return Settings(artifact=demo_artifact, max_batch_size=1, max_queue_delay_ms=0, log_level="WARNING")
+
+
+@pytest.fixture(scope="module")
+def ray_url(settings):
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(settings, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # serve.run returns once replicas are up; the proxy may lag
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        yield url
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_two_replicas_share_the_load_and_answer_like_one_process(ray_url, settings):
+    images = [image_bytes(seed) for seed in range(4)]
+    with TestClient(create_app(settings, configure_logs=False)) as single:
+        expected = []
+        for i, data in enumerate(images):
+            r = single.post(f"/detect?{QUERY}", files={"image": (f"part{i}.png", data, "image/png")},
+                            data={"product": "disc", "part_id": f"p{i}"})
+            assert r.status_code == 200, r.text
+            assert REPLICA_HEADER not in r.headers  # ray mode only
+            expected.append(comparable(r.json()["results"][0]))
+
+    def call(k: int) -> httpx.Response:
+        i = k % len(images)
+        return httpx.post(f"{ray_url}/detect?{QUERY}", timeout=30,
+                          files={"image": (f"part{i}.png", images[i], "image/png")},
+                          data={"product": "disc", "part_id": f"p{i}"})
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(call, range(20)))
+    replicas = {}
+    for k, r in enumerate(answers):
+        assert r.status_code == 200, r.text
+        replica = r.headers[REPLICA_HEADER]
+        replicas[replica] = replicas.get(replica, 0) + 1
+        body = r.json()
+        assert body["model"]["name"] == "dapo-demo"
+        assert comparable(body["results"][0]) == expected[k % len(images)]  # score, types, regions, mask
+    assert len(replicas) == 2, replicas  # both replicas took requests
+
+
+def test_each_replica_runs_the_app_lifespan(ray_url):
+    # /readyz is 503 until the lifespan has loaded the artifact and warmed up; every replica
+    # seen answering ready has therefore run it (ray mode adds the replica header to all routes)
+    seen = set()
+    for _ in range(40):
+        r = httpx.get(ray_url + "/readyz", timeout=5)
+        assert r.status_code == 200 and r.json()["status"] == "ready"
+        seen.add(r.headers[REPLICA_HEADER])
+        if len(seen) == 2:
+            break
+    assert len(seen) == 2
+    r = httpx.get(ray_url + "/v1/model", timeout=5)
+    assert r.status_code == 200 and r.json()["backend"]["name"] == "onnxruntime"
+    # errors still come in the service's envelope, through the proxy
+    r = httpx.post(ray_url + "/detect", timeout=5, files={"image": ("x.png", b"nope", "image/png")})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type"
+    assert REPLICA_HEADER in r.headers
+
+
+def test_serve_config_file_is_valid(demo_artifact):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "ray_serve.yaml").read_text()))
+    app = config.applications[0]
+    assert app.import_path == "service.ray_serve:app_builder"
+    deployment = app.deployments[0]
+    assert deployment.name == deployment_options(Settings())["name"]
+    assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]
+    assert set(app.args) <= set(Settings.model_fields)  # every arg is a Settings field
+    assert app_builder({**app.args, "artifact": str(demo_artifact)}) is not None  # builds (nothing deployed)
+
+
+def test_deployment_options():
+    s = Settings(max_batch_size=4, max_queue_size=32)
+    fixed = deployment_options(s, replicas=3, num_gpus=0.5)
+    assert fixed["num_replicas"] == 3 and "autoscaling_config" not in fixed
+    assert fixed["ray_actor_options"] == {"num_cpus": 1.0, "num_gpus": 0.5}
+    assert fixed["max_ongoing_requests"] == 32
+    auto = deployment_options(s, replicas="auto", max_replicas=8)
+    assert auto["num_replicas"] == "auto"
+    assert auto["autoscaling_config"]["max_replicas"] == 8
+    assert auto["autoscaling_config"]["target_ongoing_requests"] == 8
+
+
+def test_cli_flags():
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--ray", "--replicas", "auto", "--gpus-per-replica", "0.5"])
+    assert (args.ray, args.replicas, args.gpus_per_replica) == (True, "auto", 0.5)
+    args = build_parser().parse_args(["serve", "--ray", "--replicas", "2"])
+    assert args.replicas == 2
+    assert build_parser().parse_args(["serve"]).ray is False
