@@ -82,6 +82,12 @@ class Settings(BaseSettings):
     def _empty_providers_is_auto(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
+    @field_validator("api_keys_file", "trt_cache_dir", "device", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        """`DAPO_API_KEYS_FILE=` (empty) means no file, not the current directory."""
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:

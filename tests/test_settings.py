@@ -32,3 +32,12 @@ def test_inconsistent_or_invalid_values_are_refused(monkeypatch):
     monkeypatch.setenv("DAPO_BACKEND", "tensorflow")
     with pytest.raises(ValidationError):
         Settings()
+
+
+def test_empty_env_values_mean_unset(monkeypatch):
+    from service.settings import Settings
+
+    monkeypatch.setenv("DAPO_API_KEYS_FILE", "")
+    monkeypatch.setenv("DAPO_TRT_CACHE_DIR", " ")
+    s = Settings()
+    assert s.api_keys_file is None and s.trt_cache_dir is None
