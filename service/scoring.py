@@ -42,8 +42,9 @@ def allowed_classes(manifest: Manifest, product: str | None = None,
             allowed[1:] = [n in types for n in names[1:]]
     if defect_types is not None:
         unknown = sorted(set(defect_types) - set(names[1:]))
-        if unknown:
-            raise ScoringError(f"unknown defect types {unknown}; vocabulary: {names[1:]}")
+        if unknown:  # the message names a few, never echoes a huge list back
+            shown = [u[:64] for u in unknown[:10]] + ([f"... {len(unknown) - 10} more"] if len(unknown) > 10 else [])
+            raise ScoringError(f"unknown defect types {shown}; vocabulary: {names[1:]}")
         if not defect_types:
             raise ScoringError("defect_types must name at least one type")
         allowed[1:] = [n in defect_types for n in names[1:]]
