@@ -138,6 +138,25 @@ async def detect(
     state = service_of(request)
     principal = authenticate(state, x_api_key)
     require_ready(state)
+    admit(state)  # before the body is read: overload is refused at once, not after decoding
+    try:
+        return await _detect(request, state, principal, mask_format, heatmap, overlay, threshold, defect_types,
+                             idempotency_key)
+    finally:
+        state.inflight -= 1
+
+
+def admit(state: ServiceState) -> None:
+    """Count one more /detect in progress, or 503 with Retry-After when the limit is reached."""
+    if state.inflight >= state.settings.max_inflight_requests:
+        raise ApiError(503, "overloaded",
+                       f"{state.inflight} requests in progress (limit {state.settings.max_inflight_requests})",
+                       {"Retry-After": str(state.settings.retry_after_s)})
+    state.inflight += 1
+
+
+async def _detect(request: Request, state: ServiceState, principal: str, mask_format: postprocess.MaskFormat,
+                  heatmap: bool, overlay: bool, threshold: float | None, defect_types: str | None, idempotency_key: str | None) -> Response:
     key = check_idempotency_key(idempotency_key)
     assert state.manifest is not None
     policy = scoring.policy(state.manifest, None, parse_defect_types(defect_types), threshold)  # early 422

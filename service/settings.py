@@ -47,6 +47,8 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(default=64, ge=1)  # images waiting; beyond it: 503 at once
     workers: int = Field(default=1, ge=1, le=64)  # inference threads (concurrent batches)
+    # /detect requests in progress (reading, decoding, queued, postprocessing); beyond it 503 at once
+    max_inflight_requests: int = Field(default=64, ge=1)
     retry_after_s: int = Field(default=1, ge=0)
 
     # --- request limits ---------------------------------------------------------------

@@ -37,6 +37,7 @@ class ServiceState:
     batcher: MicroBatcher | None = None
     cpu_pool: ThreadPoolExecutor | None = None  # decode / preprocess / postprocess threads
     ready: bool = False
+    inflight: int = 0  # /detect requests admitted and not yet answered (event-loop only)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ServiceState":

@@ -315,6 +315,27 @@ def test_queue_full_is_503_with_retry_after(demo_artifact):
         assert first.result().status_code == 200 and second.result().status_code == 200
 
 
+def test_overload_is_refused_at_once_before_reading_the_body(demo_artifact):
+    """Past max_inflight_requests, /detect answers 503 immediately, whatever is still decoding."""
+    gate = threading.Event()
+    backend = WrappedBackend(real_backend(demo_artifact), gate)
+    settings = Settings(artifact=demo_artifact, max_inflight_requests=1, warmup=False)
+    app = create_app(settings, backend=backend, configure_logs=False)
+    with TestClient(app) as c, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(lambda: c.post("/detect", files=files_of(("x.png", png_bytes()))))
+        _wait_for(lambda: backend.calls == 1)
+        r = c.post("/detect", files=files_of(("x.png", png_bytes())))
+        assert_error(r, 503, "overloaded")
+        assert r.headers["retry-after"] == "1"
+        gate.set()
+        assert first.result().status_code == 200
+        assert app.state.service.inflight == 0  # every admitted request released its place
+        assert c.post("/detect", files=files_of(("x.png", png_bytes()))).status_code == 200
+        assert_error(c.post("/detect", content=b"x", headers={"content-type": "text/plain"}), 415,
+                     "unsupported_media_type")
+        assert app.state.service.inflight == 0  # ... also the ones that failed
+
+
 def test_backend_failure_is_503_and_service_recovers(demo_artifact):
     backend = WrappedBackend(real_backend(demo_artifact))
     app = create_app(Settings(artifact=demo_artifact, warmup=False), backend=backend, configure_logs=False)
