@@ -36,8 +36,8 @@ def percentiles(values_s: list[float]) -> dict[str, float]:
     return {f"p{q}_ms": round(float(np.percentile(a, q)), 2) for q in (50, 95, 99)}
 
 
-def test_images(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
-    """Textured PNGs with a few drawn marks (deterministic): realistic entropy for decode/encode."""
+def test_images(n: int, width: int, height: int, seed: int = 0, fmt: str = "PNG") -> list[bytes]:
+    """Textured images with a drawn mark (deterministic): realistic entropy for decode/encode."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -47,7 +47,7 @@ def test_images(n: int, width: int, height: int, seed: int = 0) -> list[bytes]:
         y, x = rng.integers(0, height - 20), rng.integers(0, width - 60)
         arr[y:y + 3, x:x + 60] = 20
         buf = io.BytesIO()
-        Image.fromarray(arr).save(buf, format="PNG")
+        Image.fromarray(arr).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
         out.append(buf.getvalue())
     return out
 
@@ -125,12 +125,13 @@ class Server:
 
 
 def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int = 480, rounds: int = 3,
-              mask_format: str = "rle") -> dict:
-    """Sequential single-image /detect vs the bare ONNX encoder at batch 1, interleaved rounds."""
+              mask_format: str = "rle", fmt: str = "JPEG") -> dict:
+    """Sequential single-image /detect vs the bare ONNX encoder at batch 1, interleaved per image."""
     import httpx
 
     manifest = load_manifest(artifact)
-    images = test_images(n_images, width, height)
+    images = test_images(n_images, width, height, fmt=fmt)
+    mime = f"image/{fmt.lower()}"
     pixels = [preprocess(Image.open(io.BytesIO(b)).convert("RGB"), manifest.image_size, manifest.mean,
                          manifest.std)[None] for b in images]
     allowed = np.ones((1, len(manifest.vocabulary)), bool)
@@ -140,24 +141,24 @@ def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int 
     e2e_times: list[float] = []
     with Server(artifact) as server, httpx.Client(base_url=server.url, timeout=120) as client:
         for data in images[:2]:  # warm the server's path
-            client.post("/detect", files={"image": ("x.png", data, "image/png")}).raise_for_status()
-        for _ in range(rounds):
-            for x in pixels:
+            client.post("/detect", files={"image": ("warm", data, mime)}).raise_for_status()
+        for _ in range(rounds):  # each image: encoder then /detect, so drift hits both alike
+            for x, data in zip(pixels, images):
                 t = time.perf_counter()
                 encoder.run(x, allowed)
                 enc_times.append(time.perf_counter() - t)
-            for data in images:
                 t = time.perf_counter()
                 r = client.post("/detect", params={"mask_format": mask_format},
-                                files={"image": ("part.png", data, "image/png")})
+                                files={"image": ("part", data, mime)})
                 e2e_times.append(time.perf_counter() - t)
                 r.raise_for_status()
     enc, e2e = sum(enc_times), sum(e2e_times)
     return {"artifact": str(artifact), "image_size": manifest.image_size, "backbone": manifest.backbone.name,
-            "upload": f"{width}x{height} PNG", "requests": len(e2e_times), "mask_format": mask_format,
+            "upload": f"{width}x{height} {fmt}", "requests": len(e2e_times), "mask_format": mask_format,
             "encoder_ms_per_image": round(1000 * enc / len(enc_times), 2),
             "detect_ms_per_image": round(1000 * e2e / len(e2e_times), 2),
             "ratio_detect_over_encoder": round(e2e / enc, 3),
+            "ratio_median_of_pairs": round(float(np.median(np.array(e2e_times) / np.array(enc_times))), 3),
             "encoder": percentiles(enc_times), "detect": percentiles(e2e_times)}
 
 
@@ -206,6 +207,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--size", default="640x480", help="uploaded image size WxH")
+    p.add_argument("--format", default="JPEG", choices=["JPEG", "PNG", "BMP"], help="uploaded image format (e2e)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -217,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
                                        [int(b) for b in args.batch_sizes.split(",")], args.seconds,
                                        args.providers.split(",") if args.providers else None)
     if args.mode in ("e2e", "all"):
-        out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds)
+        out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format)
     if args.mode in ("load", "all"):
         out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h)
     print(json.dumps(out, indent=2))

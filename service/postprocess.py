@@ -126,11 +126,10 @@ def renormalised_type_scores(type_scores: np.ndarray, allowed: np.ndarray) -> np
     return scores / total if total > 0 else scores
 
 
-def label_max(values: np.ndarray, labels: np.ndarray, n_labels: int) -> np.ndarray:
-    """Max of `values` per label id 0..n_labels-1 (-inf where absent); one unbuffered pass."""
-    out = np.full(n_labels, -np.inf, dtype=np.float32)
-    np.maximum.at(out, labels.ravel(), values.ravel())
-    return out
+def masked_max(values: np.ndarray, where: np.ndarray) -> float:
+    """Max of values where `where` holds (-inf if nowhere)."""
+    picked = values[where]
+    return float(picked.max()) if picked.size else float("-inf")
 
 
 def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndarray,
@@ -140,12 +139,11 @@ def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndar
     weights = maps.pixel_weights()
     visible = weights > 0
     areas = np.bincount(maps.classes.ravel(), weights=weights.ravel(), minlength=n_classes)
-    maxima = label_max(np.where(visible, maps.anomaly, -np.inf), maps.classes, max(n_classes, int(maps.classes.max()) + 1))
     probs = renormalised_type_scores(type_scores, allowed)
     total = maps.width * maps.height
     ranked = [
         {"name": class_names[c], "score": sig(probs[c]), "area_fraction": sig(areas[c] / total),
-         "max_pixel_score": sig(maxima[c])}
+         "max_pixel_score": sig(masked_max(maps.anomaly, (maps.classes == c) & visible))}
         for c in range(1, n_classes) if areas[c] > 0
     ]
     ranked.sort(key=lambda d: (-d["score"], -d["area_fraction"]))
@@ -159,22 +157,27 @@ def present_defects(classes: np.ndarray) -> list[int]:
 
 def _class_regions(maps: ClassMaps, weights: np.ndarray, c: int, name: str, min_px: int,
                    limit: int) -> list[dict[str, Any]]:
-    """Up to `limit` components of class c covering at least min_px original pixels, best first."""
+    """Up to `limit` components of class c covering at least min_px original pixels, best first.
+
+    Each kept component's max is read inside its own bounding box, so the cost follows the
+    components' extent rather than one pass over the map per component.
+    """
     labels, n = ndimage.label(maps.classes == c, structure=_EIGHT_CONNECTED)
     if n == 0 or limit == 0:
         return []
     areas = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n + 1)
-    maxima = label_max(np.where(weights > 0, maps.anomaly, -np.inf), labels, n + 1)
-    ids = np.nonzero(areas[1:] >= max(min_px, 1))[0] + 1
-    ids = ids[np.lexsort((-areas[ids], -maxima[ids]))][:limit]  # score desc, then area desc
     boxes = ndimage.find_objects(labels)
     regions = []
-    for i in ids:
-        bbox = maps.box(*boxes[i - 1])
-        if bbox is not None:
-            regions.append({"defect_type": name, "bbox": bbox, "area_px": int(round(areas[i])),
-                            "score": sig(maxima[i])})
-    return regions
+    for i in np.nonzero(areas[1:] >= max(min_px, 1))[0] + 1:
+        rows, cols = boxes[i - 1]
+        bbox = maps.box(rows, cols)
+        if bbox is None:
+            continue
+        inside = (labels[rows, cols] == i) & (weights[rows, cols] > 0)
+        regions.append({"defect_type": name, "bbox": bbox, "area_px": int(round(areas[i])),
+                        "score": sig(masked_max(maps.anomaly[rows, cols], inside))})
+    regions.sort(key=lambda r: (-r["score"], -r["area_px"]))  # score desc, then area desc
+    return regions[:limit]
 
 
 def find_regions(maps: ClassMaps, class_names: list[str], min_px: int, max_regions: int) -> list[dict[str, Any]]:

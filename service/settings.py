@@ -44,7 +44,8 @@ class Settings(BaseSettings):
 
     # --- batching (Triton-style dynamic batching) ---------------------------------------
     max_batch_size: int = Field(default=8, ge=1, le=256)
-    max_queue_delay_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    # 0 = greedy: a batch takes what queued while the previous one ran (no added latency when idle)
+    max_queue_delay_ms: float = Field(default=0.0, ge=0.0, le=10_000.0)
     max_queue_size: int = Field(default=64, ge=1)  # images waiting; beyond it: 503 at once
     workers: int = Field(default=1, ge=1, le=64)  # inference threads (concurrent batches)
     # /detect requests in progress (reading, decoding, queued, postprocessing); beyond it 503 at once
