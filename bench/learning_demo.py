@@ -71,7 +71,9 @@ def main() -> None:
         art = bake(model, all_words, out / f"artifact_{name}", name=name, overwrite=True).folder
         for set_name, samples in sets.items():
             res = evaluate(art, samples, progress=False, use_products=False)
-            report["results"].setdefault(set_name, {})[name] = {k: round(res["mean"][k], 4) for k in KEYS}
+            fused = evaluate(art, samples, progress=False, use_products=False, image_score="global_max")
+            report["results"].setdefault(set_name, {})[name] = {k: round(res["mean"][k], 4) for k in KEYS} | {
+                "image_auroc_global_max": round(fused["mean"]["image_auroc"], 4)}
             if set_name == "zeroshot_word":
                 report["results"][set_name][name]["crack_pixel_ap"] = round(res["per_type"].get("crack", {}).get("ap", float("nan")), 4)
     report["total_seconds"] = round(time.perf_counter() - t0, 1)

@@ -91,6 +91,9 @@ class Manifest(BaseModel):
     image_threshold: float = Field(default=0.5, ge=0.0, le=1.0)
     pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     gaussian_sigma: float = Field(default=0.0, ge=0.0)
+    # "global": METHOD's image score (softmax of the global feature vs t_N / t_Abar);
+    # "global_max": its mean with the anomaly map's maximum (the AnomalyCLIP-family fusion)
+    image_score: Literal["global", "global_max"] = "global"
     files: dict[str, FileEntry]
     verification: Verification | None = None
     provenance: dict = {}

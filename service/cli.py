@@ -61,7 +61,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
             sys.exit("dapo bake: --out DIR is required")
         report = B.bake(model, words, args.out, name=args.name or Path(args.out).name, version=args.version,
                         prompts=prompts, products=products, image_threshold=args.image_threshold,
-                        gaussian_sigma=args.sigma, overwrite=args.force,
+                        gaussian_sigma=args.sigma, image_score=args.image_score, overwrite=args.force,
                         provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None})
     v = report.manifest.verification
     print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
@@ -108,7 +108,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     samples = _load_samples(args.layout, args.data, args.split)
     result = evaluate(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
-                      use_products=not args.no_products, progress=not args.quiet)
+                      use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score)
     print(format_table(result))
     write_reports(result, args.json, args.csv)
     return 0
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--products", help="JSON file {product: {defect_types, image_threshold, pixel_threshold}}")
     b.add_argument("--image-threshold", type=float, default=0.5)
     b.add_argument("--sigma", type=float, default=0.0, help="Gaussian sigma on the anomaly map (0 = off)")
+    b.add_argument("--image-score", choices=["global", "global_max"], default="global",
+                   help="global: DAPO's image score; global_max: mean with the anomaly map's max")
     b.add_argument("--out", help="artifact folder (default for --demo: model_artifacts/demo)")
     b.add_argument("--name")
     b.add_argument("--version", default="0.1.0")
@@ -254,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
     e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
+    e.add_argument("--image-score", choices=["global", "global_max"], help="override the manifest's image score")
     e.add_argument("--json", help="write the full result as JSON")
     e.add_argument("--csv", help="write the per-category table as CSV")
     e.add_argument("--quiet", action="store_true")

@@ -272,7 +272,7 @@ def postprocess(outputs: EncoderOutputs, policy: scoring.Policy, width: int, hei
                 image: Image.Image | None = None) -> dict[str, Any]:
     """Everything of one result that comes from the model (no filename, ids or timings)."""
     maps = model_maps(outputs, policy, width, height)
-    score = float(outputs.anomaly_score[0])
+    score = scoring.image_score(outputs.anomaly_score[0], maps.anomaly, policy.image_score)
     result: dict[str, Any] = {
         "width": width,
         "height": height,

@@ -27,6 +27,7 @@ class Policy:
     image_threshold: float
     pixel_threshold: float | None
     gaussian_sigma: float
+    image_score: str = "global"
 
 
 def allowed_classes(manifest: Manifest, product: str | None = None,
@@ -66,7 +67,7 @@ def policy(manifest: Manifest, product: str | None = None, defect_types: list[st
         if not 0.0 <= threshold <= 1.0:
             raise ScoringError(f"threshold must be within [0, 1], got {threshold}")
         image_thr = threshold
-    return Policy(allowed, float(image_thr), pixel_thr, manifest.gaussian_sigma)
+    return Policy(allowed, float(image_thr), pixel_thr, manifest.gaussian_sigma, manifest.image_score)
 
 
 def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
@@ -87,6 +88,20 @@ def final_type_map(type_map: np.ndarray, anomaly_map: np.ndarray, pixel_threshol
     if pixel_threshold is None:
         return type_map
     return np.where(anomaly_map >= pixel_threshold, type_map, 0).astype(np.uint8)
+
+
+def image_score(global_score: float, anomaly_map: np.ndarray, mode: str = "global") -> float:
+    """The image-level anomaly score in force.
+
+    "global" is DAPO's (abnormal probability of the global feature); "global_max" averages it
+    with the (smoothed) anomaly map's maximum, which helps when defects are too small to move
+    the global feature.
+    """
+    if mode == "global":
+        return float(global_score)
+    if mode == "global_max":
+        return 0.5 * (float(global_score) + float(np.max(anomaly_map)))
+    raise ValueError(f"unknown image score mode {mode!r}")
 
 
 def is_anomalous(score: float, threshold: float) -> bool:

@@ -5,6 +5,7 @@ import base64
 import io
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -168,3 +169,10 @@ def test_model_maps_map_every_original_pixel_once():
     maps = model_maps(outputs(np.zeros((8, 8)), np.zeros((8, 8))), policy(), 37, 5)
     assert maps.pixel_weights().sum() == 37 * 5
     assert maps.full_classes().shape == (5, 37)
+
+
+def test_fused_image_score_uses_the_maps_maximum():
+    tmap, amap = sample_maps()
+    fused = Policy(np.array((True, True, True, True)), 0.5, None, 0.0, "global_max")
+    res = postprocess(outputs(tmap, amap), fused, 16, 16, NAMES, RenderOptions())
+    assert res["anomaly_score"] == pytest.approx(0.5 * (0.8 + 0.95), abs=1e-6)

@@ -44,3 +44,19 @@ def test_smoothing_is_off_by_default_and_spreads_when_on():
     assert smooth(a, 0.0) is a
     s = smooth(a, 4.0)  # far from the border: mass kept, peak spread over ~2*pi*sigma^2 pixels
     assert s[40, 40] < 0.05 and s[40, 44] > 0 and abs(s.sum() - 1) < 1e-3
+
+
+def test_image_score_modes():
+    from service.scoring import image_score
+
+    amap = np.array([[0.1, 0.9], [0.2, 0.3]], np.float32)
+    assert image_score(0.4, amap) == pytest.approx(0.4)  # DAPO's global score by default
+    assert image_score(0.4, amap, "global_max") == pytest.approx(0.65)
+    with pytest.raises(ValueError, match="unknown image score"):
+        image_score(0.4, amap, "mean")
+
+
+def test_policy_carries_the_manifest_image_score(demo_artifact):
+    m = load_manifest(demo_artifact)
+    assert policy(m).image_score == "global"
+    assert policy(m.model_copy(update={"image_score": "global_max"})).image_score == "global_max"

@@ -104,7 +104,8 @@ def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch:
 
 def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, version: str = "0.1.0",
          prompts: str = "learned", products: dict[str, Product] | None = None, image_threshold: float = 0.5,
-         pixel_threshold: float | None = None, gaussian_sigma: float = 0.0, description: str = "",
+         pixel_threshold: float | None = None, gaussian_sigma: float = 0.0, image_score: str = "global",
+         description: str = "",
          provenance: dict | None = None, tolerance: float = TOLERANCE, overwrite: bool = False) -> BakeReport:
     """Write a verified artifact folder; nothing is left at out_dir if any step fails."""
     words = clean_vocabulary(words)
@@ -134,7 +135,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
             files.append("encoder.safetensors")
         manifest = _manifest(model, words, name, version, prompts, products or {}, image_threshold,
                              pixel_threshold, gaussian_sigma, description, provenance or {},
-                             {f: file_entry(tmp / f) for f in files})
+                             {f: file_entry(tmp / f) for f in files}, image_score)
         if unsupported:
             manifest.provenance["torch_backend"] = f"not exported: {unsupported}"
         t = time.perf_counter()
@@ -158,7 +159,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
 
 
 def _manifest(model: DapoModel, words, name, version, prompts, products, image_threshold, pixel_threshold,
-              gaussian_sigma, description, provenance, files) -> Manifest:
+              gaussian_sigma, description, provenance, files, image_score="global") -> Manifest:
     geo = model.geometry
     spec = model.config.backbone
     enc = encoder_config(model)
@@ -174,7 +175,7 @@ def _manifest(model: DapoModel, words, name, version, prompts, products, image_t
         prompts=prompts, text_mode=model.config.text_mode,
         vocabulary=[VocabEntry(id=i, name=n) for i, n in enumerate(["normal", *words])],
         products=products, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-        gaussian_sigma=gaussian_sigma, files=files, provenance=provenance,
+        gaussian_sigma=gaussian_sigma, image_score=image_score, files=files, provenance=provenance,
     )
 
 

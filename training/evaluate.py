@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from service.artifact import load_manifest
 from service.backends import create_backend
+from service.scoring import image_score as score_image
 from service.scoring import policy, smooth
 from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
 from training.metrics import binary_metrics, mean_over, multitype_pixel_metrics
@@ -44,7 +45,8 @@ class _Collector:
 
 
 def run_artifact(artifact: str | Path, samples: list[Sample], backend: str = "onnxruntime", batch_size: int = 16,
-                 sigma: float | None = None, use_products: bool = True, progress: bool = True) -> dict[str, _Collector]:
+                 sigma: float | None = None, use_products: bool = True, progress: bool = True,
+                 image_score: str | None = None) -> dict[str, _Collector]:
     folder = Path(artifact)
     manifest = load_manifest(folder)
     engine = create_backend(folder, manifest, backend=backend)
@@ -52,6 +54,7 @@ def run_artifact(artifact: str | Path, samples: list[Sample], backend: str = "on
     dataset = AnomalyDataset(samples, size=manifest.image_size, mean=manifest.mean, std=manifest.std)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     sigma = manifest.gaussian_sigma if sigma is None else sigma
+    mode = manifest.image_score if image_score is None else image_score
     per_product: dict[str, _Collector] = defaultdict(_Collector)
     index = 0
     for pixels, class_mask, labels, has_mask in tqdm(loader, desc="eval", disable=not progress, leave=False):
@@ -61,8 +64,9 @@ def run_artifact(artifact: str | Path, samples: list[Sample], backend: str = "on
                                    else None).allowed for s in batch])
         out = engine.run(pixels.numpy(), allowed, class_probs=True)
         for i, s in enumerate(batch):
-            per_product[s.product].add(int(labels[i]), float(out.anomaly_score[i]), bool(has_mask[i]),
-                                       class_mask[i].numpy(), smooth(out.anomaly_map[i], sigma), out.class_probs[i])
+            amap = smooth(out.anomaly_map[i], sigma)
+            per_product[s.product].add(int(labels[i]), score_image(out.anomaly_score[i], amap, mode),
+                                       bool(has_mask[i]), class_mask[i].numpy(), amap, out.class_probs[i])
     return per_product
 
 
