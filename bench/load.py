@@ -26,10 +26,7 @@ import argparse
 import asyncio
 import io
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -40,23 +37,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from service.local_server import Server, rss_kib
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
+    kib = rss_kib(pid)
+    return None if kib is None else kib / 1024.0
 
 
 def images() -> list[tuple[str, bytes]]:
@@ -108,43 +95,6 @@ def server_latency(metrics_text: str) -> dict:
             return None
         out["duration_histogram"] = {"count": int(total), "p50_le_ms": q(0.5), "p99_le_ms": q(0.99)}
     return out
-
-
-class ServerProcess:
-    def __init__(self, artifact: Path, port: int, env: dict[str, str], log_path: Path):
-        self.url = f"http://127.0.0.1:{port}"
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--artifact", str(artifact), "--host", "127.0.0.1",
-             "--port", str(port)], cwd=REPO,
-            env={**{k: v for k, v in os.environ.items() if k != "DAPO_API_KEYS_FILE"}, **env}, stdout=self._log, stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log: {self.log_path}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
-
-    def terminate(self, timeout: float = 60.0) -> int | None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-                self._log.close()
-                return None
-        self._log.close()
-        return self.proc.returncode
 
 
 class RssSampler(threading.Thread):
@@ -246,7 +196,7 @@ def run_load(artifact: Path | None = None, duration: float = 60.0, max_requests:
         env = {"DAPO_MAX_QUEUE_SIZE": str(queue_size), "DAPO_MAX_FILES": str(min(queue_size, 16)),
                "DAPO_MAX_BATCH_SIZE": str(max_batch_size), "DAPO_MAX_QUEUE_DELAY_MS": str(queue_delay_ms),
                "DAPO_LOG_LEVEL": "WARNING", "DAPO_WARMUP": "true", "DAPO_API_KEYS": ""}
-        server = ServerProcess(Path(artifact), free_port(), env, work / "server.log")
+        server = Server(Path(artifact), env, log_path=work / "server.log")
         failures: list[str] = []
         try:
             server.wait_ready()
@@ -268,7 +218,7 @@ def run_load(artifact: Path | None = None, duration: float = 60.0, max_requests:
                 except httpx.HTTPError:
                     ready_after = False
         finally:
-            exit_code = server.terminate()
+            exit_code = server.stop(60)
         samples = sampler.samples if "sampler" in locals() else []
         after_warmup = [mb for t, mb in samples if t >= warmup_s]
         rss_warm = after_warmup[0] if after_warmup else (samples[-1][1] if samples else None)
@@ -354,5 +304,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     sys.exit(main())

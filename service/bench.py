@@ -14,10 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
-import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +25,7 @@ from PIL import Image
 from service.artifact import load_manifest
 from service.backends import create_backend
 from service.imaging import preprocess
+from service.local_server import Server
 
 
 def percentiles(values_s: list[float]) -> dict[str, float]:
@@ -65,8 +62,11 @@ def _gpu_mem_mb() -> float | None:
 
 def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
                   seconds: float = 3.0, providers: list[str] | None = None) -> list[dict]:
+    """Throughput and latency per (backend, precision, batch); reduced precisions also report how
+    far their outputs are from ONNX Runtime fp32 on the same input."""
     manifest = load_manifest(artifact)
     s, c = manifest.image_size, len(manifest.vocabulary)
+    reference: dict[int, object] = {}
     rows = []
     for backend in backends:
         for precision in precisions if backend == "torch" else ["fp32"]:
@@ -74,54 +74,25 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
             for b in batch_sizes:
                 x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
                 allowed = np.ones((b, c), bool)
-                engine.run(x, allowed)  # warm-up (graph optimisation, cuDNN/TensorRT autotune)
+                out = engine.run(x, allowed)  # warm-up (graph optimisation, cuDNN/TensorRT autotune)
+                if backend == "onnxruntime":
+                    reference.setdefault(b, out)
                 times = []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds or len(times) < 3:
                     t = time.perf_counter()
                     engine.run(x, allowed)
                     times.append(time.perf_counter() - t)
-                rows.append({"backend": backend, "provider": engine.provider, "precision": precision, "batch": b,
-                             "img_per_s": round(b * len(times) / sum(times), 2), **percentiles(times),
-                             "gpu_mem_mb": _gpu_mem_mb()})
+                row = {"backend": backend, "provider": engine.provider, "precision": precision, "batch": b,
+                       "img_per_s": round(b * len(times) / sum(times), 2), **percentiles(times),
+                       "gpu_mem_mb": _gpu_mem_mb()}
+                ref = reference.get(b)
+                if ref is not None and ref is not out:
+                    row["max_abs_diff_vs_ort_fp32"] = {
+                        n: float(f"{np.abs(getattr(ref, n) - getattr(out, n)).max():.3g}")
+                        for n in ("anomaly_score", "type_scores", "anomaly_map")}
+                rows.append(row)
     return rows
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """`dapo serve` in a subprocess on a free loopback port (the deployment's own entry point)."""
-
-    def __init__(self, artifact: Path, env: dict[str, str] | None = None):
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        environ = os.environ | {"DAPO_ARTIFACT": str(artifact), "DAPO_HOST": "127.0.0.1",
-                                "DAPO_PORT": str(self.port), "DAPO_LOG_LEVEL": "WARNING"} | (env or {})
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=environ,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-    def __enter__(self) -> "Server":
-        import httpx
-
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read().decode()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server did not become ready")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
 
 
 def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int = 480, rounds: int = 3,

@@ -7,15 +7,8 @@ subprocess on a free 127.0.0.1 port.
 from __future__ import annotations
 
 import io
-import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
-import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -151,69 +144,6 @@ def assert_ok_or_client_error(response) -> None:
     assert_envelope(response)
 
 
-# --- a real server ------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# --- a real server: the shared loopback launcher ------------------------------------------
+from service.local_server import Server, free_port, rss_kib  # noqa: E402,F401
 
-
-def rss_kib(pid: int) -> int:
-    """VmRSS of a process in KiB (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
-
-
-class Server:
-    """`dapo serve` in a subprocess on 127.0.0.1; `env` adds DAPO_* settings."""
-
-    def __init__(self, artifact: Path, env: dict[str, str] | None = None, port: int | None = None,
-                 log_path: Path | None = None):
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        full_env = {**os.environ, "DAPO_WARMUP": "true", **(env or {})}
-        self.log_path = log_path
-        self._log = open(log_path, "wb") if log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--artifact", str(artifact), "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            env=full_env, stdout=self._log, stderr=subprocess.STDOUT if log_path else subprocess.PIPE)
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def wait_ready(self, timeout: float = 60.0) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode} before ready")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server not ready in time")
-
-    def stop(self, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        if self._log is not subprocess.DEVNULL:
-            self._log.close()
-        return self.proc.returncode
-
-    def __enter__(self) -> "Server":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import sys
-import threading
 import tomllib
 import uuid
 from pathlib import Path
