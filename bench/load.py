@@ -93,7 +93,8 @@ def server_latency(metrics_text: str) -> dict:
                 if count >= p * total:
                     return None if le == float("inf") else round(le * 1000, 1)
             return None
-        out["duration_histogram"] = {"count": int(total), "p50_le_ms": q(0.5), "p99_le_ms": q(0.99)}
+        out.setdefault("duration_histogram", {})[status] = {"count": int(total), "p50_le_ms": q(0.5),
+                                                            "p99_le_ms": q(0.99)}
     return out
 
 
@@ -184,7 +185,7 @@ async def drive(url: str, duration: float, max_requests: int, concurrency: int, 
 def run_load(artifact: Path | None = None, duration: float = 60.0, max_requests: int = 1_000_000,
              concurrency: int = 64, queue_size: int = 8, max_batch_size: int = 4, queue_delay_ms: float = 5.0,
              warmup_s: float = 10.0, rss_growth_mb: float = 50.0, request_timeout: float = 30.0,
-             workdir: Path | None = None) -> dict:
+             workdir: Path | None = None, max_inflight: int = 16) -> dict:
     """Run one load test and return the report (with `ok` and `failures`)."""
     tmp = tempfile.TemporaryDirectory(prefix="dapo-load-") if workdir is None else None
     work = Path(tmp.name) if tmp else Path(workdir)
@@ -195,7 +196,8 @@ def run_load(artifact: Path | None = None, duration: float = 60.0, max_requests:
             artifact = bake_demo(work / "demo").folder
         env = {"DAPO_MAX_QUEUE_SIZE": str(queue_size), "DAPO_MAX_FILES": str(min(queue_size, 16)),
                "DAPO_MAX_BATCH_SIZE": str(max_batch_size), "DAPO_MAX_QUEUE_DELAY_MS": str(queue_delay_ms),
-               "DAPO_LOG_LEVEL": "WARNING", "DAPO_WARMUP": "true", "DAPO_API_KEYS": ""}
+               "DAPO_LOG_LEVEL": "WARNING", "DAPO_WARMUP": "true", "DAPO_API_KEYS": "",
+               "DAPO_MAX_INFLIGHT_REQUESTS": str(max_inflight)}
         server = Server(Path(artifact), env, log_path=work / "server.log")
         failures: list[str] = []
         try:
@@ -227,7 +229,8 @@ def run_load(artifact: Path | None = None, duration: float = 60.0, max_requests:
         report = {
             "config": {"duration_s": duration, "max_requests": max_requests, "concurrency": concurrency,
                        "max_queue_size": queue_size, "max_batch_size": max_batch_size,
-                       "max_queue_delay_ms": queue_delay_ms, "warmup_s": warmup_s, "rss_growth_bound_mb": rss_growth_mb},
+                       "max_queue_delay_ms": queue_delay_ms, "max_inflight_requests": max_inflight,
+                       "warmup_s": warmup_s, "rss_growth_bound_mb": rss_growth_mb},
             **load,
             "server_side": server_side,
             "rss_mb": {"start": round(rss_start, 1) if rss_start else None, "after_warmup": rss_warm,
@@ -288,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue-size", type=int, default=8, help="server DAPO_MAX_QUEUE_SIZE (small: saturate)")
     p.add_argument("--max-batch-size", type=int, default=4)
     p.add_argument("--queue-delay-ms", type=float, default=5.0)
+    p.add_argument("--max-inflight", type=int, default=16, help="server DAPO_MAX_INFLIGHT_REQUESTS (admission)")
     p.add_argument("--warmup-s", type=float, default=10.0, help="RSS baseline is taken after this many seconds")
     p.add_argument("--rss-growth-mb", type=float, default=50.0, help="fail if RSS grows more after warm-up")
     p.add_argument("--json", type=Path, help="also write the report here")
@@ -295,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration <= 0 or args.duration > 3600 or args.max_requests <= 0:
         p.error("--duration must be in (0, 3600] and --max-requests positive")
     report = run_load(args.artifact, args.duration, args.max_requests, args.concurrency, args.queue_size,
-                      args.max_batch_size, args.queue_delay_ms, args.warmup_s, args.rss_growth_mb)
+                      args.max_batch_size, args.queue_delay_ms, args.warmup_s, args.rss_growth_mb,
+                      max_inflight=args.max_inflight)
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

@@ -42,7 +42,7 @@ def build_backend(folder: Path, manifest: Manifest, settings: Settings) -> Backe
 
     return create_backend(folder, manifest, backend=settings.backend, providers=settings.providers,
                           trt_cache_dir=settings.trt_cache_dir, device=settings.device,
-                          precision=settings.precision)
+                          precision=settings.precision, io_binding=settings.ort_io_binding)
 
 
 def warm_up(backend: Backend, manifest: Manifest, batch_sizes: list[int]) -> None:

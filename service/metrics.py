@@ -24,8 +24,8 @@ class Metrics:
         r = self.registry
         self.requests = Counter("dapo_requests_total", "HTTP requests by endpoint, method and status",
                                 ["endpoint", "method", "status"], registry=r)
-        self.latency = Histogram("dapo_request_duration_seconds", "HTTP request latency",
-                                 ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.latency = Histogram("dapo_request_duration_seconds", "HTTP request latency by endpoint and status",
+                                 ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("dapo_queue_wait_seconds", "Time an image waited for its batch to start",
                                     buckets=QUEUE_BUCKETS, registry=r)
         self.inference = Histogram("dapo_inference_seconds", "Backend time per batch",
@@ -51,7 +51,7 @@ class Metrics:
     # --- HTTP hooks ---------------------------------------------------------------------
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
-        self.latency.labels(endpoint).observe(seconds)
+        self.latency.labels(endpoint, str(status)).observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""

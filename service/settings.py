@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     # Execution providers in preference order (e.g. TensorRT,CUDA,CPU); None = backend's choice.
     providers: Annotated[list[str] | None, NoDecode] = None
     trt_cache_dir: str | None = None
+    ort_io_binding: bool | None = None  # ONNX Runtime I/O binding; None = on for CUDA/TensorRT, off on CPU
     device: str | None = None  # torch backend: "cuda", "cuda:1", "cpu"; None = cuda if available
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # torch backend compute precision
     warmup: bool = True
@@ -85,7 +86,7 @@ class Settings(BaseSettings):
     def _empty_providers_is_auto(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
-    @field_validator("api_keys_file", "trt_cache_dir", "device", mode="before")
+    @field_validator("api_keys_file", "trt_cache_dir", "device", "ort_io_binding", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`DAPO_API_KEYS_FILE=` (empty) means no file, not the current directory."""

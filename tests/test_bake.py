@@ -128,3 +128,17 @@ def test_cli_demo_bake_prints_figures(tmp_path, capsys):
     assert main(["bake", "--demo", "--out", str(tmp_path / "demo")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["parity_max_abs_diff"] < 1e-4 and report["bytes"]["encoder.onnx"] > 0
+
+
+def test_io_binding_path_gives_the_same_outputs(demo_artifact):
+    """The I/O-binding path (default on CUDA/TensorRT) run here on the CPU EP: same numbers."""
+    m = load_manifest(demo_artifact)
+    pixels, allowed = _inputs(m, 3, seed=11)
+    plain = create_backend(demo_artifact, m, "onnxruntime", io_binding=False)
+    bound = create_backend(demo_artifact, m, "onnxruntime", io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    for probs in (False, True):
+        a, b = plain.run(pixels, allowed, class_probs=probs), bound.run(pixels, allowed, class_probs=probs)
+        assert (b.class_probs is None) is (not probs)
+        for name in ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
