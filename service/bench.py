@@ -96,7 +96,7 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
 
 
 def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int = 480, rounds: int = 3,
-              mask_format: str = "rle", fmt: str = "JPEG") -> dict:
+              mask_format: str = "rle", fmt: str = "JPEG", server_env: dict[str, str] | None = None) -> dict:
     """Sequential single-image /detect vs the bare ONNX encoder at batch 1, interleaved per image."""
     import httpx
 
@@ -106,11 +106,14 @@ def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int 
     pixels = [preprocess(Image.open(io.BytesIO(b)).convert("RGB"), manifest.image_size, manifest.mean,
                          manifest.std)[None] for b in images]
     allowed = np.ones((1, len(manifest.vocabulary)), bool)
-    encoder = create_backend(artifact, manifest, backend="onnxruntime")
+    env = server_env or {}
+    # the bare encoder is the same backend the server runs (DAPO_BACKEND / DAPO_PRECISION)
+    encoder = create_backend(artifact, manifest, backend=env.get("DAPO_BACKEND", "onnxruntime"),
+                             precision=env.get("DAPO_PRECISION", "fp32"))
     encoder.run(pixels[0], allowed)
     enc_times: list[float] = []
     e2e_times: list[float] = []
-    with Server(artifact) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+    with Server(artifact, env) as server, httpx.Client(base_url=server.url, timeout=120) as client:
         for data in images[:2]:  # warm the server's path
             client.post("/detect", files={"image": ("warm", data, mime)}).raise_for_status()
         for _ in range(rounds):  # each image: encoder then /detect, so drift hits both alike
@@ -134,12 +137,12 @@ def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int 
 
 
 def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width: int = 640,
-               height: int = 480) -> dict:
+               height: int = 480, server_env: dict[str, str] | None = None) -> dict:
     """Images/s end to end with concurrent single-image clients (micro-batching at work)."""
     import httpx
 
     images = test_images(8, width, height)
-    with Server(artifact) as server, httpx.Client(base_url=server.url, timeout=300,
+    with Server(artifact, server_env) as server, httpx.Client(base_url=server.url, timeout=300,
                                                   limits=httpx.Limits(max_connections=concurrency)) as client:
         def one(i: int) -> tuple[float, int]:
             t = time.perf_counter()
@@ -179,10 +182,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--size", default="640x480", help="uploaded image size WxH")
     p.add_argument("--format", default="JPEG", choices=["JPEG", "PNG", "BMP"], help="uploaded image format (e2e)")
+    p.add_argument("--server-env", action="append", default=[], metavar="DAPO_KEY=VALUE",
+                   help="settings of the served process for e2e/load (repeatable), e.g. DAPO_BACKEND=torch")
 
 
 def run(args: argparse.Namespace) -> int:
     w, h = (int(v) for v in args.size.lower().split("x"))
+    server_env = dict(item.split("=", 1) for item in args.server_env)
     artifact = Path(args.artifact)
     out: dict = {}
     if args.mode in ("encoder", "all"):
@@ -190,9 +196,9 @@ def run(args: argparse.Namespace) -> int:
                                        [int(b) for b in args.batch_sizes.split(",")], args.seconds,
                                        args.providers.split(",") if args.providers else None)
     if args.mode in ("e2e", "all"):
-        out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format)
+        out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format, server_env=server_env)
     if args.mode in ("load", "all"):
-        out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h)
+        out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h, server_env=server_env)
     print(json.dumps(out, indent=2))
     return 0
 
