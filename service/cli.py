@@ -153,14 +153,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from training.bake import bake_demo
 
         bake_demo(artifact)
-    if getattr(args, "ray", False):  # the same app as N Ray Serve replicas (the `ray` extra)
+    if args.ray:  # the same app as N Ray Serve replicas (the `ray` extra)
         from service.ray_serve import serve_forever
 
         return serve_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
     from service.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=settings.graceful_timeout_s if hasattr(settings, "graceful_timeout_s") else 30)
+                timeout_graceful_shutdown=settings.graceful_timeout_s)
     return 0
 
 
