@@ -1,7 +1,9 @@
-"""`dapo serve` as a child process on a free loopback port: for benchmarks and tests.
+"""The service on a free loopback port, for benchmarks and tests.
 
-The real entry point (``python -m service.cli serve``) with DAPO_* settings from ``env``, so
-what is measured or tested is what a deployment runs.
+`Server` runs the real entry point (``python -m service.cli serve``) as a child process with
+DAPO_* settings from ``env``, so what is measured or tested is what a deployment runs;
+`serve_in_thread` runs an app object under uvicorn in this process (for tests that need to
+reach into the app). Both wait on /readyz with `wait_ready`.
 """
 from __future__ import annotations
 
@@ -10,7 +12,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -29,6 +34,45 @@ def rss_kib(pid: int) -> int | None:
     except (FileNotFoundError, ProcessLookupError):
         return None
     return None
+
+
+def wait_ready(url: str, timeout: float = 120.0, alive: Callable[[], str | None] | None = None) -> None:
+    """Poll `url`/readyz until 200; `alive` returns why the server is gone (None while it runs)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gone = alive() if alive else None
+        if gone:
+            raise RuntimeError(gone)
+        try:
+            if httpx.get(url + "/readyz", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
+
+
+@contextmanager
+def serve_in_thread(app, timeout: float = 60.0) -> Iterator[str]:
+    """Run `app` under uvicorn in a thread on a free port; yields its base URL once ready."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
+                                           log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout, alive=lambda: None if thread.is_alive() else "server thread exited")
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        if thread.is_alive():
+            raise RuntimeError("the in-thread server did not stop within 30 s")
 
 
 class Server:
@@ -52,21 +96,14 @@ class Server:
         return self.proc.pid
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        import httpx
+        def gone() -> str | None:
+            if self.proc.poll() is None:
+                return None
+            detail = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else \
+                f"log: {self.log_path}"
+            return f"server exited with {self.proc.returncode} before ready: {detail}"
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                detail = self.proc.stderr.read().decode(errors="replace")[-2000:] if self.proc.stderr else \
-                    f"log: {self.log_path}"
-                raise RuntimeError(f"server exited with {self.proc.returncode} before ready: {detail}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError("server not ready in time")
+        wait_ready(self.url, timeout, gone)
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM (graceful: in-flight requests finish), kill after `timeout`; the exit status."""

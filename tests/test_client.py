@@ -8,23 +8,21 @@ from __future__ import annotations
 import email.utils
 import io
 import json
-import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from PIL import Image
 
 from service.app import create_app
 from service.cli import main as cli_main
 from service.client import DapoClient, DapoClientError, retry_after_seconds
+from service.local_server import serve_in_thread
 from service.settings import Settings
 
 API_KEY = "client-test-key"
@@ -37,28 +35,14 @@ def png_bytes(seed: int = 0, w: int = 64, h: int = 48) -> bytes:
     return buf.getvalue()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def live_url(demo_artifact):
-    """The real app on a real socket: uvicorn.Server in a thread, API key required."""
-    port = free_port()
-    settings = Settings(artifact=demo_artifact, api_keys=[API_KEY], max_batch_size=4, host="127.0.0.1", port=port)
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, configure_logs=False), host="127.0.0.1",
-                                           port=port, log_config=None, lifespan="on"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    with DapoClient(url) as probe:
-        assert probe.wait_ready(timeout=60), "live server did not become ready"
-    yield url
-    server.should_exit = True
-    thread.join(timeout=30)
-    assert not thread.is_alive()
+    """The real app on a real socket (uvicorn in a thread), API key required."""
+    settings = Settings(artifact=demo_artifact, api_keys=[API_KEY], max_batch_size=4)
+    with serve_in_thread(create_app(settings, configure_logs=False)) as url:
+        with DapoClient(url) as probe:
+            assert probe.ready() and probe.wait_ready(timeout=5)
+        yield url
 
 
 @pytest.fixture

@@ -15,11 +15,9 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 import httpx
@@ -29,6 +27,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from service.local_server import free_port, wait_ready
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -296,12 +295,6 @@ def test_serving_images_declare_their_command_and_health():
 
 
 # --- the CPU image's command, run here --------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def image_process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
     """What the container would see: the image's ENV (plus our overrides), the Python of this
     environment on PATH, and stubs that make every package the image lacks fail to import."""
@@ -328,16 +321,8 @@ def test_cpu_image_command_serves_the_demo_artifact_and_stops_cleanly(demo_artif
     proc = subprocess.Popen(argv, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"`{' '.join(argv)}` exited with {proc.returncode}:\n{proc.stdout.read()}"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready after 60 s"
-            time.sleep(0.1)
+        wait_ready(url, 60, alive=lambda: None if proc.poll() is None else
+                   f"`{' '.join(argv)}` exited with {proc.returncode}:\n{proc.stdout.read()}")
         # the image's HEALTHCHECK command agrees
         health = subprocess.run(healthcheck_cmd(ROOT / "docker" / "Dockerfile.cpu"), env=env, cwd=workdir,
                                 check=False, capture_output=True, timeout=30)

@@ -15,9 +15,6 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -26,6 +23,7 @@ import pytest
 from PIL import Image
 
 from service.app import create_app
+from service.local_server import serve_in_thread
 from service.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -59,32 +57,9 @@ def part_image(w: int = W, h: int = H) -> bytes:
 # --- a real server ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(demo_artifact):
-    import uvicorn
-
     settings = Settings(artifact=demo_artifact, api_keys=API_KEY, max_queue_delay_ms=1.0)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(create_app(settings, configure_logs=False), log_config=None, log_level="warning",
-                            lifespan="on")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    else:
-        pytest.fail("server did not become ready")
-    yield base
-    srv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with serve_in_thread(create_app(settings, configure_logs=False)) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")

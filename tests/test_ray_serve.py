@@ -12,8 +12,6 @@ Ray's own start-up).
 from __future__ import annotations
 
 import io
-import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -29,6 +27,7 @@ import ray
 
 from service.app import create_app
 from service.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
+from service.local_server import free_port, wait_ready
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,11 +50,6 @@ def comparable(result: dict) -> dict:
     return {k: v for k, v in result.items() if k != "timing_ms"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def settings(demo_artifact) -> Settings:
@@ -70,14 +64,7 @@ def ray_url(settings):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # serve.run returns once replicas are up; the proxy may lag
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+        wait_ready(url, 30)  # serve.run returns once replicas are up; the proxy may lag
         yield url
     finally:
         serve.shutdown()
