@@ -287,3 +287,15 @@ def test_folder_bad_layouts(tmp_path):
     with pytest.raises(DataLayoutError) as e:
         load_folder(tmp_path / "m")
     assert "mvtec" in str(e.value).lower()
+
+
+def test_json_indexes_that_are_not_objects_name_the_file(tmp_path):
+    from training.data.common import DataLayoutError, read_json
+
+    path = tmp_path / "meta.json"
+    path.write_text("[1, 2]")
+    with pytest.raises(DataLayoutError, match=r"meta\.json: expected a JSON object, got list"):
+        read_json(path, "meta.json")
+    path.write_text("{broken")
+    with pytest.raises(DataLayoutError, match=r"meta\.json: invalid JSON"):
+        read_json(path, "meta.json")

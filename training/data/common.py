@@ -20,6 +20,7 @@ anything becomes an integer (the reference cast to int first and lost soft edges
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -111,6 +112,19 @@ def require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DataLayoutError(path, f"missing folder ({what})")
     return path
+
+
+def read_json(path: Path, what: str) -> dict:
+    """A data set's JSON index (an object); missing or malformed -> DataLayoutError naming the file."""
+    if not path.is_file():
+        raise DataLayoutError(path, f"missing {what}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataLayoutError(path, f"invalid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise DataLayoutError(path, f"expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("_mask", "")) -> Path | None:

@@ -13,11 +13,10 @@ specie_name ('', 'anomaly', 'bad', 'defect') has an unknown type.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .common import DataLayoutError, Sample, UNKNOWN_DEFECT, require_dir
+from .common import DataLayoutError, Sample, UNKNOWN_DEFECT, read_json, require_dir
 from .vocab import (
     MAD, MPDD, MVTEC, REALIAD, VISA, DefectTable, Vocabulary, folder_table, get_table, word_form,
 )
@@ -61,12 +60,7 @@ def load_meta_json(
     """Samples of ``split`` ('train' | 'test' | 'all') listed in meta.json."""
     root = require_dir(Path(root), "data set root")
     mpath = Path(meta_path) if meta_path is not None else root / "meta.json"
-    if not mpath.is_file():
-        raise DataLayoutError(mpath, "missing meta.json")
-    try:
-        meta = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataLayoutError(mpath, f"invalid JSON: {exc}") from None
+    meta = read_json(mpath, "meta.json")
     splits = ("train", "test") if split == "all" else (split,)
     want = set(classes) if classes is not None else None
     items: list[tuple[str, dict]] = []

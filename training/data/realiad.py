@@ -14,11 +14,10 @@ Masks are read as "non-zero = defect".
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
-from .common import DataLayoutError, Sample, UNKNOWN_DEFECT, require_dir
+from .common import DataLayoutError, Sample, UNKNOWN_DEFECT, read_json, require_dir
 from .vocab import REALIAD, Vocabulary
 
 
@@ -55,12 +54,7 @@ def load_realiad(
     splits = ("train", "test") if split == "all" else (split,)
     samples: list[Sample] = []
     for jf in files:
-        if not jf.is_file():
-            raise DataLayoutError(jf, "missing category JSON")
-        try:
-            data = json.loads(jf.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataLayoutError(jf, f"invalid JSON: {exc}") from None
+        data = read_json(jf, "category JSON")
         meta = data.get("meta", {}) or {}
         prefix = meta.get("prefix", "") or ""
         normal = str(meta.get("normal_class", "OK")).lower()
