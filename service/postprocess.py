@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -77,6 +78,7 @@ class ClassMaps:
     def height(self) -> int:
         return len(self.src_y)
 
+    @cached_property
     def pixel_weights(self) -> np.ndarray:
         """(S, S) number of original pixels each model pixel covers (0 when downsampling skips it)."""
         sh, sw = self.classes.shape
@@ -136,7 +138,7 @@ def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndar
                       class_names: list[str]) -> list[dict[str, Any]]:
     """Defect types with pixels at the original resolution, most likely first (score, then area)."""
     n_classes = len(class_names)
-    weights = maps.pixel_weights()
+    weights = maps.pixel_weights
     visible = weights > 0
     areas = np.bincount(maps.classes.ravel(), weights=weights.ravel(), minlength=n_classes)
     probs = renormalised_type_scores(type_scores, allowed)
@@ -187,7 +189,7 @@ def find_regions(maps: ClassMaps, class_names: list[str], min_px: int, max_regio
     model size, nearest upsampling keeps 8-connectivity, so these are exactly the components of
     the returned mask; for smaller uploads, model pixels no original pixel maps to are ignored.
     """
-    weights = maps.pixel_weights()
+    weights = maps.pixel_weights
     regions: list[dict[str, Any]] = []
     for c in present_defects(maps.classes):
         regions += _class_regions(maps, weights, c, class_names[c], min_px, max_regions)

@@ -167,7 +167,7 @@ def test_stats_and_regions_are_exact_at_the_original_resolution():
 
 def test_model_maps_map_every_original_pixel_once():
     maps = model_maps(outputs(np.zeros((8, 8)), np.zeros((8, 8))), policy(), 37, 5)
-    assert maps.pixel_weights().sum() == 37 * 5
+    assert maps.pixel_weights.sum() == 37 * 5
     assert maps.full_classes().shape == (5, 37)
 
 
