@@ -7,6 +7,8 @@ An artifact is a self-describing folder (like a Triton model repository entry):
                                 "abnormal_feature" (D,) the generic abnormal feature t_Abar
     encoder.onnx                image encoder + visual prompts + adapters + scoring head
     encoder.safetensors         the same weights for the PyTorch backend (no pickle)
+    encoder_fp16.onnx           optional (`dapo bake --fp16`): the ONNX graph with fp16 compute
+                                for ONNX Runtime on a GPU; same inputs and outputs (dtypes too)
 
 Both encoder files implement one contract (see `service.backends.base`): inputs
 `pixel_values` (B, 3, S, S) float32 and `allowed` (B, C) bool; outputs `anomaly_score`,
@@ -68,6 +70,16 @@ class Verification(BaseModel):
     type_map_mismatch_fraction: float
     tolerance: float
     passed: bool
+    type_map_tolerance: float = 1e-3  # largest type_map_mismatch_fraction that passes
+    # fp16: a type-map pixel whose class differs from the reference's counts only if the reference
+    # probability of the class picked is more than this below the reference winner's (smaller
+    # gaps are near-ties, decided by rounding); 0 = every differing pixel counts
+    type_map_tie_margin: float = 0.0
+    type_map_flips_at_ties: float | None = None  # fraction of pixels that differ at near-ties (not counted)
+
+
+ONNX_PRECISIONS = ("fp32", "fp16")
+DEFAULT_ONNX = {"fp32": "encoder.onnx"}  # manifests written before `onnx_encoders` existed
 
 
 class Manifest(BaseModel):
@@ -95,7 +107,10 @@ class Manifest(BaseModel):
     # "global_max": its mean with the anomaly map's maximum (the AnomalyCLIP-family fusion)
     image_score: Literal["global", "global_max"] = "global"
     files: dict[str, FileEntry]
+    # ONNX encoder file per precision; {} (manifests older than fp16 export) means fp32 only
+    onnx_encoders: dict[Literal["fp32", "fp16"], str] = {}
     verification: Verification | None = None
+    verification_fp16: Verification | None = None  # encoder_fp16.onnx vs the fp32 model
     provenance: dict = {}
 
     @model_validator(mode="after")
@@ -112,7 +127,14 @@ class Manifest(BaseModel):
             unknown = set(prod.defect_types or []) - set(names[1:])
             if unknown:
                 raise ValueError(f"product {pname!r} names unknown defect types {sorted(unknown)}")
+        unlisted = {f for f in self.onnx_encoders.values() if f not in self.files}
+        if unlisted:
+            raise ValueError(f"onnx_encoders names files missing from files: {sorted(unlisted)}")
         return self
+
+    def onnx_file(self, precision: str = "fp32") -> str | None:
+        """The ONNX encoder file for a precision, or None if this artifact has none."""
+        return (self.onnx_encoders or DEFAULT_ONNX).get(precision)
 
     def encoder_config(self) -> dict:
         """Geometry for the plain-PyTorch encoder (service.backends.torch_model)."""

@@ -1,7 +1,8 @@
 """`dapo bench`: speed figures for an artifact, printed as JSON (benchmarks, never tests).
 
-- ``encoder``: the bare backend (ONNX Runtime / torch, fp32 / fp16 / bf16) swept over batch
-  sizes: images/s, per-batch latency p50/p95/p99, peak GPU memory where there is a GPU.
+- ``encoder``: the bare backend (ONNX Runtime fp32 / fp16, torch fp32 / fp16 / bf16) swept over
+  batch sizes: images/s, per-batch latency p50/p95/p99, peak GPU memory where there is a GPU.
+  ONNX Runtime fp16 runs encoder_fp16.onnx, present when the artifact was baked with --fp16.
 - ``e2e``: POST /detect on a real server process (uvicorn, default settings) against the bare
   ONNX encoder on the same images in the same run, one image at a time: the ratio is what the
   service costs on top of the model (decode, preprocess, batching, postprocess, JSON, HTTP).
@@ -63,19 +64,21 @@ def _gpu_mem_mb() -> float | None:
 def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
                   seconds: float = 3.0, providers: list[str] | None = None) -> list[dict]:
     """Throughput and latency per (backend, precision, batch); reduced precisions also report how
-    far their outputs are from ONNX Runtime fp32 on the same input."""
+    far their outputs are from ONNX Runtime fp32 on the same input (when that ran first: list
+    onnxruntime first in `backends`). ONNX Runtime runs fp32 and fp16 (the artifact's
+    encoder_fp16.onnx; skipped with a note on stderr if it has none), never bf16."""
     manifest = load_manifest(artifact)
     s, c = manifest.image_size, len(manifest.vocabulary)
     reference: dict[int, object] = {}
     rows = []
     for backend in backends:
-        for precision in precisions if backend == "torch" else ["fp32"]:
+        for precision in _precisions_for(backend, precisions, manifest):
             engine = create_backend(artifact, manifest, backend=backend, providers=providers, precision=precision)
             for b in batch_sizes:
                 x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
                 allowed = np.ones((b, c), bool)
                 out = engine.run(x, allowed)  # warm-up (graph optimisation, cuDNN/TensorRT autotune)
-                if backend == "onnxruntime":
+                if backend == "onnxruntime" and precision == "fp32":
                     reference.setdefault(b, out)
                 times = []
                 start = time.perf_counter()
@@ -93,6 +96,20 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
                         for n in ("anomaly_score", "type_scores", "anomaly_map")}
                 rows.append(row)
     return rows
+
+
+def _precisions_for(backend: str, precisions: list[str], manifest) -> list[str]:
+    """What this backend runs of the requested precisions: torch all of them; ONNX Runtime always
+    fp32 (the reference the others are compared with), then fp16 if requested and baked."""
+    if backend != "onnxruntime":
+        return list(precisions)
+    if "fp16" not in precisions:
+        return ["fp32"]
+    if manifest.onnx_file("fp16") is None:
+        print("dapo bench: onnxruntime fp16 skipped: the artifact has no encoder_fp16.onnx (bake it with --fp16)",
+              file=sys.stderr)
+        return ["fp32"]
+    return ["fp32", "fp16"]
 
 
 def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int = 480, rounds: int = 3,
@@ -172,7 +189,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", required=True)
     p.add_argument("--mode", choices=["encoder", "e2e", "load", "all"], default="all")
     p.add_argument("--backends", default="onnxruntime,torch")
-    p.add_argument("--precisions", default="fp32", help="torch precisions: fp32,fp16,bf16")
+    p.add_argument("--precisions", default="fp32",
+                   help="comma list of fp32,fp16,bf16 for torch; onnxruntime always runs fp32, and fp16 "
+                        "(encoder_fp16.onnx, from `dapo bake --fp16`) when listed")
     p.add_argument("--batch-sizes", default="1,2,4,8")
     p.add_argument("--providers", help="ORT execution providers, comma list (default: best available)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per encoder configuration")

@@ -36,7 +36,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
     from training import bake as B
 
     if args.demo:
-        report = B.bake_demo(args.out or DEFAULT_ARTIFACT, overwrite=True)
+        report = B.bake_demo(args.out or DEFAULT_ARTIFACT, overwrite=True, fp16=args.fp16)
     else:
         products = {k: Product(**v) for k, v in json.loads(Path(args.products).read_text()).items()} \
             if args.products else {}
@@ -62,12 +62,16 @@ def cmd_bake(args: argparse.Namespace) -> int:
         report = B.bake(model, words, args.out, name=args.name or Path(args.out).name, version=args.version,
                         prompts=prompts, products=products, image_threshold=args.image_threshold,
                         gaussian_sigma=args.sigma, image_score=args.image_score, overwrite=args.force,
-                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None})
-    v = report.manifest.verification
+                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, fp16=args.fp16)
+    v, v16 = report.manifest.verification, report.manifest.verification_fp16
+    fp16 = {} if v16 is None else {"fp16_max_abs_diff": max(v16.max_abs_diff.values()),
+                                   "fp16_type_map_mismatch": v16.type_map_mismatch_fraction,
+                                   "fp16_type_map_flips_at_ties": v16.type_map_flips_at_ties,
+                                   "fp16_tolerance": v16.tolerance}
     print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
                       "bytes": report.sizes, "classes": report.manifest.class_names,
                       "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
-                      "tolerance": v.tolerance}, indent=2))
+                      "tolerance": v.tolerance, **fp16}, indent=2))
     return 0
 
 
@@ -226,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--name")
     b.add_argument("--version", default="0.1.0")
     b.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    b.add_argument("--fp16", action="store_true",
+                   help="also write encoder_fp16.onnx (fp16 compute, fp32 inputs/outputs) for ONNX Runtime on a GPU "
+                        "(DAPO_PRECISION=fp16); checked against the fp32 model with fp16 tolerances")
     b.set_defaults(func=cmd_bake)
 
     t = sub.add_parser("train", help="learn DAPO prompts and adapters (CLIP frozen)")

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     trt_cache_dir: str | None = None
     ort_io_binding: bool | None = None  # ONNX Runtime I/O binding; None = on for CUDA/TensorRT, off on CPU
     device: str | None = None  # torch backend: "cuda", "cuda:1", "cpu"; None = cuda if available
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # torch backend compute precision
+    # torch backend: compute dtype. onnxruntime: which graph, fp32 = encoder.onnx, fp16 =
+    # encoder_fp16.onnx (baked with `dapo bake --fp16`; fp32 inputs/outputs); bf16 is torch-only.
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     warmup: bool = True
 
     # --- batching (Triton-style dynamic batching) ---------------------------------------

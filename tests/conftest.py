@@ -22,3 +22,11 @@ def tiny_model():
     from training.bake import demo_model
 
     return demo_model()
+
+
+@pytest.fixture(scope="session")
+def fp16_artifact(tmp_path_factory) -> Path:
+    """The demo artifact baked with `--fp16`: encoder_fp16.onnx beside the fp32 files."""
+    from training.bake import bake_demo
+
+    return bake_demo(tmp_path_factory.mktemp("artifacts") / "demo16", fp16=True).folder

@@ -5,13 +5,20 @@ them for every image). The image side is exported twice (ONNX, plain-torch safet
 bake checks its own work: the training model, ONNX Runtime and the service's torch encoder
 run the same inputs, and bake fails if any output differs by more than the tolerance.
 
+With `fp16=True` (`dapo bake --fp16`) bake also writes `encoder_fp16.onnx` (fp16 compute for
+ONNX Runtime on a GPU, fp32 inputs/outputs) and checks it the same way against the fp32 model,
+through the service's ONNX Runtime backend on the CPU provider, with fp16 tolerances.
+
 Re-baking a learned checkpoint with a longer vocabulary needs no training: a defect word the
 prompts never saw gets its own class id, features and masks (the paper's zero-shot claim).
 """
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,12 +33,20 @@ from service.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verif
 from service.backends import create_backend
 from service.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
-from training.export import (ExportModule, encoder_config, export_onnx, export_safetensors,
+from training.export import (ExportModule, encoder_config, export_onnx, export_onnx_fp16, export_safetensors,
                              torch_export_supported)
 from training.model import DapoConfig, DapoModel
 from training.prompts import abnormal_feature, handcrafted_text_features
 
 TOLERANCE = 1e-4
+TYPE_MAP_TOLERANCE = 1e-3
+# encoder_fp16.onnx vs the fp32 model (ORT CPU provider; random weights, so not the final word
+# for trained ones). Max abs diff over all outputs measured: demo (dapo-tiny@112) 6.2e-4,
+# dapo-tiny-b@84 5.9e-4, @168 6.8e-4, ViT-B/16@224 6.7e-4, ViT-L/14@336 6.9e-4, @518 7.5e-4,
+# always in anomaly_map; type-map pixels that flipped were all near-ties (0.04-0.6 %).
+FP16_TOLERANCE = 1e-2
+FP16_TYPE_MAP_TOLERANCE = 1e-3  # beyond near-ties (see verify_fp16_export)
+FP16_ONNX = "encoder_fp16.onnx"
 DEMO_IMAGE_SIZE = 112
 DEMO_VOCAB = ["scratch", "hole", "crack", "contamination", "bent", "discoloration"]
 DEMO_PRODUCTS = {
@@ -79,16 +94,47 @@ def _compare(ref: EncoderOutputs, other: EncoderOutputs) -> tuple[dict[str, floa
     return diffs, mismatch
 
 
-@torch.no_grad()
-def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch: int = 2, seed: int = 0,
-                  tolerance: float = TOLERANCE, backends: tuple[str, ...] = ("onnxruntime", "torch")) -> Verification:
-    """Run the training model and each exported backend on the same inputs; compare outputs."""
+def _type_map_flips(ref: EncoderOutputs, other: EncoderOutputs, allowed: np.ndarray,
+                    tie_margin: float) -> tuple[float, float]:
+    """(fraction of pixels whose type differs beyond a near-tie, fraction that differs at one).
+
+    A pixel is a near-tie if the reference probability of the class `other` picked is within
+    tie_margin of the reference winner's; a disallowed pick is never a tie."""
+    probs = np.where(allowed[:, :, None, None], ref.class_probs, -1.0)  # as the head masks them
+    picked = np.take_along_axis(probs, other.type_map[:, None].astype(np.int64), 1)[:, 0]
+    best = np.take_along_axis(probs, ref.type_map[:, None].astype(np.int64), 1)[:, 0]
+    differ = ref.type_map != other.type_map
+    beyond = differ & (best - picked > tie_margin)
+    return float(np.mean(beyond)), float(np.mean(differ & ~beyond))
+
+
+def _verification_inputs(manifest: Manifest, batch: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     s = manifest.image_size
     pixels = rng.standard_normal((batch, 3, s, s), dtype=np.float32)
     allowed = rng.random((batch, len(manifest.vocabulary))) < 0.6
     allowed[:, 0] = True
-    ref = EncoderOutputs(*(t.numpy() for t in module(torch.from_numpy(pixels), torch.from_numpy(allowed))))
+    return pixels, allowed
+
+
+@torch.no_grad()
+def _reference(module: ExportModule, pixels: np.ndarray, allowed: np.ndarray) -> EncoderOutputs:
+    return EncoderOutputs(*(t.numpy() for t in module(torch.from_numpy(pixels), torch.from_numpy(allowed))))
+
+
+def _verdict(worst: dict[str, float], mismatch: float, tolerance: float, type_map_tolerance: float,
+             **extra) -> Verification:
+    passed = all(v <= tolerance for v in worst.values()) and mismatch <= type_map_tolerance
+    return Verification(max_abs_diff=worst, type_map_mismatch_fraction=mismatch, tolerance=tolerance, passed=passed,
+                        type_map_tolerance=type_map_tolerance, **extra)
+
+
+@torch.no_grad()
+def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch: int = 2, seed: int = 0,
+                  tolerance: float = TOLERANCE, backends: tuple[str, ...] = ("onnxruntime", "torch")) -> Verification:
+    """Run the training model and each exported backend on the same inputs; compare outputs."""
+    pixels, allowed = _verification_inputs(manifest, batch, seed)
+    ref = _reference(module, pixels, allowed)
     worst: dict[str, float] = {}
     mismatch = 0.0
     for name in backends:
@@ -98,16 +144,75 @@ def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch:
         for k, v in diffs.items():
             worst[f"{name}.{k}"] = v
         mismatch = max(mismatch, mm)
-    passed = all(v <= tolerance for v in worst.values()) and mismatch <= 1e-3
-    return Verification(max_abs_diff=worst, type_map_mismatch_fraction=mismatch, tolerance=tolerance, passed=passed)
+    return _verdict(worst, mismatch, tolerance, TYPE_MAP_TOLERANCE)
+
+
+# Runs encoder_fp16.onnx through the service's ORT backend in a child process, so that a graph
+# ONNX Runtime cannot load (it has segfaulted on fp16 graphs) fails the bake with a message
+# instead of killing it.
+_FP16_RUNNER = """
+import sys
+import numpy as np
+from service.backends.base import GRAPH_OUTPUTS
+from service.backends.onnxruntime import OrtBackend
+feeds = np.load(sys.argv[2])
+backend = OrtBackend(sys.argv[1], providers=["CPUExecutionProvider"], precision="fp16")
+out = backend.run(feeds["pixel_values"], feeds["allowed"], class_probs=True)
+np.savez(sys.argv[3], **{n: getattr(out, n) for n in GRAPH_OUTPUTS})
+"""
+
+
+def run_onnx_fp16_isolated(path: Path, pixels: np.ndarray, allowed: np.ndarray,
+                           timeout: float = 1800) -> EncoderOutputs:
+    """encoder_fp16.onnx's outputs on the CPU provider, computed in a child process."""
+    import onnxruntime
+
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
+    with tempfile.TemporaryDirectory(prefix="dapo-fp16-") as work:
+        feeds, result = Path(work) / "feeds.npz", Path(work) / "out.npz"
+        np.savez(feeds, pixel_values=pixels, allowed=allowed)
+        proc = subprocess.run([sys.executable, "-c", _FP16_RUNNER, str(path), str(feeds), str(result)],
+                              check=False, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            how = f"signal {-proc.returncode}" if proc.returncode < 0 else f"exit status {proc.returncode}"
+            tail = "\n".join(proc.stderr.strip().splitlines()[-5:])
+            raise RuntimeError(f"{path.name}: ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider) failed to "
+                               f"load or run the fp16 graph ({how}){': ' + tail if tail else ''}")
+        with np.load(result) as z:
+            return EncoderOutputs(*(z[n] for n in GRAPH_OUTPUTS))
+
+
+@torch.no_grad()
+def verify_fp16_export(module: ExportModule, folder: Path, manifest: Manifest, batch: int = 2, seed: int = 0,
+                       tolerance: float = FP16_TOLERANCE,
+                       type_map_tolerance: float = FP16_TYPE_MAP_TOLERANCE) -> Verification:
+    """encoder_fp16.onnx (ONNX Runtime, CPU provider) vs the fp32 training model, same inputs as
+    `verify_export`; the fp32 exports are already within TOLERANCE of that model.
+
+    Type-map pixels may flip where two allowed classes' probabilities are within `tolerance` of
+    each other (rounding decides a near-tie; with untrained weights most pixels are near-ties):
+    those are reported, not counted. Beyond that, type_map_tolerance applies."""
+    pixels, allowed = _verification_inputs(manifest, batch, seed)
+    ref = _reference(module, pixels, allowed)
+    out = run_onnx_fp16_isolated(folder / FP16_ONNX, pixels, allowed)
+    diffs, _ = _compare(ref, out)
+    mismatch, at_ties = _type_map_flips(ref, out, allowed, tolerance)
+    return _verdict({f"onnxruntime_fp16.{k}": v for k, v in diffs.items()}, mismatch, tolerance, type_map_tolerance,
+                    type_map_tie_margin=tolerance, type_map_flips_at_ties=at_ties)
 
 
 def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, version: str = "0.1.0",
          prompts: str = "learned", products: dict[str, Product] | None = None, image_threshold: float = 0.5,
          pixel_threshold: float | None = None, gaussian_sigma: float = 0.0, image_score: str = "global",
          description: str = "",
-         provenance: dict | None = None, tolerance: float = TOLERANCE, overwrite: bool = False) -> BakeReport:
-    """Write a verified artifact folder; nothing is left at out_dir if any step fails."""
+         provenance: dict | None = None, tolerance: float = TOLERANCE, overwrite: bool = False,
+         fp16: bool = False, fp16_tolerance: float = FP16_TOLERANCE,
+         fp16_type_map_tolerance: float = FP16_TYPE_MAP_TOLERANCE) -> BakeReport:
+    """Write a verified artifact folder; nothing is left at out_dir if any step fails.
+
+    fp16: also write encoder_fp16.onnx, verified against the fp32 model within fp16_tolerance
+    (outputs) and fp16_type_map_tolerance (fraction of type-map pixels that differ)."""
     words = clean_vocabulary(words)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -129,6 +234,13 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
         export_onnx(module, tmp / "encoder.onnx", model.geometry["image_size"], len(words) + 1)
         seconds["export_onnx"] = time.perf_counter() - t
         files = ["text_features.safetensors", "encoder.onnx"]
+        onnx_encoders = {"fp32": "encoder.onnx"}
+        if fp16:
+            t = time.perf_counter()
+            export_onnx_fp16(tmp / "encoder.onnx", tmp / FP16_ONNX)
+            seconds["export_onnx_fp16"] = time.perf_counter() - t
+            files.append(FP16_ONNX)
+            onnx_encoders["fp16"] = FP16_ONNX
         unsupported = torch_export_supported(model)
         if unsupported is None:
             export_safetensors(model, text, abnormal, tmp / "encoder.safetensors")
@@ -136,6 +248,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
         manifest = _manifest(model, words, name, version, prompts, products or {}, image_threshold,
                              pixel_threshold, gaussian_sigma, description, provenance or {},
                              {f: file_entry(tmp / f) for f in files}, image_score)
+        manifest.onnx_encoders = onnx_encoders
         if unsupported:
             manifest.provenance["torch_backend"] = f"not exported: {unsupported}"
         t = time.perf_counter()
@@ -145,6 +258,15 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
         if not manifest.verification.passed:
             raise RuntimeError(f"export verification failed (tolerance {tolerance}): "
                                f"{manifest.verification.model_dump()}")
+        if fp16:
+            t = time.perf_counter()
+            manifest.verification_fp16 = verify_fp16_export(module, tmp, manifest, tolerance=fp16_tolerance,
+                                                            type_map_tolerance=fp16_type_map_tolerance)
+            seconds["verify_fp16"] = time.perf_counter() - t
+            if not manifest.verification_fp16.passed:
+                raise RuntimeError(f"fp16 export verification failed: {FP16_ONNX} differs from the fp32 model by more "
+                                   f"than tolerance {fp16_tolerance} (type map {fp16_type_map_tolerance}): "
+                                   f"{manifest.verification_fp16.model_dump()}")
         write_manifest(tmp, manifest)
         load_manifest(tmp)  # what the service will do: schema + every sha256
         if out_dir.exists():
@@ -185,9 +307,9 @@ def demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 42) -> DapoModel:
     return DapoModel(DapoConfig(backbone=spec, seed=seed))
 
 
-def bake_demo(out_dir: str | Path, overwrite: bool = True) -> BakeReport:
+def bake_demo(out_dir: str | Path, overwrite: bool = True, fp16: bool = False) -> BakeReport:
     """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads."""
     return bake(demo_model(), DEMO_VOCAB, out_dir, name="dapo-demo", version="0.1.0", products=dict(DEMO_PRODUCTS),
                 description="DEMO: tiny randomly initialised OpenCLIP ViT with untrained DAPO prompts. "
                             "Exercises the whole pipeline; its scores carry no meaning.",
-                provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite)
+                provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite, fp16=fp16)

@@ -4,12 +4,17 @@ Two forms of one computation, both honouring `service.backends.base`'s contract:
 - `encoder.onnx` for ONNX Runtime (dynamic batch), traced from the training model itself;
 - `encoder.safetensors` for the service's plain-PyTorch encoder (no pickle, no OpenCLIP).
 Bake then runs all three (training model, ORT, service torch) on the same inputs.
+
+Optionally (`dapo bake --fp16`) a third: `encoder_fp16.onnx`, the ONNX graph converted to fp16
+compute for ONNX Runtime on a GPU, with the same inputs and outputs (names and dtypes) as the
+fp32 graph. Bake checks it against the fp32 model too, with a tolerance suited to fp16.
 """
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 
+import onnx
 import torch
 from safetensors.torch import save_file
 from torch import nn
@@ -19,6 +24,14 @@ from service.backends.torch_model import ScoringHead, state_dict_for_export
 from training.model import DapoModel
 
 OPSET = 18
+
+# fp16 export: op types kept in fp32 (statistics, exponentials and norms lose range or precision
+# in half: LayerNorm's variance, Softmax, the L2 normalisations of the tapped features, ...)
+FP16_KEEP_FP32_OPS = ("LayerNormalization", "Softmax", "ReduceMean", "ReduceL2", "ReduceSum", "ReduceMax",
+                      "Resize")
+# the scoring head stays fp32 as a whole: it works on small tensors (features x C text features)
+# and ends in probabilities, an argmax and thresholds, where half precision buys nothing
+FP16_KEEP_FP32_PREFIX = "/head/"
 
 
 class ExportModule(nn.Module):
@@ -51,6 +64,85 @@ def export_onnx(module: ExportModule, path: Path, image_size: int, n_classes: in
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
     return path
+
+
+def fp16_blocked_nodes(graph) -> list[str]:
+    """Nodes `export_onnx_fp16` keeps in fp32 by name, beyond the op types FP16_KEEP_FP32_OPS:
+    the scoring head (every node under FP16_KEEP_FP32_PREFIX)."""
+    head = [n.name for n in graph.node if n.name.startswith(FP16_KEEP_FP32_PREFIX)]
+    if not head:
+        raise RuntimeError(f"no scoring-head nodes ({FP16_KEEP_FP32_PREFIX}*) in the exported graph")
+    return head
+
+
+def separate_transposes_from_matmuls(graph) -> int:
+    """Put an identity Reshape between each Transpose and a MatMul that reads it; returns how many.
+
+    Works around a crash in ONNX Runtime (found with 1.32.0): its MatmulTransposeFusion rewrites
+    Transpose -> Cast -> MatMul by swapping Cast and Transpose (ReorderCastAndTranspose) and leaves
+    the graph inconsistent; the CPU provider's NchwcTransformer then segfaults at session creation
+    (ORT_ENABLE_ALL, the service's level). Disabling either transformer avoids it. In an fp16 graph
+    the chain forms on the CPU provider by itself: it has no fp16 MatMul kernel, so it inserts a
+    Cast to fp32 in front of each MatMul, here right after the attention's input Transpose (perm
+    (1, 0, 2)). Keeping that Transpose in fp32 instead would write the same chain (Transpose ->
+    Cast to fp16 -> MatMul) into the graph for the CUDA provider, which has fp16 MatMul. With a
+    Reshape in between the chain never forms on any provider: the Transpose and the MatMul stay
+    fp16, unfused, and the Reshape (same shape) copies nothing.
+    """
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    nodes, count = [], 0
+    for node in graph.node:
+        nodes.append(node)
+        matmuls = [c for c in consumers.get(node.output[0], []) if c.op_type == "MatMul"] \
+            if node.op_type == "Transpose" else []
+        if not matmuls:
+            continue
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+        if perm is None:  # rank unknown here; torch always writes perm (bake's check would catch it)
+            continue
+        shape = onnx.helper.make_tensor(f"{node.name}_same_shape", onnx.TensorProto.INT64, [len(perm)],
+                                        [0] * len(perm))  # 0 = keep that dimension
+        graph.initializer.append(shape)
+        out = f"{node.output[0]}_for_matmul"
+        nodes.append(onnx.helper.make_node("Reshape", [node.output[0], shape.name], [out],
+                                           name=f"{node.name}_for_matmul"))
+        for mm in matmuls:
+            mm.input[:] = [out if x == node.output[0] else x for x in mm.input]
+        count += 1
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return count
+
+
+def export_onnx_fp16(fp32_path: Path, path: Path) -> Path:
+    """`encoder_fp16.onnx` from the exported fp32 graph: fp16 weights and compute, fp32 where
+    FP16_KEEP_FP32_OPS / `fp16_blocked_nodes` say, inputs and outputs exactly as in fp32."""
+    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(fp32_path))
+    io_types = _io_types(model)
+    separate_transposes_from_matmuls(model.graph)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        half = convert_float_to_float16(model, keep_io_types=True,
+                                        op_block_list=[*DEFAULT_OP_BLOCK_LIST, *FP16_KEEP_FP32_OPS],
+                                        node_block_list=fp16_blocked_nodes(model.graph))
+    # the converter appends its Cast nodes at the end: ORT copes, the ONNX checker does not
+    OnnxModel.graph_topological_sort(half.graph, is_deterministic=True)
+    if _io_types(half) != io_types:
+        raise RuntimeError(f"fp16 conversion changed the graph's inputs/outputs: {_io_types(half)} != {io_types}")
+    onnx.checker.check_model(half)
+    onnx.save(half, str(path))
+    return path
+
+
+def _io_types(model) -> dict[str, int]:
+    g = model.graph
+    return {v.name: v.type.tensor_type.elem_type for v in (*g.input, *g.output)}
 
 
 def export_safetensors(model: DapoModel, text_features: torch.Tensor, abnormal: torch.Tensor, path: Path) -> Path:

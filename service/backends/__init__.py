@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.artifact import Manifest
+from service.artifact import ONNX_PRECISIONS, ArtifactError, Manifest
 from service.backends.base import Backend, EncoderOutputs
 
 __all__ = ["Backend", "EncoderOutputs", "create_backend"]
@@ -12,16 +12,34 @@ __all__ = ["Backend", "EncoderOutputs", "create_backend"]
 def create_backend(folder: Path, manifest: Manifest, backend: str = "onnxruntime",
                    providers: list[str] | None = None, trt_cache_dir: str | None = None,
                    device: str | None = None, precision: str = "fp32", io_binding: bool | None = None) -> Backend:
-    """Build the named backend over an already verified artifact folder."""
+    """Build the named backend over an already verified artifact folder.
+
+    `precision`: the torch backend's compute dtype (fp32, fp16, bf16); for ONNX Runtime, which
+    graph to load: fp32 = encoder.onnx, fp16 = encoder_fp16.onnx (baked with `dapo bake --fp16`).
+    """
     folder = Path(folder)
     if backend == "onnxruntime":
         from service.backends.onnxruntime import OrtBackend
 
-        return OrtBackend(folder / "encoder.onnx", providers=providers, trt_cache_dir=trt_cache_dir,
-                          io_binding=io_binding)
+        return OrtBackend(folder / onnx_encoder_file(manifest, precision, folder), providers=providers,
+                          trt_cache_dir=trt_cache_dir, io_binding=io_binding, precision=precision)
     if backend == "torch":
         from service.backends.torch import TorchBackend
 
         return TorchBackend(folder / "encoder.safetensors", manifest.encoder_config(), device=device,
                             precision=precision)
     raise ValueError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'torch'")
+
+
+def onnx_encoder_file(manifest: Manifest, precision: str, folder: Path | None = None) -> str:
+    """The artifact's ONNX encoder for `precision`; a clear error if it was not baked."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"the onnxruntime backend serves precision fp32 or fp16, not {precision!r} "
+                         "(bf16 is the torch backend's)")
+    name = manifest.onnx_file(precision)
+    if name is None:
+        where = (folder or Path(".")) / f"encoder_{precision}.onnx"
+        raise ArtifactError(f"{where}: artifact {manifest.name} {manifest.version} has no {precision} ONNX encoder "
+                            f"(precision {precision} with the onnxruntime backend needs one); "
+                            "re-bake it with `dapo bake ... --fp16`, or serve precision fp32")
+    return name

@@ -38,7 +38,9 @@ class OrtBackend:
     name = "onnxruntime"
 
     def __init__(self, model_path: Path, providers: list[str] | None = None, trt_cache_dir: str | None = None,
-                 intra_op_threads: int = 0, io_binding: bool | None = None):
+                 intra_op_threads: int = 0, io_binding: bool | None = None, precision: str = "fp32"):
+        self.model_path = Path(model_path)
+        self.precision = precision  # of the graph: encoder.onnx fp32, encoder_fp16.onnx fp16 (I/O fp32 in both)
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = intra_op_threads
