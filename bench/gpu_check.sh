@@ -11,8 +11,10 @@ OUT=${OUT:-/tmp/dapo-gpu}; mkdir -p "$OUT"
 ART=/tmp/vitl518
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt" || true
+# the fp16 ONNX graph only pays off where ORT has the CUDA provider (onnxruntime-gpu)
+FP16=$(python3 -c "import onnxruntime as o; print('--fp16' if 'CUDAExecutionProvider' in o.get_available_providers() else '')")
 python3 -m service.cli bake --prompts handcrafted --backbone ViT-L-14-336-quickgelu --pretrained '' \
-  --image-size 518 --out "$ART" --force > "$OUT/bake.json"
+  --image-size 518 --out "$ART" --force $FP16 > "$OUT/bake.json"
 python3 -m service.cli bench --artifact "$ART" --mode encoder --backends torch,onnxruntime \
   --precisions bf16,fp16,fp32 --batch-sizes 1,8,32,64 --seconds 5 > "$OUT/encoder.json"
 python3 -m service.cli bench --artifact "$ART" --mode e2e --images 32 --rounds 3 \
