@@ -5,8 +5,8 @@
     <out>/<product>/ground_truth/<defect>/000_mask.png     (0 / 255, same size as the image)
     <out>/splits.json
 
-Products: texture families (wood, carpet, metal, fabric, leather) and simple parts (disc,
-plate, bolt). Defects, each with an exact mask: scratch, hole, crack, contamination, bent,
+Products: texture families (wood, carpet, metal, fabric, leather, stone, tile) and simple
+parts (disc, plate, bolt). Defects, each with an exact mask: scratch, hole, crack, contamination, bent,
 discoloration, missing; sizes from a few pixels to about a fifth of the image area.
 
 Splits (``splits.json``) for the two claims the method makes:
@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-TEXTURES = ("wood", "carpet", "metal", "fabric", "leather")
+TEXTURES = ("wood", "carpet", "metal", "fabric", "leather", "stone", "tile")
 PARTS = ("disc", "plate", "bolt")
 PRODUCTS = TEXTURES + PARTS
 DEFECTS = ("scratch", "hole", "crack", "contamination", "bent", "discoloration", "missing")
@@ -152,6 +152,31 @@ def _leather(rng, S):
     return img, np.ones((S, S), bool), None
 
 
+def _stone(rng, S):
+    """Polished stone: fine mineral grain over cloudy veins, grey to beige."""
+    grain = _blur(rng.standard_normal((S, S)), 0.8)
+    cloud = _blur(rng.standard_normal((S, S)), S / 12)
+    flecks = _blur((rng.random((S, S)) < 0.015).astype(np.float32), 0.6)
+    v = 0.55 + 0.35 * grain + 2.0 * cloud * S / 64 + 0.8 * flecks * rng.choice([-1.0, 1.0])
+    img = _colorize(np.clip(v, 0, 1), _jitter(rng, (0.32, 0.31, 0.29)), _jitter(rng, (0.80, 0.77, 0.70)))
+    return img, np.ones((S, S), bool), None
+
+
+def _tile(rng, S):
+    """Glazed tiles: a grout grid, each tile its own shade with a soft gloss."""
+    y, x = _grid(S)
+    period = S / rng.integers(3, 5)
+    off = rng.uniform(0, period, 2)
+    tx, ty = np.floor((x + off[0]) / period), np.floor((y + off[1]) / period)
+    shade = _rng(int(rng.integers(1 << 30)), "tile").uniform(-0.08, 0.08, (16, 16))[ty.astype(int) % 16, tx.astype(int) % 16]
+    fx, fy = ((x + off[0]) % period) / period, ((y + off[1]) % period) / period
+    gloss = 0.10 * np.exp(-((fx - 0.3) ** 2 + (fy - 0.3) ** 2) / 0.08)
+    grout = (np.minimum(fx, 1 - fx) * period < 1.2) | (np.minimum(fy, 1 - fy) * period < 1.2)
+    v = np.where(grout, 0.25, 0.65 + shade + gloss) + 0.015 * rng.standard_normal((S, S))
+    img = _colorize(v, _jitter(rng, (0.15, 0.18, 0.22)), _jitter(rng, (0.85, 0.88, 0.90)))
+    return img, np.ones((S, S), bool), None
+
+
 def _background(rng, S):
     bg = _jitter(rng, (0.08, 0.08, 0.10), 0.03)
     noise = _blur(rng.standard_normal((S, S)), 2.0)[..., None] * 0.02
@@ -215,6 +240,7 @@ def _bolt(rng, S):
 
 PRODUCT_MAKERS: dict[str, Callable] = {
     "wood": _wood, "carpet": _carpet, "metal": _metal, "fabric": _fabric, "leather": _leather,
+    "stone": _stone, "tile": _tile,
     "disc": _disc, "plate": _plate, "bolt": _bolt,
 }
 
