@@ -1,5 +1,9 @@
 """Does training learn? Tiny random-weight backbone, synthetic defects, a few CPU minutes.
 
+The default backbone is `dapo-tiny-wide` (random OpenCLIP ViT, width 256, patch 8, 128 px);
+`bench/feature_probe.py` shows why: what a frozen random backbone makes linearly readable grows
+with its width, and the narrow test config leaves DAPO's per-layer linear adapters little.
+
 Trains DAPO prompts/adapters on `dapo synth` data, bakes the untrained (epoch 0) and the
 trained model with the same frozen backbone, and evaluates both through the serving code on
 three held-out sets: new images of the training textures/defects (another seed), the held-out
@@ -18,7 +22,7 @@ import json
 import time
 from pathlib import Path
 
-from training.backbone import TINY, BackboneSpec
+from training.backbone import TINY_WIDE, BackboneSpec
 from training.bake import bake
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Vocabulary, with_vocabulary
@@ -36,6 +40,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--n-per-class", type=int, default=10)
+    ap.add_argument("--backbone", default=TINY_WIDE, help="OpenCLIP config name (random weights)")
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()
@@ -45,7 +50,7 @@ def main() -> None:
     train_samples = load_split(out / "synth_train", "train")
     train_words = sorted({s.defect for s in train_samples if s.defect})
     vocab = Vocabulary(train_words)
-    model_cfg = DapoConfig(backbone=BackboneSpec(name=TINY, pretrained=None, image_size=args.image_size, seed=0))
+    model_cfg = DapoConfig(backbone=BackboneSpec(name=args.backbone, pretrained=None, image_size=args.image_size, seed=0))
     cfg = TrainConfig(out=str(out / "run"), epochs=args.epochs, model=model_cfg)
 
     untrained = save_checkpoint(DapoModel(DapoConfig.from_dict(model_cfg.to_dict())), out / "untrained",
@@ -60,7 +65,7 @@ def main() -> None:
         "zeroshot_word": load_split(out / "synth_train", "test_zeroshot"),
     }
     report = {"train_images": len(train_samples), "train_words": train_words, "heldout_word": info["holdout_defect"],
-              "heldout_texture": info["holdout_product"], "epochs": args.epochs, "image_size": args.image_size,
+              "heldout_texture": info["holdout_product"], "epochs": args.epochs, "image_size": args.image_size, "backbone": args.backbone,
               "train_seconds": round(train_s, 1), "steps_per_second": None, "results": {}}
     meta = json.loads((Path(last) / "config.json").read_text())
     steps = sum(1 for _ in range(0, len(train_samples), cfg.batch_size)) * args.epochs

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from training.backbone import TINY, TINY_B, BackboneSpec, default_taps, resize_pos_embed
+from training.backbone import TINY, TINY_B, TINY_WIDE, BackboneSpec, default_taps, resize_pos_embed
 from training.model import DapoConfig, DapoModel
 from training.visual import prompt_init_bound
 
@@ -15,7 +15,8 @@ def build(name: str, size: int, **kw) -> DapoModel:
     return DapoModel(DapoConfig(backbone=BackboneSpec(name=name, pretrained=None, image_size=size), **kw))
 
 
-@pytest.mark.parametrize("name,size,grid,width,layers,embed", [(TINY, 112, 7, 64, 4, 64), (TINY_B, 84, 6, 96, 6, 48)])
+@pytest.mark.parametrize("name,size,grid,width,layers,embed", [(TINY, 112, 7, 64, 4, 64), (TINY_B, 84, 6, 96, 6, 48),
+                                                                    (TINY_WIDE, 128, 16, 256, 4, 64)])
 def test_shapes_follow_the_backbone(name, size, grid, width, layers, embed):
     m = build(name, size)
     assert (m.geometry["grid"], m.geometry["width"], m.geometry["layers"]) == (grid, width, layers)

@@ -24,6 +24,10 @@ from torch import nn
 CONFIG_DIR = Path(__file__).parent / "configs"
 TINY = "dapo-tiny"
 TINY_B = "dapo-tiny-b"
+# the learning demo's backbone: random features are only as separable as they are wide, and a
+# 16x16 grid at 128 px keeps defects to patch size about where ViT-L/14@518 has them
+# (bench/feature_probe.py measures the linear-probe ceilings that chose it)
+TINY_WIDE = "dapo-tiny-wide"
 DEFAULT_BACKBONE = "ViT-L-14-336-quickgelu"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_IMAGE_SIZE = 518
