@@ -16,7 +16,8 @@ products (another seed) and on the held-out texture family.
 
     python bench/feature_probe.py --backbones dapo-tiny:112,dapo-tiny-wide:128 [--out runs/probe]
 
-Prints JSON. The probes use scikit-learn with class-balanced weights and a fixed C.
+Prints JSON. The probes are scikit-learn pipelines (standardise, then class-balanced logistic
+regression with a fixed C).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from training.backbone import BackboneSpec
 from training.data.common import AnomalyDataset
@@ -66,8 +69,8 @@ def features(model: DapoModel, samples, size: int) -> tuple[torch.Tensor, torch.
     return torch.cat(glob), torch.cat(patches, 1), torch.cat(frac), np.asarray(labels)
 
 
-def _fit(x: np.ndarray, y: np.ndarray) -> LogisticRegression:
-    return LogisticRegression(max_iter=300, C=0.1, class_weight="balanced").fit(x, y)
+def _fit(x: np.ndarray, y: np.ndarray) -> Pipeline:
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=0.1, class_weight="balanced")).fit(x, y)
 
 
 def probe(name: str, size: int, sets: dict[str, list]) -> dict:
@@ -96,10 +99,11 @@ def main() -> None:
     ap.add_argument("--backbones", default="dapo-tiny:112,dapo-tiny-wide:128", help="name:size,...")
     ap.add_argument("--out", default="runs/feature_probe", help="where the synthetic data is written")
     ap.add_argument("--n-per-class", type=int, default=10)
+    ap.add_argument("--holdout-texture", default="fabric", help="as in bench/learning_demo.py")
     args = ap.parse_args()
     out = Path(args.out)
-    generate(out / "synth_train", seed=0, n_per_class=args.n_per_class, overwrite=True)
-    generate(out / "synth_heldout", seed=1, n_per_class=4, overwrite=True)
+    for sub, seed, n in (("synth_train", 0, args.n_per_class), ("synth_heldout", 1, 4)):
+        generate(out / sub, seed=seed, n_per_class=n, overwrite=True, holdout_product=args.holdout_texture)
     sets = {"train": load_split(out / "synth_train", "train"),
             "heldout_images": load_split(out / "synth_heldout", "train"),
             "shift_texture": load_split(out / "synth_train", "test_shift")}
