@@ -5,9 +5,10 @@
     <out>/<product>/ground_truth/<defect>/000_mask.png     (0 / 255, same size as the image)
     <out>/splits.json
 
-Products: texture families (wood, carpet, metal, fabric, leather, stone, tile) and simple
-parts (disc, plate, bolt). Defects, each with an exact mask: scratch, hole, crack, contamination, bent,
-discoloration, missing; sizes from a few pixels to about a fifth of the image area.
+Products: texture families (wood, carpet, metal, fabric, leather, stone, tile, and
+"procedural": a new random texture in every image) and simple parts (disc, plate, bolt).
+Defects, each with an exact mask: scratch, hole, crack, contamination, bent, discoloration,
+missing; sizes from a few pixels to about a fifth of the image area.
 
 Splits (``splits.json``) for the two claims the method makes:
 - ``train``:         every product but the held-out one, every defect but the held-out one,
@@ -32,7 +33,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-TEXTURES = ("wood", "carpet", "metal", "fabric", "leather", "stone", "tile")
+TEXTURES = ("wood", "carpet", "metal", "fabric", "leather", "stone", "tile", "procedural")
 PARTS = ("disc", "plate", "bolt")
 PRODUCTS = TEXTURES + PARTS
 DEFECTS = ("scratch", "hole", "crack", "contamination", "bent", "discoloration", "missing")
@@ -177,6 +178,25 @@ def _tile(rng, S):
     return img, np.ones((S, S), bool), None
 
 
+def _procedural(rng, S):
+    """A different random texture in every image (domain randomisation): grain, cloud, stripes
+    and weave mixed with random weights, scales, angle and colours. Trained on, it teaches that
+    texture alone is not a defect, which is what lets a held-out texture family be inspected."""
+    y, x = _grid(S)
+    w = rng.dirichlet(np.ones(4)) * rng.uniform(0.6, 1.4)
+    grain = _blur(rng.standard_normal((S, S)), rng.uniform(0.5, 2.0))
+    cloud = _blur(rng.standard_normal((S, S)), rng.uniform(S / 32, S / 8)) * S / 16
+    ang = rng.uniform(0, np.pi)
+    period = rng.uniform(4, 24) * S / 128
+    u = x * np.cos(ang) + y * np.sin(ang)
+    stripes = np.sin(2 * np.pi * u / period + rng.uniform(0, 2 * np.pi))
+    weave = np.sign(np.sin(np.pi * x / period) * np.sin(np.pi * y / period)) * 0.5
+    v = 0.5 + 0.25 * (w[0] * grain / (grain.std() + 1e-6) + w[1] * cloud / (cloud.std() + 1e-6)
+                      + w[2] * stripes + w[3] * weave)
+    dark, light = rng.uniform(0.05, 0.5, 3), rng.uniform(0.5, 0.95, 3)
+    return _colorize(np.clip(v, 0, 1), dark, light), np.ones((S, S), bool), None
+
+
 def _background(rng, S):
     bg = _jitter(rng, (0.08, 0.08, 0.10), 0.03)
     noise = _blur(rng.standard_normal((S, S)), 2.0)[..., None] * 0.02
@@ -240,7 +260,7 @@ def _bolt(rng, S):
 
 PRODUCT_MAKERS: dict[str, Callable] = {
     "wood": _wood, "carpet": _carpet, "metal": _metal, "fabric": _fabric, "leather": _leather,
-    "stone": _stone, "tile": _tile,
+    "stone": _stone, "tile": _tile, "procedural": _procedural,
     "disc": _disc, "plate": _plate, "bolt": _bolt,
 }
 
