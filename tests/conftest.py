@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random OpenCLIP configs only (no weights can be downloaded here)."""
 from __future__ import annotations
 
+import importlib.util
 import warnings
 from pathlib import Path
 
@@ -30,3 +31,15 @@ def fp16_artifact(tmp_path_factory) -> Path:
     from training.bake import bake_demo
 
     return bake_demo(tmp_path_factory.mktemp("artifacts") / "demo16", fp16=True).folder
+
+
+@pytest.fixture
+def bench_script():
+    """Import a script under bench/ by name (they are scripts, not a package)."""
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(f"dapo_bench_{name}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

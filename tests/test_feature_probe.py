@@ -6,24 +6,12 @@ come from the defect masks (a probe fitted on them separates its own training pa
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 from training.backbone import TINY
 from training.synth import generate, load_split
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "feature_probe.py"
 
-
-def load_module():
-    spec = importlib.util.spec_from_file_location("dapo_bench_feature_probe", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_probe_reports_every_tap_and_set(tmp_path):
-    bench = load_module()
+def test_probe_reports_every_tap_and_set(tmp_path, bench_script):
+    bench = bench_script("feature_probe")
     generate(tmp_path, seed=0, n_per_class=2, products=["metal", "disc", "wood"],
              defects=["hole", "scratch", "crack"], holdout_product="wood", holdout_defect="crack")
     sets = {"train": load_split(tmp_path, "train"), "shift_texture": load_split(tmp_path, "test_shift")}

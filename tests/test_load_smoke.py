@@ -6,22 +6,11 @@ machines are too noisy for that).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "load.py"
 
 
-def load_module():
-    spec = importlib.util.spec_from_file_location("dapo_bench_load", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_saturated_server_answers_only_200_or_503_with_retry_after(demo_artifact, tmp_path):
-    bench = load_module()
+def test_saturated_server_answers_only_200_or_503_with_retry_after(demo_artifact, tmp_path, bench_script):
+    bench = bench_script("load")
     report = bench.run_load(demo_artifact, duration=8.0, max_requests=400, concurrency=24, queue_size=2,
                             max_batch_size=2, queue_delay_ms=2.0, warmup_s=1000.0, workdir=tmp_path)
     summary = {k: report[k] for k in ("status_counts", "transport_errors", "transport_error_samples",
