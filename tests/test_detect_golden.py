@@ -1,0 +1,87 @@
+"""/detect answers on the demo artifact, byte for byte, against a recorded fixture.
+
+A refactor changes no answer: this test posts a fixed set of images with a fixed set of query
+variants to the real app on the real demo artifact (ONNX Runtime) and compares every answer,
+less the per-call fields (request id, timings), with `fixtures/detect_demo_golden.json`.
+
+Re-record only when the *model's* answers are meant to change (a method fix, not a refactor):
+`DAPO_RECORD_GOLDEN=1 python -m pytest tests/test_detect_golden.py`, and say why in the commit.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from service.app import create_app
+from service.settings import Settings
+
+GOLDEN = Path(__file__).parent / "fixtures" / "detect_demo_golden.json"
+
+QUERIES = [
+    "mask_format=rle",
+    "mask_format=png",
+    "mask_format=none&heatmap=true",
+    "mask_format=rle&overlay=true",
+    "mask_format=rle&threshold=0.2",
+    "mask_format=rle&defect_types=hole,crack",
+]
+PRODUCTS = [None, "disc", "plate"]
+
+
+def images() -> list[tuple[str, bytes]]:
+    """Seeded images of several sizes and formats (non-integer scales to the model's 112 px)."""
+    out = []
+    for i, (w, h, fmt) in enumerate([(64, 48, "PNG"), (250, 170, "JPEG"), (37, 91, "PNG"), (333, 333, "JPEG")]):
+        rng = np.random.default_rng(100 + i)
+        arr = np.zeros((h, w, 3), np.uint8)
+        arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
+        arr[..., 1] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
+        arr[h // 4: h // 2, w // 3: 2 * w // 3] = rng.integers(0, 255, (h // 2 - h // 4, 2 * w // 3 - w // 3, 3))
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        out.append((f"g{i}.{fmt.lower()}", buf.getvalue()))
+    return out
+
+
+def stable(body: dict) -> dict:
+    """The answer less what differs on every call."""
+    body = dict(body)
+    body.pop("request_id", None)
+    body["results"] = [{k: v for k, v in r.items() if k != "timing_ms"} for r in body["results"]]
+    return body
+
+
+def record(demo_artifact: Path) -> dict[str, str]:
+    answers: dict[str, str] = {}
+    settings = Settings(artifact=demo_artifact, max_queue_delay_ms=0)
+    with TestClient(create_app(settings, configure_logs=False)) as client:
+        for query in QUERIES:
+            for product in PRODUCTS:
+                data = {"product": product} if product else {}
+                files = [("image", (name, blob, "application/octet-stream")) for name, blob in images()]
+                r = client.post(f"/detect?{query}", files=files, data=data)
+                assert r.status_code == 200, r.text
+                answers[f"{query}|{product}"] = json.dumps(stable(r.json()), sort_keys=True, separators=(",", ":"))
+    return answers
+
+
+def test_detect_answers_are_byte_identical_to_the_recording(demo_artifact):
+    answers = record(demo_artifact)
+    if os.environ.get("DAPO_RECORD_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(exist_ok=True)
+        GOLDEN.write_text(json.dumps(answers, indent=0, sort_keys=True) + "\n")
+        pytest.skip(f"recorded {GOLDEN}")
+    expected = json.loads(GOLDEN.read_text())
+    assert sorted(answers) == sorted(expected)
+    for key in expected:
+        got, want = answers[key], expected[key]
+        assert got == want, (f"/detect answer changed for {key}: sha256 {hashlib.sha256(got.encode()).hexdigest()[:12]}"
+                             f" vs recorded {hashlib.sha256(want.encode()).hexdigest()[:12]}")
