@@ -37,7 +37,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.local_server import Server, rss_kib
+from service.server.local_server import Server, rss_kib
 
 
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.artifact import load_manifest
-from service.backends import create_backend
-from service.imaging import preprocess
-from service.local_server import Server
+from service.runtime.artifact import load_manifest
+from service.runtime.backends import create_backend
+from service.runtime.imaging import preprocess
+from service.server.local_server import Server
 
 
 def percentiles(values_s: list[float]) -> dict[str, float]:

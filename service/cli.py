@@ -32,7 +32,7 @@ def _words(value: str) -> list[str]:
 
 def cmd_bake(args: argparse.Namespace) -> int:
     _need_training()
-    from service.artifact import Product
+    from service.runtime.artifact import Product
     from training import bake as B
 
     if args.demo:
@@ -142,7 +142,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     overrides = {k: v for k, v in {"artifact": args.artifact, "backend": args.backend, "host": args.host,
                                    "port": args.port}.items() if v is not None}
@@ -158,10 +158,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         bake_demo(artifact)
     if args.ray:  # the same app as N Ray Serve replicas (the `ray` extra)
-        from service.ray_serve import serve_forever
+        from service.server.ray_serve import serve_forever
 
         return serve_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
-    from service.app import create_app
+    from service.server.app import create_app
 
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
                 timeout_graceful_shutdown=settings.graceful_timeout_s)

@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from service.backends.base import EncoderOutputs
+from service.runtime.backends.base import EncoderOutputs
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:

@@ -145,5 +145,5 @@ def assert_ok_or_client_error(response) -> None:
 
 
 # --- a real server: the shared loopback launcher ------------------------------------------
-from service.local_server import Server, free_port, rss_kib  # noqa: E402,F401
+from service.server.local_server import Server, free_port, rss_kib  # noqa: E402,F401
 

@@ -17,11 +17,11 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from pycocotools import mask as mask_utils
 
-from service.app import create_app
-from service.artifact import load_manifest
-from service.backends import create_backend
-from service.schemas import DetectResponse, ErrorResponse
-from service.settings import Settings
+from service.server.app import create_app
+from service.runtime.artifact import load_manifest
+from service.runtime.backends import create_backend
+from service.server.schemas import DetectResponse, ErrorResponse
+from service.server.settings import Settings
 
 
 # --- helpers ------------------------------------------------------------------------------

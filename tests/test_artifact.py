@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from service.artifact import ArtifactError, load_manifest, read_manifest
+from service.runtime.artifact import ArtifactError, load_manifest, read_manifest
 
 
 @pytest.fixture()

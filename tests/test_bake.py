@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from service.artifact import load_manifest
-from service.backends import create_backend
+from service.runtime.artifact import load_manifest
+from service.runtime.backends import create_backend
 from training.bake import DEMO_VOCAB, bake, demo_model
 from training.checkpoint import save_checkpoint
 

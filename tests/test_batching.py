@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from numpy_backend import NumpyBackend
 
-from service.batching import BackendError, MicroBatcher, QueueFull
+from service.server.batching import BackendError, MicroBatcher, QueueFull
 
 S, C = 8, 4
 ALLOWED = np.ones(C, dtype=bool)

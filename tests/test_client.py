@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.app import create_app
+from service.server.app import create_app
 from service.cli import main as cli_main
 from service.client import DapoClient, DapoClientError, retry_after_seconds
-from service.local_server import serve_in_thread
-from service.settings import Settings
+from service.server.local_server import serve_in_thread
+from service.server.settings import Settings
 
 API_KEY = "client-test-key"
 

@@ -27,8 +27,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from service.local_server import free_port, wait_ready
-from service.settings import Settings
+from service.server.local_server import free_port, wait_ready
+from service.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))

@@ -20,8 +20,8 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.settings import Settings
+from service.server.app import create_app
+from service.server.settings import Settings
 
 GOLDEN = Path(__file__).parent / "fixtures" / "detect_demo_golden.json"
 

@@ -27,10 +27,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from robust_util import Server, assert_envelope, encode, free_port, png_bytes
-from service.app import create_app
-from service.artifact import file_entry, load_manifest
-from service.backends import create_backend
-from service.settings import Settings
+from service.server.app import create_app
+from service.runtime.artifact import file_entry, load_manifest
+from service.runtime.backends import create_backend
+from service.server.settings import Settings
 
 
 def serve_and_fail(artifact: Path, timeout: float = 90.0) -> subprocess.CompletedProcess:

@@ -15,10 +15,10 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.artifact import ArtifactError, load_manifest, sha256_file
-from service.backends import create_backend
-from service.settings import Settings
+from service.server.app import create_app
+from service.runtime.artifact import ArtifactError, load_manifest, sha256_file
+from service.runtime.backends import create_backend
+from service.server.settings import Settings
 from training.bake import FP16_TOLERANCE, bake, run_onnx_fp16_isolated
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16

@@ -22,8 +22,8 @@ from robust_util import (
     png_bytes,
     seed_images,
 )
-from service.app import create_app
-from service.settings import Settings
+from service.server.app import create_app
+from service.server.settings import Settings
 from test_fuzz_imaging import mutated
 
 FUZZ = settings(max_examples=60, deadline=None,

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from robust_util import hostile_headers, png_declaring, seed_images
-from service.imaging import ImageError, decode
+from service.runtime.imaging import ImageError, decode
 
 LIMITS = dict(max_pixels=40_000_000, max_side=16384)
 SEEDS = seed_images()

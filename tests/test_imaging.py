@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.imaging import ImageError, decode, preprocess, sniff_format
+from service.runtime.imaging import ImageError, decode, preprocess, sniff_format
 
 LIMITS = dict(max_pixels=40_000_000, max_side=16384)
 MEAN = (0.48145466, 0.4578275, 0.40821073)

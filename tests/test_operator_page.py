@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.app import create_app
-from service.local_server import serve_in_thread
-from service.settings import Settings
+from service.server.app import create_app
+from service.server.local_server import serve_in_thread
+from service.server.settings import Settings
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from service.backends.base import EncoderOutputs
-from service.postprocess import ClassMaps, RenderOptions, find_regions, model_maps, postprocess
-from service.scoring import Policy
+from service.runtime.backends.base import EncoderOutputs
+from service.runtime.postprocess import ClassMaps, RenderOptions, find_regions, model_maps, postprocess
+from service.runtime.scoring import Policy
 
 NAMES = ["normal", "scratch", "crack", "stain"]
 

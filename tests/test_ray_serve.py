@@ -25,10 +25,10 @@ from PIL import Image
 serve = pytest.importorskip("ray.serve", reason="ray[serve] not installed (pip install 'dapo-inspect[ray]')")
 import ray
 
-from service.app import create_app
-from service.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
-from service.local_server import free_port, wait_ready
-from service.settings import Settings
+from service.server.app import create_app
+from service.server.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
+from service.server.local_server import free_port, wait_ready
+from service.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 QUERY = "mask_format=rle&heatmap=true"
@@ -125,7 +125,7 @@ def test_serve_config_file_is_valid(demo_artifact):
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((ROOT / "deploy" / "ray_serve.yaml").read_text()))
     app = config.applications[0]
-    assert app.import_path == "service.ray_serve:app_builder"
+    assert app.import_path == "service.server.ray_serve:app_builder"
     deployment = app.deployments[0]
     assert deployment.name == deployment_options(Settings())["name"]
     assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]

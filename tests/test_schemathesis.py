@@ -21,8 +21,8 @@ from schemathesis.checks import (  # noqa: E402
     status_code_conformance,
 )
 
-from service.app import create_app  # noqa: E402
-from service.settings import Settings  # noqa: E402
+from service.server.app import create_app  # noqa: E402
+from service.server.settings import Settings  # noqa: E402
 
 
 @pytest.fixture(scope="module")

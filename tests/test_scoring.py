@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.artifact import load_manifest
-from service.scoring import ScoringError, allowed_classes, final_type_map, policy, smooth
+from service.runtime.artifact import load_manifest
+from service.runtime.scoring import ScoringError, allowed_classes, final_type_map, policy, smooth
 
 
 def test_product_and_override_filters(demo_artifact):
@@ -47,7 +47,7 @@ def test_smoothing_is_off_by_default_and_spreads_when_on():
 
 
 def test_image_score_modes():
-    from service.scoring import image_score
+    from service.runtime.scoring import image_score
 
     amap = np.array([[0.1, 0.9], [0.2, 0.3]], np.float32)
     assert image_score(0.4, amap) == pytest.approx(0.4)  # DAPO's global score by default

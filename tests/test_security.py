@@ -6,7 +6,7 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from service.security import (
+from service.server.security import (
     ApiKeys,
     IdempotencyConflict,
     IdempotencyStore,

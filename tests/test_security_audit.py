@@ -17,9 +17,9 @@ from fastapi.testclient import TestClient
 from packaging.requirements import Requirement
 
 from robust_util import assert_envelope, png_bytes
-from service.app import create_app
-from service.logs import JsonFormatter
-from service.settings import Settings
+from service.server.app import create_app
+from service.server.logs import JsonFormatter
+from service.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "service"
@@ -77,7 +77,7 @@ def test_no_unsafe_deserialisation_in_service():
 
 def test_serving_does_not_import_training_or_pickle_users():
     """The app's import closure: no training/, no pickle-based loaders imported by our code."""
-    code = ("import sys; import service.app, service.backends.onnxruntime, service.routes; "
+    code = ("import sys; import service.server.app, service.runtime.backends.ort_backend, service.server.routes; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('training', 'joblib', 'dill', 'cloudpickle')))")
     import subprocess
 
@@ -88,7 +88,7 @@ def test_serving_does_not_import_training_or_pickle_users():
 
 # --- 2. API keys: constant-time comparison, never logged ---------------------------------------
 def test_api_keys_compared_with_compare_digest():
-    from service import security
+    from service.server import security
 
     tree = ast.parse(Path(security.__file__).read_text())
     check = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "check")
@@ -144,8 +144,8 @@ def log_capture():
 def test_api_key_never_appears_in_logs_metrics_or_answers(demo_artifact, log_capture):
     class FailingOnce:
         def __init__(self):
-            from service.artifact import load_manifest
-            from service.backends import create_backend
+            from service.runtime.artifact import load_manifest
+            from service.runtime.backends import create_backend
 
             self.inner = create_backend(demo_artifact, load_manifest(demo_artifact))
             self.name, self.provider = self.inner.name, self.inner.provider

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.server.settings import Settings
 
 
 def test_defaults():
@@ -35,7 +35,7 @@ def test_inconsistent_or_invalid_values_are_refused(monkeypatch):
 
 
 def test_empty_env_values_mean_unset(monkeypatch):
-    from service.settings import Settings
+    from service.server.settings import Settings
 
     monkeypatch.setenv("DAPO_API_KEYS_FILE", "")
     monkeypatch.setenv("DAPO_TRT_CACHE_DIR", " ")

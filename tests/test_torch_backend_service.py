@@ -8,8 +8,8 @@ import numpy as np
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.app import create_app
-from service.settings import Settings
+from service.server.app import create_app
+from service.server.settings import Settings
 
 
 def _png(seed: int) -> bytes:

@@ -72,7 +72,7 @@ def test_resume_refuses_another_vocabulary(synth, tmp_path):
 
 
 def test_eval_and_calibrate_through_the_artifact(synth, tmp_path, capsys):
-    from service.artifact import load_manifest
+    from service.runtime.artifact import load_manifest
     from service.cli import main
     from training.evaluate import evaluate
 

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from service.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verification, file_entry, load_manifest,
+from service.runtime.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verification, file_entry, load_manifest,
                               write_manifest)
-from service.backends import create_backend
-from service.backends.base import GRAPH_OUTPUTS, EncoderOutputs
+from service.runtime.backends import create_backend
+from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
 from training.export import (ExportModule, encoder_config, export_onnx, export_onnx_fp16, export_safetensors,
                              torch_export_supported)
@@ -153,8 +153,8 @@ def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch:
 _FP16_RUNNER = """
 import sys
 import numpy as np
-from service.backends.base import GRAPH_OUTPUTS
-from service.backends.onnxruntime import OrtBackend
+from service.runtime.backends.base import GRAPH_OUTPUTS
+from service.runtime.backends.ort_backend import OrtBackend
 feeds = np.load(sys.argv[2])
 backend = OrtBackend(sys.argv[1], providers=["CPUExecutionProvider"], precision="fp16")
 out = backend.run(feeds["pixel_values"], feeds["allowed"], class_probs=True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.artifact import Product, load_manifest, write_manifest
+from service.runtime.artifact import Product, load_manifest, write_manifest
 from training.data import Sample
 from training.evaluate import run_artifact
 

@@ -18,10 +18,10 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service.artifact import load_manifest
-from service.backends import create_backend
-from service.scoring import image_score as score_image
-from service.scoring import policy, smooth
+from service.runtime.artifact import load_manifest
+from service.runtime.backends import create_backend
+from service.runtime.scoring import image_score as score_image
+from service.runtime.scoring import policy, smooth
 from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
 from training.metrics import binary_metrics, mean_over, multitype_pixel_metrics
 

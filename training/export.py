@@ -1,6 +1,6 @@
 """Export the image side of a DapoModel (+ baked text features + scoring head).
 
-Two forms of one computation, both honouring `service.backends.base`'s contract:
+Two forms of one computation, both honouring `service.runtime.backends.base`'s contract:
 - `encoder.onnx` for ONNX Runtime (dynamic batch), traced from the training model itself;
 - `encoder.safetensors` for the service's plain-PyTorch encoder (no pickle, no OpenCLIP).
 Bake then runs all three (training model, ORT, service torch) on the same inputs.
@@ -19,8 +19,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from service.backends.base import GRAPH_OUTPUTS, INPUT_NAMES
-from service.backends.torch_model import ScoringHead, state_dict_for_export
+from service.runtime.backends.base import GRAPH_OUTPUTS, INPUT_NAMES
+from service.runtime.backends.torch_model import ScoringHead, state_dict_for_export
 from training.model import DapoModel
 
 OPSET = 18
@@ -146,7 +146,7 @@ def _io_types(model) -> dict[str, int]:
 
 
 def export_safetensors(model: DapoModel, text_features: torch.Tensor, abnormal: torch.Tensor, path: Path) -> Path:
-    """Weights for `service.backends.torch_model.DapoImageEncoder`, names already mapped."""
+    """Weights for `service.runtime.backends.torch_model.DapoImageEncoder`, names already mapped."""
     sd = state_dict_for_export(model.clip.visual, model.visual_prompts.tokens, model.visual_prompts.adapters)
     sd["head.text"] = text_features.detach().float().contiguous()
     sd["head.abnormal"] = abnormal.detach().float().contiguous()

@@ -2,7 +2,7 @@
 
 Only the prompts and adapters learn; `learned_parameters()` is what the optimiser and the
 checkpoint see. Scoring follows METHOD.md (tau = 0.07) and is shared with the export through
-`service.backends.torch_model.ScoringHead`, so training, the ONNX graph and the service agree.
+`service.runtime.backends.torch_model.ScoringHead`, so training, the ONNX graph and the service agree.
 """
 from __future__ import annotations
 

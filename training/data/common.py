@@ -3,7 +3,7 @@ torch Dataset the trainer and the evaluator iterate.
 
 One image becomes ``(pixel_values, class_mask, label, has_mask)``:
 
-- ``pixel_values``  float32 (3, S, S), from ``service.imaging.preprocess`` (the serving path's
+- ``pixel_values``  float32 (3, S, S), from ``service.runtime.imaging.preprocess`` (the serving path's
   own preprocessing, so training and serving see identical tensors).
 - ``class_mask``    int64 (S, S): 0 = normal, k = the defect's class id; ``ignore_index``
   (default -100, torch's CrossEntropy default) where the truth is unknown.
@@ -142,7 +142,7 @@ def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("_mask", "")) 
 # --------------------------------------------------------------------------- image / mask reading
 
 def _local_preprocess(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """Same behaviour as ``service.imaging.preprocess``: RGB, bicubic resize to size x size
+    """Same behaviour as ``service.runtime.imaging.preprocess``: RGB, bicubic resize to size x size
     (aspect ratio not kept), /255, mean/std normalisation, (3, S, S) float32."""
     rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
     arr = np.asarray(rgb, dtype=np.float32) / 255.0
@@ -155,13 +155,13 @@ def _local_to_rgb(img: Image.Image, filename: str = "image") -> Image.Image:
 
 
 def _resolve_preprocess():
-    """(to_rgb, preprocess) from ``service.imaging`` (the serving path's own conversion and
+    """(to_rgb, preprocess) from ``service.runtime.imaging`` (the serving path's own conversion and
     preprocessing), or local equivalents when that module is absent. EXIF orientation is NOT
     applied here: data-set masks are drawn on the stored pixel grid."""
     try:
-        from service.imaging import preprocess, to_rgb8
+        from service.runtime.imaging import preprocess, to_rgb8
     except ModuleNotFoundError as exc:  # only when the module itself is absent
-        if exc.name not in ("service.imaging", "service"):
+        if exc.name not in ("service.runtime.imaging", "service"):
             raise
         return _local_to_rgb, _local_preprocess
     return to_rgb8, preprocess

@@ -10,7 +10,7 @@ An artifact is a self-describing folder (like a Triton model repository entry):
     encoder_fp16.onnx           optional (`dapo bake --fp16`): the ONNX graph with fp16 compute
                                 for ONNX Runtime on a GPU; same inputs and outputs (dtypes too)
 
-Both encoder files implement one contract (see `service.backends.base`): inputs
+Both encoder files implement one contract (see `service.runtime.backends.base`): inputs
 `pixel_values` (B, 3, S, S) float32 and `allowed` (B, C) bool; outputs `anomaly_score`,
 `type_scores`, `anomaly_map`, `type_map`, `class_max`.
 
@@ -137,7 +137,7 @@ class Manifest(BaseModel):
         return (self.onnx_encoders or DEFAULT_ONNX).get(precision)
 
     def encoder_config(self) -> dict:
-        """Geometry for the plain-PyTorch encoder (service.backends.torch_model)."""
+        """Geometry for the plain-PyTorch encoder (service.runtime.backends.torch_model)."""
         b = self.backbone
         return {"width": b.width, "layers": b.layers, "heads": b.heads, "patch_size": b.patch_size,
                 "image_size": self.image_size, "embed_dim": b.embed_dim, "taps": self.tapped_layers,

@@ -1,6 +1,6 @@
 """The operator page: a single static HTML page (+ one JS and one CSS file) served by the app.
 
-No build step, no CDN: the files live in `service/static/` and are shipped as package data.
+No build step, no CDN: the files live in `service/server/static/` and are shipped as package data.
 The page talks to the same public API as any other client (`/v1/model`, `/detect`), so it
 needs no special server support; it is served at `/` and `/ui`, its assets under `/ui/static/`,
 and every URL in it is relative (it also works behind a path prefix). Only the files named in `_ASSETS` can be fetched (no path from the URL ever
@@ -13,7 +13,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse, Response
 
-from service.errors import ApiError
+from service.server.errors import ApiError
 
 STATIC_DIR = Path(__file__).with_name("static")
 _ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}

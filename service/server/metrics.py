@@ -36,7 +36,7 @@ class Metrics:
         self.queue_depth = Gauge("dapo_queue_depth", "Images waiting for a batch", registry=r)
         self.in_flight = Gauge("dapo_requests_in_flight", "HTTP requests being served", registry=r)
 
-    # --- batcher hooks (service.batching.BatchObserver) ---------------------------------
+    # --- batcher hooks (service.server.batching.BatchObserver) ---------------------------------
     def observe_batch(self, size: int, inference_s: float) -> None:
         self.batch_size.observe(size)
         self.inference.observe(inference_s)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from service.backends.base import GRAPH_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
+from service.runtime.backends.base import GRAPH_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 

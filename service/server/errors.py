@@ -15,11 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.batching import BackendError, QueueFull
-from service.imaging import ImageError
-from service.logs import current_request_id
-from service.scoring import ScoringError
-from service.security import IdempotencyConflict, IdempotencyInterrupted
+from service.server.batching import BackendError, QueueFull
+from service.runtime.imaging import ImageError
+from service.server.logs import current_request_id
+from service.runtime.scoring import ScoringError
+from service.server.security import IdempotencyConflict, IdempotencyInterrupted
 
 log = logging.getLogger("dapo.errors")
 

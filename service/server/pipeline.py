@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from service import imaging, postprocess, scoring
-from service.state import ServiceState
+from service.runtime import imaging, postprocess, scoring
+from service.server.state import ServiceState
 
 T = TypeVar("T")
 

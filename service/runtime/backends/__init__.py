@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from service.artifact import ONNX_PRECISIONS, ArtifactError, Manifest
-from service.backends.base import Backend, EncoderOutputs
+from service.runtime.artifact import ONNX_PRECISIONS, ArtifactError, Manifest
+from service.runtime.backends.base import Backend, EncoderOutputs
 
 __all__ = ["Backend", "EncoderOutputs", "create_backend"]
 
@@ -19,12 +19,12 @@ def create_backend(folder: Path, manifest: Manifest, backend: str = "onnxruntime
     """
     folder = Path(folder)
     if backend == "onnxruntime":
-        from service.backends.onnxruntime import OrtBackend
+        from service.runtime.backends.ort_backend import OrtBackend
 
         return OrtBackend(folder / onnx_encoder_file(manifest, precision, folder), providers=providers,
                           trt_cache_dir=trt_cache_dir, io_binding=io_binding, precision=precision)
     if backend == "torch":
-        from service.backends.torch import TorchBackend
+        from service.runtime.backends.torch_backend import TorchBackend
 
         return TorchBackend(folder / "encoder.safetensors", manifest.encoder_config(), device=device,
                             precision=precision)

@@ -9,12 +9,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from service.artifact import Manifest
-from service.backends.base import Backend
-from service.batching import MicroBatcher
-from service.metrics import Metrics
-from service.security import ApiKeys, IdempotencyStore
-from service.settings import Settings
+from service.runtime.artifact import Manifest
+from service.runtime.backends.base import Backend
+from service.server.batching import MicroBatcher
+from service.server.metrics import Metrics
+from service.server.security import ApiKeys, IdempotencyStore
+from service.server.settings import Settings
 
 
 def cpu_workers() -> int:

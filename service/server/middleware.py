@@ -13,9 +13,9 @@ import uuid
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, envelope
-from service.logs import reset_request_id, set_request_id
-from service.metrics import Metrics
+from service.server.errors import ApiError, envelope
+from service.server.logs import reset_request_id, set_request_id
+from service.server.metrics import Metrics
 
 log = logging.getLogger("dapo.access")
 _VALID_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")

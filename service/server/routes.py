@@ -1,4 +1,4 @@
-"""HTTP endpoints: parse and check the request, then hand over to `service.pipeline`.
+"""HTTP endpoints: parse and check the request, then hand over to `service.server.pipeline`.
 
 /detect reads multipart itself (rather than through FastAPI File parameters) so that the auth
 check happens before the body is read, the file-count and field-size limits are enforced while
@@ -16,11 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service import pipeline, postprocess, scoring
-from service.errors import ApiError
-from service.schemas import DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse
-from service.security import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
-from service.state import ServiceState
+from service.server import pipeline
+from service.runtime import postprocess, scoring
+from service.server.errors import ApiError
+from service.server.schemas import DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse
+from service.server.security import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
+from service.server.state import ServiceState
 
 router = APIRouter()
 

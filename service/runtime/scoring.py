@@ -1,7 +1,7 @@
 """Scoring decisions on top of the encoder's outputs, shared by the service and `dapo eval`.
 
 The heavy part of scoring (softmax against the text features, layer sum, upsampling, the type
-argmax) runs inside the exported graph, next to the encoder (see `service.backends.base`).
+argmax) runs inside the exported graph, next to the encoder (see `service.runtime.backends.base`).
 What stays here is what depends on the call: which classes may compete (product filter and
 per-call override), which threshold is in force, and optional Gaussian smoothing of the map.
 Evaluation uses these same functions, so what is measured is what is served.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.artifact import Manifest
+from service.runtime.artifact import Manifest
 
 
 class ScoringError(ValueError):

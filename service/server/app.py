@@ -22,23 +22,23 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 import service
-from service.artifact import Manifest, load_manifest
-from service.backends.base import Backend
-from service.batching import MicroBatcher
-from service.errors import envelope, install_handlers, request_id_of
-from service.logs import configure_logging
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware
-from service.routes import router
-from service.ui import router as ui_router
-from service.settings import Settings
-from service.state import ServiceState, cpu_workers
+from service.runtime.artifact import Manifest, load_manifest
+from service.runtime.backends.base import Backend
+from service.server.batching import MicroBatcher
+from service.server.errors import envelope, install_handlers, request_id_of
+from service.server.logs import configure_logging
+from service.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.server.routes import router
+from service.server.ui import router as ui_router
+from service.server.settings import Settings
+from service.server.state import ServiceState, cpu_workers
 
 log = logging.getLogger("dapo.app")
 
 
 def build_backend(folder: Path, manifest: Manifest, settings: Settings) -> Backend:
     """The configured backend (imported lazily: torch is optional and heavy)."""
-    from service.backends import create_backend
+    from service.runtime.backends import create_backend
 
     return create_backend(folder, manifest, backend=settings.backend, providers=settings.providers,
                           trt_cache_dir=settings.trt_cache_dir, device=settings.device,

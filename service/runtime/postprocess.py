@@ -30,8 +30,8 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from scipy import ndimage
 
-from service import scoring
-from service.backends.base import EncoderOutputs
+from service.runtime import scoring
+from service.runtime.backends.base import EncoderOutputs
 
 MaskFormat = Literal["rle", "png", "none"]
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from service.backends.base import Backend, EncoderOutputs
+from service.runtime.backends.base import Backend, EncoderOutputs
 
 log = logging.getLogger("dapo.batching")
 
@@ -41,7 +41,7 @@ class BackendError(RuntimeError):
 
 
 class BatchObserver(Protocol):
-    """Metrics hooks; `service.metrics.Metrics` implements them."""
+    """Metrics hooks; `service.server.metrics.Metrics` implements them."""
 
     def observe_batch(self, size: int, inference_s: float) -> None: ...
     def observe_queue_wait(self, seconds: float) -> None: ...

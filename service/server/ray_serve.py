@@ -1,4 +1,4 @@
-"""Scale-out with Ray Serve: the SAME FastAPI app (`service.app.create_app`) as N replicas.
+"""Scale-out with Ray Serve: the SAME FastAPI app (`service.server.app.create_app`) as N replicas.
 
 Each replica is a Ray actor that builds the app itself (`serve.ingress` with a builder
 function, evaluated in the replica) and Ray Serve runs the app's lifespan there: every replica
@@ -12,7 +12,7 @@ Three ways in:
   - `dapo serve --ray [--replicas N|auto] [--gpus-per-replica F]`: local Ray (or the cluster
     named by RAY_ADDRESS), proxy on DAPO_HOST:DAPO_PORT, blocks until Ctrl-C.
   - `serve run deploy/ray_serve.yaml` / `serve deploy deploy/ray_serve.yaml`: the config file
-    names `service.ray_serve:app_builder`; its `deployments:` section overrides the options.
+    names `service.server.ray_serve:app_builder`; its `deployments:` section overrides the options.
   - `build_app(settings, ...)` then `serve.run(...)` from Python (tests).
 
 Every DAPO_* setting applies per replica (batch size, queue bound, limits, keys, ...). The
@@ -33,7 +33,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.settings import Settings
+from service.server.settings import Settings
 
 log = logging.getLogger("dapo.ray")
 
@@ -83,7 +83,7 @@ def replica_settings(settings: Settings) -> Settings:
 
 def build_asgi_app(settings: Settings):
     """What each replica serves: the service app plus the replica header."""
-    from service.app import create_app
+    from service.server.app import create_app
 
     app = create_app(settings)
     app.add_middleware(ReplicaHeaderMiddleware)  # outermost: on every answer, errors included

@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from service.backends.base import EncoderOutputs
-from service.backends.torch_model import load_encoder
+from service.runtime.backends.base import EncoderOutputs
+from service.runtime.backends.torch_model import load_encoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
