@@ -26,6 +26,7 @@ class DapoConfig:
     n_ctx: int = 5
     n_sets: int = 10
     text_deep_tokens: int = 4
+    text_deep_layers: int | None = None  # deep text depth D; None = the text tower's depth
     visual_deep_tokens: int = 4
     alpha: float = 0.01  # weight of the previous layer's slot outputs in the blend
     temperature: float = 0.07
@@ -53,7 +54,8 @@ class DapoModel(nn.Module):
         if config.taps is None:
             config.taps = default_taps(self.geometry["layers"])
         self.text_prompts = HybridTextPrompts(clip, tokenizer, config.n_ctx, config.n_sets, config.text_deep_tokens,
-                                              config.alpha, config.text_mode, seed=config.seed)
+                                              config.alpha, config.text_mode, seed=config.seed,
+                                              depth=config.text_deep_layers)
         self.visual_prompts = DeepVisualPrompts(clip.visual, config.taps, config.visual_deep_tokens, config.alpha,
                                                 seed=config.seed)
 
