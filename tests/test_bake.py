@@ -130,6 +130,21 @@ def test_cli_demo_bake_prints_figures(tmp_path, capsys):
     assert report["parity_max_abs_diff"] < 1e-4 and report["bytes"]["encoder.onnx"] > 0
 
 
+def test_pixel_statistics_come_from_the_backbone(tmp_path):
+    """bake writes the backbone's own mean/std (OpenCLIP's preprocess config), not OpenAI's,
+    and training's data pipeline reads the same (`DapoModel.normalisation`)."""
+    import open_clip
+
+    model = demo_model()
+    siglip = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")  # (0.5, 0.5, 0.5) statistics
+    cfg = {**open_clip.get_model_preprocess_cfg(model.clip), "mean": siglip["mean"], "std": siglip["std"]}
+    open_clip.set_model_preprocess_cfg(model.clip, cfg)
+    assert model.normalisation == (tuple(siglip["mean"]), tuple(siglip["std"]))
+    bake(model, ["scratch"], tmp_path / "a", name="a")
+    m = load_manifest(tmp_path / "a")
+    assert tuple(m.mean) == tuple(m.std) == (0.5, 0.5, 0.5)
+
+
 def test_io_binding_path_gives_the_same_outputs(demo_artifact):
     """The I/O-binding path (default on CUDA/TensorRT) run here on the CPU EP: same numbers."""
     m = load_manifest(demo_artifact)

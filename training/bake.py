@@ -32,7 +32,7 @@ from service.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verif
                               write_manifest)
 from service.backends import create_backend
 from service.backends.base import GRAPH_OUTPUTS, EncoderOutputs
-from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
+from training.backbone import TINY, BackboneSpec
 from training.export import (ExportModule, encoder_config, export_onnx, export_onnx_fp16, export_safetensors,
                              torch_export_supported)
 from training.model import DapoConfig, DapoModel
@@ -285,6 +285,7 @@ def _manifest(model: DapoModel, words, name, version, prompts, products, image_t
     geo = model.geometry
     spec = model.config.backbone
     enc = encoder_config(model)
+    mean, std = model.normalisation
     return Manifest(
         name=name, version=version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         description=description,
@@ -292,7 +293,7 @@ def _manifest(model: DapoModel, words, name, version, prompts, products, image_t
                               pretrained=Path(spec.pretrained).name if spec.pretrained else None,
                               patch_size=geo["patch_size"], width=geo["width"], layers=geo["layers"],
                               heads=geo["heads"], embed_dim=geo["embed_dim"], act=geo["act"]),
-        image_size=geo["image_size"], mean=OPENAI_MEAN, std=OPENAI_STD, tapped_layers=enc["taps"],
+        image_size=geo["image_size"], mean=mean, std=std, tapped_layers=enc["taps"],
         visual_prompt_tokens=enc["prompt_tokens"], prompt_alpha=enc["alpha"], temperature=enc["temperature"],
         prompts=prompts, text_mode=model.config.text_mode,
         vocabulary=[VocabEntry(id=i, name=n) for i, n in enumerate(["normal", *words])],

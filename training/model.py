@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.backbone import BackboneSpec, create_clip, default_taps, describe
+from training.backbone import BackboneSpec, create_clip, default_taps, describe, image_normalisation
 from training.prompts import HybridTextPrompts, TextMode, abnormal_feature
 from training.visual import DeepVisualPrompts
 
@@ -58,6 +58,11 @@ class DapoModel(nn.Module):
                                               depth=config.text_deep_layers)
         self.visual_prompts = DeepVisualPrompts(clip.visual, config.taps, config.visual_deep_tokens, config.alpha,
                                                 seed=config.seed)
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) for the pixels, from the backbone's own preprocessing config."""
+        return image_normalisation(self.clip)
 
     def learned_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable state: everything except the frozen CLIP."""

@@ -2,10 +2,10 @@
 
     from training.data import load_mvtec, AnomalyDataset
     samples = load_mvtec("/data/mvtec")            # list[Sample], class ids from MVTec's words
-    ds = AnomalyDataset(samples, size=518)         # -> (pixels, class_mask, label, has_mask)
+    ds = AnomalyDataset(samples, size=518, mean=mean, std=std)  # -> (pixels, class_mask, label, has_mask)
 """
 from .common import (
-    CLIP_MEAN, CLIP_STD, IGNORE_INDEX, UNKNOWN_DEFECT, AnomalyDataset, DataLayoutError, Sample,
+    IGNORE_INDEX, UNKNOWN_DEFECT, AnomalyDataset, DataLayoutError, Sample,
     check_mask_sizes, product_defects, with_vocabulary,
 )
 from .folder import load_folder
@@ -36,7 +36,7 @@ def load_dataset(kind: str, root, **kwargs) -> list[Sample]:
 
 
 __all__ = [
-    "AnomalyDataset", "CLIP_MEAN", "CLIP_STD", "DataLayoutError", "DefectTable", "IGNORE_INDEX",
+    "AnomalyDataset", "DataLayoutError", "DefectTable", "IGNORE_INDEX",
     "LOADERS", "Sample", "TABLES", "UNKNOWN_DEFECT", "UnmappedNameError", "Vocabulary",
     "build_vocabulary", "check_mask_sizes", "get_table", "load_dataset", "load_folder", "load_mad",
     "load_meta_json", "load_mpdd", "load_mvtec", "load_realiad", "load_visa", "product_defects",
