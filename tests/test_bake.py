@@ -84,7 +84,8 @@ def test_bake_fails_above_tolerance_and_leaves_nothing(tmp_path, tiny_model):
 
 
 def test_bake_refuses_bad_vocabularies_and_existing_folders(tmp_path, tiny_model, demo_artifact):
-    for words, msg in ((["a", "a"], "duplicate"), (["normal"], "class 0"), ([" "], "empty")):
+    # (repeats are no longer refused: the one vocabulary rule merges them, see test below)
+    for words, msg in ((["Normal"], "class 0"), ([" "], "empty"), ([], "empty")):
         with pytest.raises(ValueError, match=msg):
             bake(tiny_model, words, tmp_path / "x", name="x")
     with pytest.raises(FileExistsError):
@@ -107,7 +108,8 @@ def test_rebake_with_a_new_defect_word_needs_no_training(tmp_path):
     model = demo_model()
     ckpt = save_checkpoint(model, tmp_path / "ckpt", vocabulary=["scratch", "hole"])
     assert main(["bake", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a1")]) == 0
-    assert main(["bake", "--checkpoint", str(ckpt), "--add-defect", "burr", "--out", str(tmp_path / "a2")]) == 0
+    # --add-defect goes through the vocabulary rule `dapo train` applies: 'Scratch' is 'scratch'
+    assert main(["bake", "--checkpoint", str(ckpt), "--add-defect", "Burr,Scratch", "--out", str(tmp_path / "a2")]) == 0
     m1, m2 = load_manifest(tmp_path / "a1"), load_manifest(tmp_path / "a2")
     assert m1.class_names == ["normal", "scratch", "hole"]
     assert m2.class_names == ["normal", "scratch", "hole", "burr"]

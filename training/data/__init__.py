@@ -16,7 +16,7 @@ from .mvtec import load_mvtec
 from .realiad import load_realiad
 from .visa import load_visa
 from .vocab import (
-    TABLES, DefectTable, UnmappedNameError, Vocabulary, build_vocabulary, get_table,
+    TABLES, DefectTable, UnmappedNameError, Vocabulary, build_vocabulary, defect_words, get_table,
     vocabulary_for, vocabulary_from_samples,
 )
 
@@ -38,7 +38,7 @@ def load_dataset(kind: str, root, **kwargs) -> list[Sample]:
 __all__ = [
     "AnomalyDataset", "DataLayoutError", "DefectTable", "IGNORE_INDEX",
     "LOADERS", "Sample", "TABLES", "UNKNOWN_DEFECT", "UnmappedNameError", "Vocabulary",
-    "build_vocabulary", "check_mask_sizes", "get_table", "load_dataset", "load_folder", "load_mad",
+    "build_vocabulary", "check_mask_sizes", "defect_words", "get_table", "load_dataset", "load_folder", "load_mad",
     "load_meta_json", "load_mpdd", "load_mvtec", "load_realiad", "load_visa", "product_defects",
     "vocabulary_for", "vocabulary_from_samples", "with_vocabulary",
 ]
