@@ -44,6 +44,7 @@ def cmd_bake(args: argparse.Namespace) -> int:
             from training.checkpoint import load_checkpoint
 
             model, meta = load_checkpoint(args.checkpoint)
+            imported = meta.get("provenance")  # an imported authors' checkpoint says where it came from
             words = _words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
             words += [w for w in _words(args.add_defect or "") if w not in words]
             prompts = "learned"
@@ -57,12 +58,14 @@ def cmd_bake(args: argparse.Namespace) -> int:
             model = DapoModel(DapoConfig(backbone=spec))
             words = _words(args.vocab or ",".join(B.DEMO_VOCAB))
             prompts = "handcrafted"
+            imported = None
         if not args.out:
             sys.exit("dapo bake: --out DIR is required")
         report = B.bake(model, words, args.out, name=args.name or Path(args.out).name, version=args.version,
                         prompts=prompts, products=products, image_threshold=args.image_threshold,
                         gaussian_sigma=args.sigma, image_score=args.image_score, overwrite=args.force,
-                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, fp16=args.fp16)
+                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                                    **({"imported": imported} if imported else {})}, fp16=args.fp16)
     v, v16 = report.manifest.verification, report.manifest.verification_fp16
     fp16 = {} if v16 is None else {"fp16_max_abs_diff": max(v16.max_abs_diff.values()),
                                    "fp16_type_map_mismatch": v16.type_map_mismatch_fraction,
@@ -72,6 +75,29 @@ def cmd_bake(args: argparse.Namespace) -> int:
                       "bytes": report.sizes, "classes": report.manifest.class_names,
                       "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
                       "tolerance": v.tolerance, **fp16}, indent=2))
+    return 0
+
+
+def cmd_import_authors(args: argparse.Namespace) -> int:
+    _need_training()
+    from training.authors import ImportOptions, import_to_checkpoint
+    from training.backbone import BackboneSpec
+
+    spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
+    taps = [int(t) for t in args.taps.split(",")] if args.taps else None
+    try:
+        folder, ck = import_to_checkpoint(args.file, ImportOptions(spec, _words(args.vocab), taps), args.out,
+                                          overwrite=args.force)
+    except (OSError, ValueError) as e:  # unreadable file, wrong layout, shapes the backbone lacks
+        print(f"dapo import-authors: {e}", file=sys.stderr)
+        return 2
+    if ck.ignored:
+        print(f"dapo import-authors: ignored {', '.join(ck.ignored)} (not used at inference)", file=sys.stderr)
+    print(json.dumps({"checkpoint": str(folder), "source": str(ck.path), "sha256": ck.sha256, "epoch": ck.epoch,
+                      "text_mode": "reference", "text_deep_layers": len(ck.layer_tokens),
+                      "visual_deep_layers": int(ck.visual_tokens.shape[0]), "ignored": ck.ignored,
+                      "extra_entries": ck.extra, "next": f"dapo bake --checkpoint {folder} --out ARTIFACT_DIR"},
+                     indent=2))
     return 0
 
 
@@ -234,6 +260,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write encoder_fp16.onnx (fp16 compute, fp32 inputs/outputs) for ONNX Runtime on a GPU "
                         "(DAPO_PRECISION=fp16); checked against the fp32 model with fp16 tolerances")
     b.set_defaults(func=cmd_bake)
+
+    a = sub.add_parser("import-authors",
+                       help="an authors' .pth (their training script) -> a checkpoint `dapo bake` serves")
+    a.add_argument("file", metavar="FILE.pth", help="checkpoint written by the authors' training script")
+    a.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
+    a.add_argument("--pretrained", default="openai",
+                   help="OpenCLIP tag or local weights file: the frozen CLIP it was trained on ('' = random)")
+    a.add_argument("--image-size", type=int, default=518)
+    a.add_argument("--taps", help="tapped blocks, 1-based, comma list (default: quarters of the depth)")
+    a.add_argument("--vocab", required=True, help="defect words: comma list or @file")
+    a.add_argument("--out", required=True, help="checkpoint folder to write")
+    a.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
+    a.set_defaults(func=cmd_import_authors)
 
     t = sub.add_parser("train", help="learn DAPO prompts and adapters (CLIP frozen)")
     _data_args(t)

@@ -84,7 +84,8 @@ def test_bake_fails_above_tolerance_and_leaves_nothing(tmp_path, tiny_model):
 
 
 def test_bake_refuses_bad_vocabularies_and_existing_folders(tmp_path, tiny_model, demo_artifact):
-    for words, msg in ((["a", "a"], "duplicate"), (["normal"], "class 0"), ([" "], "empty")):
+    # (repeats are no longer refused: the one vocabulary rule merges them, see test below)
+    for words, msg in ((["Normal"], "class 0"), ([" "], "empty"), ([], "empty")):
         with pytest.raises(ValueError, match=msg):
             bake(tiny_model, words, tmp_path / "x", name="x")
     with pytest.raises(FileExistsError):
@@ -107,7 +108,8 @@ def test_rebake_with_a_new_defect_word_needs_no_training(tmp_path):
     model = demo_model()
     ckpt = save_checkpoint(model, tmp_path / "ckpt", vocabulary=["scratch", "hole"])
     assert main(["bake", "--checkpoint", str(ckpt), "--out", str(tmp_path / "a1")]) == 0
-    assert main(["bake", "--checkpoint", str(ckpt), "--add-defect", "burr", "--out", str(tmp_path / "a2")]) == 0
+    # --add-defect goes through the vocabulary rule `dapo train` applies: 'Scratch' is 'scratch'
+    assert main(["bake", "--checkpoint", str(ckpt), "--add-defect", "Burr,Scratch", "--out", str(tmp_path / "a2")]) == 0
     m1, m2 = load_manifest(tmp_path / "a1"), load_manifest(tmp_path / "a2")
     assert m1.class_names == ["normal", "scratch", "hole"]
     assert m2.class_names == ["normal", "scratch", "hole", "burr"]
@@ -128,6 +130,21 @@ def test_cli_demo_bake_prints_figures(tmp_path, capsys):
     assert main(["bake", "--demo", "--out", str(tmp_path / "demo")]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["parity_max_abs_diff"] < 1e-4 and report["bytes"]["encoder.onnx"] > 0
+
+
+def test_pixel_statistics_come_from_the_backbone(tmp_path):
+    """bake writes the backbone's own mean/std (OpenCLIP's preprocess config), not OpenAI's,
+    and training's data pipeline reads the same (`DapoModel.normalisation`)."""
+    import open_clip
+
+    model = demo_model()
+    siglip = open_clip.get_pretrained_cfg("ViT-B-16-SigLIP", "webli")  # (0.5, 0.5, 0.5) statistics
+    cfg = {**open_clip.get_model_preprocess_cfg(model.clip), "mean": siglip["mean"], "std": siglip["std"]}
+    open_clip.set_model_preprocess_cfg(model.clip, cfg)
+    assert model.normalisation == (tuple(siglip["mean"]), tuple(siglip["std"]))
+    bake(model, ["scratch"], tmp_path / "a", name="a")
+    m = load_manifest(tmp_path / "a")
+    assert tuple(m.mean) == tuple(m.std) == (0.5, 0.5, 0.5)
 
 
 def test_io_binding_path_gives_the_same_outputs(demo_artifact):
