@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import math
-import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -24,13 +23,12 @@ from prometheus_client.parser import text_string_to_metric_families
 from pydantic import ValidationError
 
 from service.runtime.artifact import Product, ScoreBaseline, load_manifest
-from service.runtime.drift import baseline_from_scores, bin_counts, drift_of, psi
+from service.runtime.drift import SCORE_TOLERANCE as TOL, baseline_from_scores, bin_counts, drift_of, psi
 from service.server.app import create_app
 from service.server.quality import QualityMetrics, QualityOptions
 from service.server.settings import Settings
 
-CALIBRATION_IMAGES = 48  # wood good 0..47 calibrate; 48..95 are fresh good parts
-DRIFT_BINS = 4
+from quality_util import CALIBRATION_IMAGES, DRIFT_BINS, good_images as good
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -75,27 +73,36 @@ def reference_psi(baseline: ScoreBaseline, scores: list[float]) -> float:
 # --- the statistics by hand --------------------------------------------------------------
 def test_baseline_psi_and_mean_shift_by_hand():
     b = baseline_from_scores([0.1, 0.2, 0.3, 0.4], bins=2)
-    # one cut at the median 0.25; two images per bin; std = sqrt(mean of 0.15^2, 0.05^2, ...) = sqrt(0.0125)
-    assert b.cuts == [pytest.approx(0.25)] and b.fractions == [0.5, 0.5] and b.images == 4
+    # one quantile cut at the median 0.25 between the range's ends: bins (-inf, .1) [.1, .25)
+    # [.25, .4] (.4, inf), the ends widened by the scores' reporting tolerance; std = sqrt(mean of .15^2, .05^2, .05^2, .15^2) = sqrt(.0125)
+    assert b.cuts == pytest.approx([0.1 - TOL, 0.25, 0.4 + TOL], abs=1e-12)  # the range's ends widened
+    assert b.fractions == [0.0, 0.5, 0.5, 0.0] and b.images == 4
     assert (b.mean, b.std) == (pytest.approx(0.25), pytest.approx(math.sqrt(0.0125)))
     d = drift_of(b, np.array([0.1, 0.1, 0.1, 0.3]))
-    # counts 3 | 1, plus half an image per bin: window 3.5/5, 1.5/5 = .7, .3; baseline .5, .5
-    # PSI = .2 ln(.7/.5) + (-.2) ln(.3/.5) = .2 (ln 1.4 + ln(5/3))
-    assert d.psi == pytest.approx(0.2 * (math.log(1.4) + math.log(5 / 3)))
+    # counts 0 3 1 0 plus half an image per bin: window (.5, 3.5, 1.5, .5) / 6, baseline
+    # (.5, 2.5, 2.5, .5) / 6. PSI = (1/6) ln(3.5/2.5) + (-1/6) ln(1.5/2.5)
+    assert d.psi == pytest.approx((math.log(1.4) + math.log(5 / 3)) / 6)
     assert d.mean_shift == pytest.approx((0.15 - 0.25) / math.sqrt(0.0125)) and d.images == 4
     assert drift_of(b, np.array([0.1, 0.2, 0.3, 0.4])).psi == 0.0  # the baseline's own images
+    # outside the calibration range, one below and one above: window (1.5, .5, .5, 1.5) / 4 =
+    # (3/8, 1/8, 1/8, 3/8) vs (1/12, 5/12, 5/12, 1/12); each outer bin adds 7/24 ln(9/2), each
+    # inner one -7/24 ln(3/10)
+    assert drift_of(b, np.array([0.05, 0.5])).psi == pytest.approx(7 / 12 * (math.log(4.5) + math.log(10 / 3)))
 
 
 def test_baseline_bins_merge_ties_and_bad_input_is_refused():
-    # quartiles of five 0.2s and five 0.5s: 0.2, 0.35, 0.5; the cut at the minimum would leave
-    # an empty first bin, so it goes: bins (-inf, .35), [.35, .5), [.5, inf)
+    # quartiles of five 0.2s and five 0.5s: 0.2, 0.35, 0.5; the one at the minimum merges with
+    # the range's start: bins (-inf, .2-) [.2-, .35) [.35, .5) [.5, .5+) [.5+, inf)
     b = baseline_from_scores([0.2] * 5 + [0.5] * 5, bins=4)
-    assert b.cuts == [pytest.approx(0.35), pytest.approx(0.5)] and b.fractions == [0.5, 0.0, 0.5]
-    assert list(bin_counts(b.cuts, np.array([0.35, 0.5, 0.1, 0.9]))) == [1, 1, 2]  # [lo, hi)
+    assert b.cuts == pytest.approx([0.2 - TOL, 0.35, 0.5, 0.5 + TOL], abs=1e-12)
+    assert b.fractions == [0.0, 0.5, 0.0, 0.5, 0.0]
+    assert list(bin_counts(b.cuts, np.array([0.35, 0.5, 0.1, 0.9]))) == [1, 0, 1, 1, 1]  # [lo, hi)
     constant = baseline_from_scores([0.3] * 6)
-    assert constant.cuts == [] and constant.std == 0.0
+    assert constant.cuts == pytest.approx([0.3 - TOL, 0.3 + TOL], abs=1e-12) and constant.std == 0.0
     assert drift_of(constant, np.array([0.3])).mean_shift == 0.0
+    assert drift_of(constant, np.full(6, 0.3)).psi == 0.0  # (a window of another size differs by smoothing)
     assert drift_of(constant, np.array([0.31])).mean_shift > 1e3  # finite, large
+    assert drift_of(constant, np.array([0.31])).psi > 0.25
     for bad in ([], [0.1, float("nan")]):
         with pytest.raises(ValueError):
             baseline_from_scores(bad)
@@ -180,36 +187,6 @@ def test_station_label_with_an_allow_list(demo_artifact):
 
 
 # --- drift against a calibrated baseline -------------------------------------------------------
-@pytest.fixture(scope="module")
-def textures(tmp_path_factory) -> Path:
-    from training.synth import generate
-
-    root = tmp_path_factory.mktemp("textures")
-    generate(root, products=["wood", "metal"], defects=["scratch"], n_per_class=1, n_good=2 * CALIBRATION_IMAGES,
-             size=64, holdout_product=None, holdout_defect=None)
-    return root
-
-
-def good(textures: Path, product: str) -> list[Path]:
-    return sorted((textures / product / "good").glob("*.png"))
-
-
-@pytest.fixture(scope="module")
-def wood_artifact(demo_artifact, textures, tmp_path_factory) -> Path:
-    """The demo artifact calibrated on the first wood images (`dapo calibrate`'s function)."""
-    from training.calibrate import calibrate
-    from training.synth import load_split
-
-    folder = tmp_path_factory.mktemp("calibrated") / "wood"
-    shutil.copytree(demo_artifact, folder)
-    wood = {p.name for p in good(textures, "wood")[:CALIBRATION_IMAGES]}
-    calib = [s for s in load_split(textures, "train") if s.product == "wood" and s.label == 0 and s.image.name in wood]
-    assert len(calib) == CALIBRATION_IMAGES
-    table = calibrate(folder, calib, drift_bins=DRIFT_BINS)
-    assert table["wood"]["images"] == CALIBRATION_IMAGES
-    return folder
-
-
 def stream(client: TestClient, paths: list[Path], product: str = "wood", **data: str) -> list[float]:
     scores = []
     for i in range(0, len(paths), 8):
@@ -220,7 +197,7 @@ def stream(client: TestClient, paths: list[Path], product: str = "wood", **data:
 
 def test_drift_is_flat_on_good_parts_and_rises_on_a_shift(wood_artifact, textures):
     baseline = load_manifest(wood_artifact).products["wood"].baseline
-    assert baseline is not None and baseline.images == CALIBRATION_IMAGES and len(baseline.cuts) == DRIFT_BINS - 1
+    assert baseline is not None and baseline.images == CALIBRATION_IMAGES and len(baseline.cuts) == DRIFT_BINS + 1
     settings = Settings(artifact=wood_artifact, drift_window=CALIBRATION_IMAGES, drift_min_images=12)
     wood, metal = good(textures, "wood"), good(textures, "metal")
     with TestClient(create_app(settings, configure_logs=False)) as client:

@@ -7,14 +7,17 @@ sides bin with the same `bin_counts`, so a window holding exactly the calibratio
 PSI 0 and mean shift 0.
 
 Two statistics, because they fail differently:
-- the population stability index over the baseline's quantile bins (equal-population bins, the
-  credit-scoring convention): PSI = sum_i (a_i - e_i) ln(a_i / e_i) over bin fractions, e the
+- the population stability index over the baseline's bins: its quantiles inside the range
+  calibration saw (equal-population bins, the credit-scoring convention) and one bin on either
+  side of that range. PSI = sum_i (a_i - e_i) ln(a_i / e_i) over bin fractions, e the
   baseline's and a the window's. It sees any change of shape. Rule of thumb: < 0.1 stable,
   0.1-0.25 a moderate shift, > 0.25 a significant one. Both fractions are estimated from counts
   with half an image added to every bin (the Jeffreys prior), so an empty bin in a small window
   reads as "rare", not as ln(0). With no drift at all the expected value is still about
-  (k - 1) (1/n + 1/N) for a window of n and a baseline of N images over k bins (sampling noise;
-  ~0.04 for the defaults and 500 calibration images), which is why the window must not be small;
+  (k - 1) (1/n + 1/N) for a window of n and a baseline of N images over k quantile bins
+  (sampling noise: ~0.04 for the defaults and 500 calibration images), which is why neither
+  may be small. Within a bin it is blind: a few scores far above the top quantile count as
+  much as scores just above it (the outer bins soften this);
 - the mean shift in baseline standard deviations, (window mean - baseline mean) / baseline std.
   It keeps a sign (scores rising: parts look less normal than at calibration).
 
@@ -28,9 +31,13 @@ import numpy as np
 
 from service.runtime.artifact import ScoreBaseline
 
-DRIFT_BINS = 10  # deciles of the good-part scores
+DRIFT_BINS = 10  # deciles of the good-part scores (plus the two bins outside their range)
 PSEUDO_COUNT = 0.5  # images added to every bin before fractions are taken (ln 0 is undefined)
 STD_FLOOR = 1e-6  # a constant baseline still gives a finite (large) shift
+# The service reports scores to 6 significant digits (postprocess.sig), calibration sees them
+# unrounded: the range's ends sit this far outside the calibration scores, so a calibration
+# image the service scores again falls inside the range, not into an outer bin.
+SCORE_TOLERANCE = 1e-6
 
 
 @dataclass(frozen=True)
@@ -49,10 +56,13 @@ def bin_counts(cuts: list[float] | np.ndarray, scores: np.ndarray) -> np.ndarray
 
 
 def baseline_from_scores(scores: np.ndarray | list[float], bins: int = DRIFT_BINS) -> ScoreBaseline:
-    """The good-part score distribution: quantile cut points, bin fractions, mean and std.
+    """The good-part score distribution: cut points, bin fractions, mean and std.
 
-    Cut points are the baseline's own quantiles, so each bin holds about 1/bins of the good
-    parts; repeated quantiles (ties, few images) are merged, leaving fewer, wider bins.
+    Inside the calibration range the cuts are the good scores' own quantiles, so each of these
+    `bins` bins holds about 1/bins of the good parts (repeated quantiles, from ties or few
+    images, are merged into fewer, wider bins). Two more bins hold scores below the smallest and
+    above the largest calibration score: they are empty in the baseline, so a window that lands
+    outside the range calibration saw reads as drift even when the inner bins barely change.
     """
     a = np.asarray(scores, dtype=np.float64).ravel()
     if a.size == 0:
@@ -61,8 +71,9 @@ def baseline_from_scores(scores: np.ndarray | list[float], bins: int = DRIFT_BIN
         raise ValueError("scores must be finite")
     if bins < 2:
         raise ValueError(f"a score baseline needs at least 2 bins, got {bins}")
-    cuts = np.unique(np.quantile(a, np.arange(1, bins) / bins))
-    cuts = cuts[cuts > a.min()]  # a cut at the minimum would leave the first bin empty
+    lo, hi = a.min() - SCORE_TOLERANCE, a.max() + SCORE_TOLERANCE
+    inner = np.unique(np.quantile(a, np.arange(1, bins) / bins))
+    cuts = np.r_[lo, inner[(inner > a.min()) & (inner < hi)], hi]  # a cut at the minimum: an empty bin
     counts = bin_counts(cuts, a)
     return ScoreBaseline(cuts=[float(c) for c in cuts], fractions=[float(f) for f in counts / a.size],
                          mean=float(a.mean()), std=float(a.std()), images=int(a.size))
