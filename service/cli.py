@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from service.runtime.drift import DRIFT_BINS
+
 DEFAULT_ARTIFACT = Path("model_artifacts/demo")
 
 
@@ -149,7 +151,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate
 
     samples = [s for s in _load_samples(args.layout, args.data, args.split) if s.label == 0]
-    print(json.dumps(calibrate(args.artifact, samples, args.image_quantile, args.pixel_quantile), indent=2))
+    print(json.dumps(calibrate(args.artifact, samples, args.image_quantile, args.pixel_quantile,
+                                drift_bins=args.drift_bins), indent=2))
     return 0
 
 
@@ -313,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(c)
     c.add_argument("--image-quantile", type=float, default=0.99)
     c.add_argument("--pixel-quantile", type=float, default=0.999)
+    c.add_argument("--drift-bins", type=int, default=DRIFT_BINS,
+                   help="quantile bins of the good-score baseline the service's drift PSI uses")
     c.set_defaults(func=cmd_calibrate)
 
     from training.synth import add_synth_arguments  # numpy + Pillow only

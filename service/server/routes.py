@@ -174,6 +174,7 @@ async def _detect(request: Request, state: ServiceState, principal: str, mask_fo
 
     async def produce() -> StoredResponse:
         results = await pipeline.detect(state, uploads, policy, options, echo)
+        state.quality.observe(state.manifest, results, echo)
         body = {"request_id": request_id, "model": model_ref(state), "results": results}
         return StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
 
