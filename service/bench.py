@@ -178,12 +178,6 @@ def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width
             **percentiles(ok), "batch_size_metric": sizes}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="dapo bench", description=__doc__.split("\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", required=True)
     p.add_argument("--mode", choices=["encoder", "e2e", "load", "all"], default="all")
@@ -219,7 +213,3 @@ def run(args: argparse.Namespace) -> int:
         out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h, server_env=server_env)
     print(json.dumps(out, indent=2))
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

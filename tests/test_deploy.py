@@ -179,7 +179,9 @@ def test_compose_gpu_service():
     assert providers[:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert set(providers) <= set(ort.get_all_providers())  # real ONNX Runtime names, no typos
     s = settings_from(env)  # every DAPO_* is a real setting with a valid value
-    assert (s.max_batch_size, s.max_queue_delay_ms, s.host, s.port) == (8, 5.0, "0.0.0.0", 8000)
+    assert (s.max_batch_size, s.host, s.port) == (8, "0.0.0.0", 8000)
+    assert env.get("DAPO_MAX_QUEUE_DELAY_MS") is None  # unset in the shell: the service's one default applies
+    assert s.max_queue_delay_ms == Settings.model_fields["max_queue_delay_ms"].default
     assert s.api_keys_file is None  # unset in the shell -> not passed -> auth off, not Path('.')
 
     # configuration by environment: artifact name, keys file, batching

@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.backbone import BackboneSpec
 from training.model import DapoConfig, DapoModel
 
 LEARNED = "learned.safetensors"
@@ -131,8 +130,3 @@ def import_authors(path: str | Path, config: DapoConfig) -> DapoModel:
                 if tensors[name].numel() == params[name].numel() else tensors[name]
     load_learned(model, tensors, strict=True, source=str(path))
     return model
-
-
-def default_spec_for_import(backbone: str, pretrained: str | None, image_size: int) -> DapoConfig:
-    return DapoConfig(backbone=BackboneSpec(name=backbone, pretrained=pretrained, image_size=image_size),
-                      text_mode="reference")

@@ -85,10 +85,11 @@ def bake(args: argparse.Namespace) -> int:
             prompts = "handcrafted"
         if not args.out:
             sys.exit("dapo bake: --out DIR is required")
-        report = B.bake(model, vocab, args.out, name=args.name or Path(args.out).name, version=args.version,
-                        prompts=prompts, products=products, image_threshold=args.image_threshold,
-                        gaussian_sigma=args.sigma, image_score=args.image_score, overwrite=args.force,
-                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, fp16=args.fp16)
+        report = B.bake(model, vocab, args.out, B.BakeOptions(
+            name=args.name or Path(args.out).name, version=args.version, prompts=prompts, products=products,
+            image_threshold=args.image_threshold, gaussian_sigma=args.sigma, image_score=args.image_score,
+            provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, overwrite=args.force,
+            fp16=args.fp16))
     v, v16 = report.manifest.verification, report.manifest.verification_fp16
     fp16 = {} if v16 is None else {"fp16_max_abs_diff": max(v16.max_abs_diff.values()),
                                    "fp16_type_map_mismatch": v16.type_map_mismatch_fraction,

@@ -19,7 +19,8 @@ from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, ImageLimits
 from service.server.batching import MicroBatcher
 from service.server.metrics import Metrics
-from service.server.security import ApiKeys, IdempotencyStore
+from service.server.auth import ApiKeys
+from service.server.idempotency import IdempotencyStore
 from service.server.settings import Settings
 
 
