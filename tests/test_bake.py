@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 from service.runtime.artifact import load_manifest
 from service.runtime.backends import create_backend
-from training.bake import DEMO_VOCAB, bake, demo_model
+from training.bake import DEMO_VOCAB, BakeOptions, bake, demo_model
 from training.checkpoint import save_checkpoint
 
 
@@ -79,7 +79,7 @@ def test_product_filter_restricts_the_type_map(demo_artifact):
 def test_bake_fails_above_tolerance_and_leaves_nothing(tmp_path, tiny_model):
     out = tmp_path / "strict"
     with pytest.raises(RuntimeError, match="verification failed"):
-        bake(tiny_model, ["scratch"], out, name="strict", tolerance=0.0)
+        bake(tiny_model, ["scratch"], out, BakeOptions(name="strict", tolerance=0.0))
     assert not out.exists() and not list(tmp_path.glob(".bake-*"))
 
 
@@ -87,13 +87,13 @@ def test_bake_refuses_bad_vocabularies_and_existing_folders(tmp_path, tiny_model
     # (repeats are no longer refused: the one vocabulary rule merges them, see test below)
     for words, msg in ((["Normal"], "class 0"), ([" "], "empty"), ([], "empty")):
         with pytest.raises(ValueError, match=msg):
-            bake(tiny_model, words, tmp_path / "x", name="x")
+            bake(tiny_model, words, tmp_path / "x", BakeOptions(name="x"))
     with pytest.raises(FileExistsError):
-        bake(tiny_model, ["scratch"], demo_artifact, name="x")
+        bake(tiny_model, ["scratch"], demo_artifact, BakeOptions(name="x"))
 
 
 def test_handcrafted_baseline_artifact(tmp_path, tiny_model):
-    report = bake(tiny_model, ["scratch", "hole"], tmp_path / "hc", name="hc", prompts="handcrafted")
+    report = bake(tiny_model, ["scratch", "hole"], tmp_path / "hc", BakeOptions(name="hc", prompts="handcrafted"))
     m = report.manifest
     assert m.prompts == "handcrafted" and m.verification.passed
     learned = tiny_model.text_features(["scratch", "hole"]).detach().numpy()

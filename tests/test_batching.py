@@ -36,7 +36,8 @@ class Recorder:
 
 
 async def started(backend, **kw) -> MicroBatcher:
-    batcher = MicroBatcher(backend, **kw)
+    kw.setdefault("max_queue_size", 64)
+    batcher = MicroBatcher(backend.run, **kw)
     await batcher.start()
     return batcher
 

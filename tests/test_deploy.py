@@ -35,7 +35,7 @@ DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 # Import names of what the serving images do NOT install (train and dev extras): the image's
 # command must run with all of them missing.
 NOT_IN_SERVING_IMAGES = ["torch", "torchvision", "open_clip", "onnx", "onnxscript", "sklearn", "tqdm",
-                         "httpx", "pytest", "hypothesis"]
+                         "httpx", "pytest", "hypothesis", "training"]
 
 
 # --- Dockerfile parsing ---------------------------------------------------------------------
@@ -181,7 +181,9 @@ def test_compose_gpu_service():
     assert providers[:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert set(providers) <= set(ort.get_all_providers())  # real ONNX Runtime names, no typos
     s = settings_from(env)  # every DAPO_* is a real setting with a valid value
-    assert (s.max_batch_size, s.max_queue_delay_ms, s.host, s.port) == (8, 5.0, "0.0.0.0", 8000)
+    assert (s.max_batch_size, s.host, s.port) == (8, "0.0.0.0", 8000)
+    assert env.get("DAPO_MAX_QUEUE_DELAY_MS") is None  # unset in the shell: the service's one default applies
+    assert s.max_queue_delay_ms == Settings.model_fields["max_queue_delay_ms"].default
     assert s.api_keys_file is None  # unset in the shell -> not passed -> auth off, not Path('.')
 
     # configuration by environment: artifact name, keys file, batching
@@ -284,6 +286,8 @@ def test_dockerfile_layers_user_and_dependencies(dockerfile, tmp_path):
 def test_serving_images_declare_their_command_and_health():
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         path = ROOT / "docker" / name
+        sources = [src for k, rest in instructions(path) if k == "COPY" for src in rest.split()[:-1]]
+        assert "service/" in sources and not any(src.startswith("training") for src in sources), sources
         assert exec_form(path, "ENTRYPOINT") == ["dapo", "serve"]
         env = image_env(path)
         assert env["DAPO_HOST"] == "0.0.0.0" and env["DAPO_ARTIFACT"] == "/models/artifact"
@@ -307,8 +311,9 @@ def image_process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
             f"raise ModuleNotFoundError('{name} is not installed in the serving image', name='{name}')\n")
     env = image_env(ROOT / "docker" / "Dockerfile.cpu")
     scripts = sysconfig.get_path("scripts")
+    # the blockers first (they hide training/ too, which the image lacks), then this checkout's code
     return {"PATH": f"{scripts}:{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-            "PYTHONPATH": str(blockers), **env, **overrides}
+            "PYTHONPATH": f"{blockers}:{ROOT}", **env, **overrides}
 
 
 def test_cpu_image_command_serves_the_demo_artifact_and_stops_cleanly(demo_artifact, tmp_path):
@@ -411,3 +416,13 @@ def test_compose_monitoring_profile():
     # the secret file moves with DAPO_SECRETS_DIR, like the API keys
     moved = compose_config(["monitoring"], DAPO_SECRETS_DIR="/etc/dapo")
     assert moved["secrets"][secrets[0]]["file"] == "/etc/dapo/grafana_admin_password"
+
+
+def test_serving_image_refuses_training_subcommands_with_a_clear_message(tmp_path):
+    """The serving image has no training/: `dapo bake` says so instead of a traceback."""
+    env = image_process_env(tmp_path)
+    proc = subprocess.run(["dapo", "bake", "--demo", "--out", str(tmp_path / "a")], cwd=tmp_path, env=env,
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "needs the `training` package" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists()

@@ -29,6 +29,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
+from service.runtime.imaging import preprocess, to_rgb8
+
 IGNORE_INDEX = -100
 UNKNOWN_DEFECT = -1  # class_id of a defective sample whose defect type is not known
 MASK_THRESHOLD = 0.5
@@ -139,32 +141,6 @@ def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("_mask", "")) 
 
 # --------------------------------------------------------------------------- image / mask reading
 
-def _local_preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-    """Same behaviour as ``service.runtime.imaging.preprocess``: RGB, bicubic resize to size x size
-    (aspect ratio not kept), /255, mean/std normalisation, (3, S, S) float32."""
-    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
-
-
-def _local_to_rgb(img: Image.Image, filename: str = "image") -> Image.Image:
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _resolve_preprocess():
-    """(to_rgb, preprocess) from ``service.runtime.imaging`` (the serving path's own conversion and
-    preprocessing), or local equivalents when that module is absent. EXIF orientation is NOT
-    applied here: data-set masks are drawn on the stored pixel grid."""
-    try:
-        from service.runtime.imaging import preprocess, to_rgb8
-    except ModuleNotFoundError as exc:  # only when the module itself is absent
-        if exc.name not in ("service.runtime.imaging", "service"):
-            raise
-        return _local_to_rgb, _local_preprocess
-    return to_rgb8, preprocess
-
-
 def mask_to_float(mask: Image.Image, nonzero: bool = False) -> np.ndarray:
     """A mask image as float32 (H, W) in [0, 1]. 8-bit: /255; 16-bit: /65535; 1-bit: 0/1;
     RGB(A): its luminance. ``nonzero``: every pixel > 0 is 1.0."""
@@ -242,7 +218,6 @@ class AnomalyDataset:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.ignore_index = int(ignore_index)
-        self._to_rgb, self._preprocess = _resolve_preprocess()
         if check_sizes:
             check_mask_sizes(self.samples)
 
@@ -274,7 +249,8 @@ class AnomalyDataset:
             with Image.open(s.image) as im:
                 im.load()
                 image_size = im.size
-                pix = self._preprocess(self._to_rgb(im, str(s.image)), self.size, self.mean, self.std)
+                # EXIF orientation is NOT applied: data-set masks are drawn on the stored pixel grid
+                pix = preprocess(to_rgb8(im, str(s.image)), self.size, self.mean, self.std)
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataLayoutError(s.image, f"cannot read image: {exc}") from exc
         cmask, has_mask = self.class_mask(s, image_size)
