@@ -229,7 +229,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/quality_drift")
     ap.add_argument("--artifact", help="artifact to copy and calibrate (default: bake the demo artifact)")
     ap.add_argument("--calibrated", default="wood")
-    ap.add_argument("--phases", default="wood,fabric,metal,wood")
+    ap.add_argument("--phases", default="wood,fabric,carpet,wood")
     ap.add_argument("--per-phase", type=int, default=240)
     ap.add_argument("--calibration-images", type=int, default=400)
     ap.add_argument("--window", type=int, default=200)

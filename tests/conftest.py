@@ -47,12 +47,12 @@ def bench_script():
 
 @pytest.fixture(scope="session")
 def textures(tmp_path_factory) -> Path:
-    """`dapo synth` good parts of two textures, wood and metal (the drift checks' shift)."""
+    """`dapo synth` good parts of two textures, wood and carpet (the drift checks' shift)."""
     from quality_util import CALIBRATION_IMAGES
     from training.synth import generate
 
     root = tmp_path_factory.mktemp("textures")
-    generate(root, products=["wood", "metal"], defects=["scratch"], n_per_class=1, n_good=2 * CALIBRATION_IMAGES,
+    generate(root, products=["wood", "carpet"], defects=["scratch"], n_per_class=1, n_good=2 * CALIBRATION_IMAGES,
              size=64, holdout_product=None, holdout_defect=None)
     return root
 

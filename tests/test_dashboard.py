@@ -118,15 +118,15 @@ def test_prometheus_config_is_valid():
 
 # --- every query against a real Prometheus -------------------------------------------------------
 class Traffic(threading.Thread):
-    """Keeps /detect busy (good wood, metal, forced rejects, two stations) until stopped."""
+    """Keeps /detect busy (good wood, carpet, forced rejects, two stations) until stopped."""
 
     def __init__(self, url: str, textures: Path):
         super().__init__(daemon=True)
         self.url, self.stop, self.errors, self.sent = url, threading.Event(), [], 0
-        wood, metal = good_images(textures, "wood"), good_images(textures, "metal")
+        wood, carpet = good_images(textures, "wood"), good_images(textures, "carpet")
         self.requests = cycle([
             (wood[:4], {"product": "wood", "station_id": "line-1"}, {}),
-            (metal[:4], {"product": "wood", "station_id": "line-2"}, {}),
+            (carpet[:4], {"product": "wood", "station_id": "line-2"}, {}),
             (wood[4:8], {"product": "wood", "station_id": "line-2"}, {"threshold": 0.0}),  # rejects
             (wood[8:10], {"product": "disc", "station_id": "line-9"}, {"threshold": 0.0}),
         ])
@@ -218,6 +218,6 @@ def test_every_dashboard_query_returns_data_from_a_real_prometheus(wood_artifact
     # the variables' options: every product and folded station the traffic produced
     assert {"wood", "disc"} <= set(products)
     assert set(stations) == {"line-1", "line-2", "other"}
-    # the drift panel shows the wood product's PSI (metal mixed into wood: a shift)
+    # the drift panel shows the wood product's PSI (carpet mixed into wood: a shift)
     drift = answers[next(k for k in answers if "dapo_score_drift_psi" in k[1])]
     assert [s["metric"]["product"] for s in drift] == ["wood"] and float(drift[0]["value"][1]) > 0.25

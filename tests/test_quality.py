@@ -4,7 +4,7 @@ Counts are checked against the /detect answers themselves (verdicts, defect type
 the client received), through the real app on the demo artifact. Drift is checked with
 `dapo synth` textures: a copy of the demo artifact calibrated on wood, then fed the very same
 wood images (PSI exactly 0: the service scores what calibration scored), fresh wood (flat), and
-metal (a shift). The PSI references are computed here from the answers' scores with
+carpet (a shift). The PSI references are computed here from the answers' scores with
 np.histogram and the textbook formula, and the formula itself against a hand computation.
 """
 from __future__ import annotations
@@ -199,7 +199,7 @@ def test_drift_is_flat_on_good_parts_and_rises_on_a_shift(wood_artifact, texture
     baseline = load_manifest(wood_artifact).products["wood"].baseline
     assert baseline is not None and baseline.images == CALIBRATION_IMAGES and len(baseline.cuts) == DRIFT_BINS + 1
     settings = Settings(artifact=wood_artifact, drift_window=CALIBRATION_IMAGES, drift_min_images=12)
-    wood, metal = good(textures, "wood"), good(textures, "metal")
+    wood, carpet = good(textures, "wood"), good(textures, "carpet")
     with TestClient(create_app(settings, configure_logs=False)) as client:
         first = stream(client, wood[:8])
         assert value(client, "dapo_score_drift_window_images", product="wood") == 8
@@ -219,11 +219,11 @@ def test_drift_is_flat_on_good_parts_and_rises_on_a_shift(wood_artifact, texture
         assert flat < 0.25 and abs(value(client, "dapo_score_mean_shift", product="wood")) < 1.0
 
         # another material arrives under the same product: half the window, then all of it
-        half = stream(client, metal[:CALIBRATION_IMAGES // 2])
+        half = stream(client, carpet[:CALIBRATION_IMAGES // 2])
         window = fresh[CALIBRATION_IMAGES // 2:] + half  # the last drift_window scores
         assert value(client, "dapo_score_drift_psi", product="wood") == pytest.approx(
             reference_psi(baseline, window), rel=1e-9)
-        rest = stream(client, metal[CALIBRATION_IMAGES // 2:CALIBRATION_IMAGES])
+        rest = stream(client, carpet[CALIBRATION_IMAGES // 2:CALIBRATION_IMAGES])
         shifted = value(client, "dapo_score_drift_psi", product="wood")
         assert shifted == pytest.approx(reference_psi(baseline, half + rest), rel=1e-9)
         assert shifted > 1.0 and shifted > 5 * flat
