@@ -20,7 +20,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 from scipy.ndimage import gaussian_filter
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import f1_score, roc_auc_score
 
 from references import reference_bilinear, reference_nearest
 from service.app import create_app
@@ -167,6 +167,24 @@ def planted_split(scores: np.ndarray) -> np.ndarray:
     return labels
 
 
+def planted_samples(folder: Path, images: list[Image.Image], ref: Reference) -> tuple[list[Sample], np.ndarray]:
+    """Samples with labels planted from the scores and, on the 'defective' ones, a 'scratch' mask
+    on the hottest fifth of the part; returns them and the (N, S, S) class truth."""
+    labels = planted_split(ref.scores)
+    samples, truth = [], np.zeros(ref.maps.shape, np.int64)
+    for i, (im, label) in enumerate(zip(images, labels)):
+        path = folder / f"{i:02d}.png"
+        im.save(path)
+        if label:
+            mask = ref.maps[i] > np.quantile(ref.maps[i], 0.8)
+            Image.fromarray(mask.astype(np.uint8) * 255).save(folder / f"{i:02d}_mask.png")
+            samples.append(Sample(path, folder / f"{i:02d}_mask.png", PRODUCT, "scratch", 1, 1))
+            truth[i][mask] = 1  # 'scratch' is class 1
+        else:
+            samples.append(Sample(path, None, PRODUCT, None, 0, 0))
+    return samples, truth
+
+
 def test_eval_reports_the_known_auroc_of_a_planted_split(artifact, good_parts, tmp_path):
     """Labels planted from the scores (image AUROC exactly 1) and masks planted from the maps
     (pixel AUROC computed by sklearn on the reference): inverted labels or masks cannot pass."""
@@ -174,22 +192,8 @@ def test_eval_reports_the_known_auroc_of_a_planted_split(artifact, good_parts, t
 
     _, images = good_parts
     ref = reference_run(artifact, images, PRODUCT)
-    labels = planted_split(ref.scores)
-    samples, gt_pixels, gt_masks = [], [], []
-    for i, (im, label) in enumerate(zip(images, labels)):
-        path = tmp_path / f"{i:02d}.png"
-        im.save(path)
-        if label:
-            mask = ref.maps[i] > np.quantile(ref.maps[i], 0.8)  # the hottest fifth of the part
-            Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / f"{i:02d}_mask.png")
-            samples.append(Sample(path, tmp_path / f"{i:02d}_mask.png", PRODUCT, "scratch", 1, 1))
-        else:
-            mask = np.zeros_like(ref.maps[i], bool)
-            samples.append(Sample(path, None, PRODUCT, None, 0, 0))
-        gt_masks.append(mask)
-        gt_pixels.append(ref.maps[i])
-    pixel_auroc = roc_auc_score(np.concatenate([m.ravel() for m in gt_masks]),
-                                np.concatenate([p.ravel() for p in gt_pixels]))
+    samples, truth = planted_samples(tmp_path, images, ref)
+    pixel_auroc = roc_auc_score(truth.ravel() > 0, ref.maps.ravel())
     assert abs(pixel_auroc - 0.5) > 0.1  # inverting the truth would move it to 1 - auroc
 
     res = evaluate(artifact, samples, progress=False)
@@ -199,6 +203,26 @@ def test_eval_reports_the_known_auroc_of_a_planted_split(artifact, good_parts, t
     assert got["pixel_auroc"] == pytest.approx(pixel_auroc, abs=1e-4)
     assert res["mean"]["image_auroc"] == 1.0 and res["mean"]["pixel_auroc"] == pytest.approx(pixel_auroc, abs=1e-4)
     assert "scratch" in got["per_type"]
+
+
+def test_eval_multitype_f1_measures_the_served_type_map(artifact, good_parts, tmp_path):
+    """Multi-type F1 is the F1 of what /detect would draw: the argmax among the product's types
+    (disc: scratch, hole, crack), not among the whole vocabulary."""
+    from training.evaluate import evaluate
+
+    _, images = good_parts
+    served_types = reference_run(artifact, images, PRODUCT).types
+    unfiltered = reference_run(artifact, images, None).types
+    samples, truth = planted_samples(tmp_path, images, reference_run(artifact, images, PRODUCT))
+    f1 = f1_score(truth.ravel(), served_types.ravel(), labels=[0, 1], average="macro")
+    f1_unfiltered = f1_score(truth.ravel(), unfiltered.ravel(), labels=[0, 1], average="macro")
+    assert abs(f1 - f1_unfiltered) > 2e-2  # the filter matters on these parts
+
+    got = evaluate(artifact, samples, progress=False)["per_product"][PRODUCT]
+    # class maps are kept in float16: a near-tie may flip a pixel's argmax (measured: < 1e-3 of F1)
+    assert got["mt_f1"] == pytest.approx(f1, abs=5e-3)
+    scratch_f1 = f1_score(truth.ravel() == 1, served_types.ravel() == 1)
+    assert got["per_type"]["scratch"]["f1"] == pytest.approx(scratch_f1, abs=5e-3)
 
 
 # --- Gaussian smoothing ------------------------------------------------------------------------

@@ -66,8 +66,16 @@ def run_artifact(artifact: str | Path, samples: list[Sample], backend: str = "on
         for i, s in enumerate(batch):
             amap = smooth(out.anomaly_map[i], sigma)
             per_product[s.product].add(int(labels[i]), score_image(out.anomaly_score[i], amap, mode),
-                                       bool(has_mask[i]), class_mask[i].numpy(), amap, out.class_probs[i])
+                                       bool(has_mask[i]), class_mask[i].numpy(), amap,
+                                       competing(out.class_probs[i], allowed[i]))
     return per_product
+
+
+def competing(class_probs: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Class maps (C, S, S) with the classes the product excludes set to -1, as the served type
+    map's head masks them: the multi-type argmax (F1) then picks only among the classes that
+    compete when serving, so the metric measures what is served."""
+    return np.where(allowed[:, None, None], class_probs, np.float32(-1.0))
 
 
 def metrics_for(c: _Collector, class_names: list[str]) -> dict:
