@@ -105,14 +105,6 @@ class Result:
     fields: dict[str, Any] | None = None  # the /detect result fields (postprocess), if rendered
     timing_ms: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def anomaly_score(self) -> float:
-        return self.scores.anomaly_score
-
-    @property
-    def is_anomalous(self) -> bool:
-        return self.scores.is_anomalous
-
 
 def ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
