@@ -118,6 +118,7 @@ class Detector:
         self.manifest = manifest
         self.backend = backend
         self.folder = folder
+        self.name, self.version = manifest.name, manifest.version  # the artifact's identity
 
     @classmethod
     def load(cls, folder: str | Path, options: RuntimeOptions | None = None) -> "Detector":
@@ -126,15 +127,6 @@ class Detector:
         folder = Path(folder)
         manifest = load_manifest(folder, verify=options.verify)
         return cls(manifest, build_backend(folder, manifest, options), folder)
-
-    # --- identity -----------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
     @property
     def class_names(self) -> list[str]:
