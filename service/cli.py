@@ -141,6 +141,8 @@ _T = "training.commands"
 COMMANDS: dict[str, Command] = {
     "bake": Command("build a served artifact (text features + exported encoder + manifest)",
                     f"{_T}:bake_arguments", f"{_T}:bake"),
+    "import-authors": Command("an authors' .pth (their training script) -> a checkpoint `dapo bake` serves",
+                              f"{_T}:import_authors_arguments", f"{_T}:import_authors"),
     "train": Command("learn DAPO prompts and adapters (CLIP frozen)", f"{_T}:train_arguments", f"{_T}:train"),
     "eval": Command("paper metrics of an artifact on a data set (through the serving code)",
                     f"{_T}:eval_arguments", f"{_T}:evaluate"),

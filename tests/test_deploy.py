@@ -152,13 +152,15 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
 
 
 @needs_compose
-@pytest.mark.parametrize("profiles", [[], ["bake"], ["cpu"], ["bake", "cpu"]])
+@pytest.mark.parametrize("profiles", [[], ["bake"], ["cpu"], ["bake", "cpu"], ["monitoring"],
+                                      ["cpu", "monitoring"]])
 def test_compose_config_is_valid_for_every_profile(profiles):
     services = compose_config(profiles)["services"]
     assert "dapo" in services
-    for profile, name in (("bake", "bake"), ("cpu", "dapo-cpu")):
-        if profile in profiles:
-            assert services[name]["profiles"] == [profile]
+    for profile, names in (("bake", ["bake"]), ("cpu", ["dapo-cpu"]), ("monitoring", ["prometheus", "grafana"])):
+        for name in names:
+            if profile in profiles:
+                assert services[name]["profiles"] == [profile]
 
 
 @needs_compose
@@ -372,6 +374,48 @@ def test_cpu_image_command_without_a_mounted_artifact_fails_fast_without_baking(
     proc = subprocess.run(argv, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "manifest.json missing" in proc.stderr and "training extra" not in proc.stderr
+
+
+@needs_compose
+def test_compose_monitoring_profile():
+    """Prometheus scrapes the serving services with deploy/ config; Grafana gets its datasource and
+    the dashboard provisioned; images pinned; the admin password only from a secret file."""
+    config = compose_config(["cpu", "monitoring"])
+    services = config["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    for service in (prometheus, grafana):
+        name, _, tag = service["image"].partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name} is not pinned to a release: {service['image']}"
+        assert all(p["host_ip"] == "127.0.0.1" if isinstance(p, dict) else p.startswith("127.0.0.1:")
+                   for p in service["ports"])  # published on loopback only
+    m = mounts(prometheus)
+    assert m["/etc/prometheus/prometheus.yml"] == (str(ROOT / "deploy" / "prometheus" / "prometheus.yml"), "ro")
+    assert m["/prometheus"][0] in config["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    targets = [t for job in scrape for group in job["static_configs"] for t in group["targets"]]
+    for target in targets:  # every target is a serving service of this file, on the port it listens on
+        host, _, port = target.partition(":")
+        assert host in services and services[host]["environment"]["DAPO_PORT"] == port, target
+    assert {t.partition(":")[0] for t in targets} == {"dapo", "dapo-cpu"}
+
+    m = mounts(grafana)
+    assert m["/etc/grafana/provisioning"] == (str(ROOT / "deploy" / "grafana" / "provisioning"), "ro")
+    assert m["/var/lib/grafana/dashboards"] == (str(ROOT / "deploy" / "grafana" / "dashboards"), "ro")
+    env = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env  # never a password in the file
+    secret_path = env["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    secrets = [s["source"] if isinstance(s, dict) else s for s in grafana["secrets"]]
+    assert secret_path == f"/run/secrets/{secrets[0]}"
+    assert config["secrets"][secrets[0]]["file"] == str(ROOT / "secrets" / "grafana_admin_password")
+    assert (ROOT / env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].replace(
+        "/var/lib/grafana/dashboards", "deploy/grafana/dashboards")).is_file()
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    raw = (ROOT / "docker-compose.yml").read_text()
+    assert not re.search(r"ADMIN_PASSWORD\s*[:=]", raw), "a Grafana admin password is set in the file"
+    # the secret file moves with DAPO_SECRETS_DIR, like the API keys
+    moved = compose_config(["monitoring"], DAPO_SECRETS_DIR="/etc/dapo")
+    assert moved["secrets"][secrets[0]]["file"] == "/etc/dapo/grafana_admin_password"
 
 
 def test_serving_image_refuses_training_subcommands_with_a_clear_message(tmp_path):

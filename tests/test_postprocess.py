@@ -176,3 +176,11 @@ def test_fused_image_score_uses_the_maps_maximum():
     fused = Policy(np.array((True, True, True, True)), 0.5, None, 0.0, "global_max")
     res = postprocess(outputs(tmap, amap), fused, 16, 16, NAMES, RenderOptions())
     assert res["anomaly_score"] == pytest.approx(0.5 * (0.8 + 0.95), abs=1e-6)
+
+
+def test_a_region_of_exactly_min_region_px_is_kept():
+    classes = np.zeros((6, 6), np.uint8)
+    classes[1, 1:4] = 1  # 3 pixels
+    classes[4, 4:6] = 2  # 2 pixels
+    regions = find_regions(ClassMaps.identity(np.ones((6, 6), np.float32), classes), NAMES, min_px=3, max_regions=10)
+    assert [(r["defect_type"], r["area_px"]) for r in regions] == [("scratch", 3)]

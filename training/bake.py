@@ -33,7 +33,8 @@ from service.runtime.artifact import (BackboneInfo, FileEntry, Manifest, Product
                                       load_manifest, write_manifest)
 from service.runtime.backends import create_backend
 from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
-from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
+from training.backbone import TINY, BackboneSpec
+from training.data.vocab import defect_words
 from training.export import (ExportModule, encoder_geometry, export_onnx, export_onnx_fp16, export_safetensors,
                              torch_export_supported)
 from training.model import DapoConfig, DapoModel
@@ -88,18 +89,11 @@ class BakeReport:
     sizes: dict[str, int]
 
 
-def clean_vocabulary(words: list[str]) -> list[str]:
-    """Strip, drop empties, refuse duplicates and the reserved word 'normal'."""
-    out = [w.strip() for w in words if w.strip()]
+def bake_vocabulary(words: list[str]) -> list[str]:
+    """The defect words of an artifact: `defect_words`, the rule `dapo train` applies too."""
+    out = list(defect_words(words))
     if not out:
         raise ValueError("the defect vocabulary is empty")
-    dupes = sorted({w for w in out if out.count(w) > 1})
-    if dupes:
-        raise ValueError(f"duplicate defect words: {dupes}")
-    if "normal" in out:
-        raise ValueError("'normal' is class 0 and cannot be a defect word")
-    if len(out) > 255:
-        raise ValueError("at most 255 defect words (class ids are uint8)")
     return out
 
 
@@ -233,7 +227,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, options: BakeO
     options.fp16: also write encoder_fp16.onnx, verified against the fp32 model within
     fp16_tolerance (outputs) and fp16_type_map_tolerance (fraction of type-map pixels that differ)."""
     o = options
-    words = clean_vocabulary(words)
+    words = bake_vocabulary(words)
     out_dir = Path(out_dir)
     if out_dir.exists() and not o.overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--force) to replace it")
@@ -302,6 +296,7 @@ def _manifest(model: DapoModel, words: list[str], o: BakeOptions, files: dict[st
     """The manifest of a bake: the options, the model's geometry, the files (verification later)."""
     geo = encoder_geometry(model)
     spec = model.config.backbone
+    mean, std = model.normalisation
     manifest = Manifest(
         name=o.name, version=o.version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         description=o.description,
@@ -309,7 +304,7 @@ def _manifest(model: DapoModel, words: list[str], o: BakeOptions, files: dict[st
                               pretrained=Path(spec.pretrained).name if spec.pretrained else None,
                               patch_size=geo.patch_size, width=geo.width, layers=geo.layers,
                               heads=geo.heads, embed_dim=geo.embed_dim, act=geo.act),
-        image_size=geo.image_size, mean=OPENAI_MEAN, std=OPENAI_STD, tapped_layers=geo.taps,
+        image_size=geo.image_size, mean=mean, std=std, tapped_layers=geo.taps,
         visual_prompt_tokens=geo.prompt_tokens, prompt_alpha=geo.alpha, temperature=geo.temperature,
         prompts=o.prompts, text_mode=model.config.text_mode,
         vocabulary=[VocabEntry(id=i, name=n) for i, n in enumerate(["normal", *words])],

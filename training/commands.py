@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from service.runtime.artifact import DEMO_ARTIFACT
+from service.runtime.drift import DRIFT_BINS
 
 
 def need_training() -> None:
@@ -70,6 +71,7 @@ def bake(args: argparse.Namespace) -> int:
             from training.checkpoint import load_checkpoint
 
             model, meta = load_checkpoint(args.checkpoint)
+            imported = meta.get("provenance")  # an imported authors' checkpoint says where it came from
             vocab = words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
             vocab += [w for w in words(args.add_defect or "") if w not in vocab]
             prompts = "learned"
@@ -83,12 +85,14 @@ def bake(args: argparse.Namespace) -> int:
             model = DapoModel(DapoConfig(backbone=spec))
             vocab = words(args.vocab or ",".join(B.DEMO_VOCAB))
             prompts = "handcrafted"
+            imported = None
         if not args.out:
             sys.exit("dapo bake: --out DIR is required")
         report = B.bake(model, vocab, args.out, B.BakeOptions(
             name=args.name or Path(args.out).name, version=args.version, prompts=prompts, products=products,
             image_threshold=args.image_threshold, gaussian_sigma=args.sigma, image_score=args.image_score,
-            provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, overwrite=args.force,
+            provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None,
+                        **({"imported": imported} if imported else {})}, overwrite=args.force,
             fp16=args.fp16))
     v, v16 = report.manifest.verification, report.manifest.verification_fp16
     fp16 = {} if v16 is None else {"fp16_max_abs_diff": max(v16.max_abs_diff.values()),
@@ -99,6 +103,42 @@ def bake(args: argparse.Namespace) -> int:
                       "bytes": report.sizes, "classes": report.manifest.class_names,
                       "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
                       "tolerance": v.tolerance, **fp16}, indent=2))
+    return 0
+
+
+# --- import-authors -------------------------------------------------------------------------
+def import_authors_arguments(a: argparse.ArgumentParser) -> None:
+    a.add_argument("file", metavar="FILE.pth", help="checkpoint written by the authors' training script")
+    a.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
+    a.add_argument("--pretrained", default="openai",
+                   help="OpenCLIP tag or local weights file: the frozen CLIP it was trained on ('' = random)")
+    a.add_argument("--image-size", type=int, default=518)
+    a.add_argument("--taps", help="tapped blocks, 1-based, comma list (default: quarters of the depth)")
+    a.add_argument("--vocab", required=True, help="defect words: comma list or @file")
+    a.add_argument("--out", required=True, help="checkpoint folder to write")
+    a.add_argument("--force", action="store_true", help="replace a checkpoint already in --out")
+
+
+def import_authors(args: argparse.Namespace) -> int:
+    need_training()
+    from training.authors import ImportOptions, import_to_checkpoint
+    from training.backbone import BackboneSpec
+
+    spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
+    taps = [int(t) for t in args.taps.split(",")] if args.taps else None
+    try:
+        folder, ck = import_to_checkpoint(args.file, ImportOptions(spec, words(args.vocab), taps), args.out,
+                                          overwrite=args.force)
+    except (OSError, ValueError) as e:  # unreadable file, wrong layout, shapes the backbone lacks
+        print(f"dapo import-authors: {e}", file=sys.stderr)
+        return 2
+    if ck.ignored:
+        print(f"dapo import-authors: ignored {', '.join(ck.ignored)} (not used at inference)", file=sys.stderr)
+    print(json.dumps({"checkpoint": str(folder), "source": str(ck.path), "sha256": ck.sha256, "epoch": ck.epoch,
+                      "text_mode": "reference", "text_deep_layers": len(ck.layer_tokens),
+                      "visual_deep_layers": int(ck.visual_tokens.shape[0]), "ignored": ck.ignored,
+                      "extra_entries": ck.extra, "next": f"dapo bake --checkpoint {folder} --out ARTIFACT_DIR"},
+                     indent=2))
     return 0
 
 
@@ -197,6 +237,8 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
     data_arguments(c)
     c.add_argument("--image-quantile", type=float, default=0.99)
     c.add_argument("--pixel-quantile", type=float, default=0.999)
+    c.add_argument("--drift-bins", type=int, default=DRIFT_BINS,
+                   help="quantile bins of the good-score baseline the service's drift PSI uses")
 
 
 def calibrate(args: argparse.Namespace) -> int:
@@ -204,7 +246,8 @@ def calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate as run_calibration
 
     samples = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0]
-    print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile), indent=2))
+    print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
+                                      drift_bins=args.drift_bins), indent=2))
     return 0
 
 

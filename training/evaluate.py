@@ -74,8 +74,16 @@ def run_artifact(artifact: str | Path | Detector, samples: list[Sample], backend
         for i, s in enumerate(batch):
             scores = detector.score(out.item(i), policy_for(s.product))
             per_product[s.product].add(int(labels[i]), scores.anomaly_score, bool(has_mask[i]),
-                                       class_mask[i].numpy(), scores.anomaly_map, scores.class_probs)
+                                       class_mask[i].numpy(), scores.anomaly_map,
+                                       competing(scores.class_probs, allowed[i]))
     return per_product
+
+
+def competing(class_probs: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """Class maps (C, S, S) with the classes the product excludes set to -1, as the served type
+    map's head masks them: the multi-type argmax (F1) then picks only among the classes that
+    compete when serving, so the metric measures what is served."""
+    return np.where(allowed[:, None, None], class_probs, np.float32(-1.0))
 
 
 def metrics_for(c: _Collector, class_names: list[str]) -> dict:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.runtime.backends.torch_model import patch_class_probs, similarity_logits
-from training.backbone import BackboneSpec, create_clip, default_taps, describe
+from training.backbone import BackboneSpec, create_clip, default_taps, describe, image_normalisation
 from training.prompts import HybridTextPrompts, TextMode, abnormal_feature
 from training.visual import DeepVisualPrompts
 
@@ -32,6 +32,7 @@ class DapoConfig:
     n_ctx: int = 5
     n_sets: int = 10
     text_deep_tokens: int = 4
+    text_deep_layers: int | None = None  # deep text depth D; None = the text tower's depth
     visual_deep_tokens: int = 4
     alpha: float = 0.01  # weight of the previous layer's slot outputs in the blend
     temperature: float = 0.07
@@ -59,9 +60,15 @@ class DapoModel(nn.Module):
         if config.taps is None:
             config.taps = default_taps(self.geometry["layers"])
         self.text_prompts = HybridTextPrompts(clip, tokenizer, config.n_ctx, config.n_sets, config.text_deep_tokens,
-                                              config.alpha, config.text_mode, seed=config.seed)
+                                              config.alpha, config.text_mode, seed=config.seed,
+                                              depth=config.text_deep_layers)
         self.visual_prompts = DeepVisualPrompts(clip.visual, config.taps, config.visual_deep_tokens, config.alpha,
                                                 seed=config.seed)
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) for the pixels, from the backbone's own preprocessing config."""
+        return image_normalisation(self.clip)
 
     def learned_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable state: everything except the frozen CLIP."""

@@ -45,12 +45,34 @@ class VocabEntry(BaseModel):
     name: str = Field(min_length=1)
 
 
+class ScoreBaseline(BaseModel):
+    """Good-part image-score distribution at calibration: the reference the service's drift
+    statistics compare against (see `service.runtime.drift`)."""
+
+    cuts: list[float]  # ascending bin cut points (the good scores' quantiles); len(cuts) + 1 bins
+    fractions: list[float]  # fraction of the calibration images in each bin
+    mean: float
+    std: float = Field(ge=0.0)
+    images: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreBaseline":
+        if len(self.fractions) != len(self.cuts) + 1:
+            raise ValueError(f"{len(self.cuts)} cuts need {len(self.cuts) + 1} fractions, got {len(self.fractions)}")
+        if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
+            raise ValueError("baseline cuts must be strictly ascending")
+        if any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError("baseline fractions must be >= 0 and sum to 1")
+        return self
+
+
 class Product(BaseModel):
-    """Per-product settings: which defect types may compete, and its thresholds."""
+    """Per-product settings: which defect types may compete, its thresholds, its score baseline."""
 
     defect_types: list[str] | None = None  # None = the whole vocabulary
     image_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    baseline: ScoreBaseline | None = None  # written by `dapo calibrate`; None = no drift statistic
 
 
 class BackboneInfo(BaseModel):

@@ -171,6 +171,7 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
 
     async def produce() -> StoredResponse:
         results = await pipeline.detect(state, model, uploads, policy, options, echo)
+        state.quality.observe(model.manifest, results, echo)
         body = {"request_id": request_id, "model": model.ref(), "results": results}
         return StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
 

@@ -31,8 +31,6 @@ from PIL import Image
 
 from service.runtime.imaging import preprocess, to_rgb8
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100
 UNKNOWN_DEFECT = -1  # class_id of a defective sample whose defect type is not known
 MASK_THRESHOLD = 0.5
@@ -197,16 +195,19 @@ def check_mask_sizes(samples: Iterable[Sample]) -> None:
 class AnomalyDataset:
     """torch-style Dataset over Samples -> (pixel_values, class_mask, label, has_mask).
 
-    ``AnomalyDataset(samples, size=518, mean=CLIP_MEAN, std=CLIP_STD)``. Works with
-    ``torch.utils.data.DataLoader`` and its default collate (tensors are stacked).
+    ``AnomalyDataset(samples, size=518, mean=mean, std=std)``. Works with
+    ``torch.utils.data.DataLoader`` and its default collate (tensors are stacked). mean/std
+    have no default: they belong to the backbone (``DapoModel.normalisation``) or the
+    artifact (``manifest.mean``/``std``), and a wrong default would go unnoticed.
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
         size: int = 518,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
         ignore_index: int = IGNORE_INDEX,
         check_sizes: bool = False,
     ):
