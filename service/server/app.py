@@ -80,9 +80,10 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     state.cpu_pool = ThreadPoolExecutor(cpu_workers(), thread_name_prefix="dapo-cpu")
     state.model = model
     state.ready = True
-    log.info("ready", extra={"artifact": str(settings.artifact), "model": model.manifest.name,
-                             "version": model.manifest.version, "backend": model.backend.name,
-                             "provider": model.backend.provider,
+    detector = model.detector
+    log.info("ready", extra={"artifact": str(settings.artifact), "model": detector.name,
+                             "version": detector.version, "backend": detector.backend.name,
+                             "provider": detector.backend.provider,
                              "startup_s": round(time.perf_counter() - t0, 3)})
 
 

@@ -194,7 +194,7 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz", summary="Artifact loaded, warm-up done, backend usable",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
-    backend = require_ready(service_of(request)).backend
+    backend = require_ready(service_of(request)).detector.backend
     return JSONResponse({"status": "ready", "backend": backend.name, "provider": backend.provider})
 
 
@@ -206,7 +206,7 @@ async def model_info(request: Request, x_api_key: Annotated[str | None, Header()
     model = state.model
     if model is None:
         model = require_ready(state)
-    m, backend, s = model.manifest, model.backend, state.settings
+    m, backend, s = model.detector.manifest, model.detector.backend, state.settings
     products = {name: scoring.product_settings(m, name).model_dump() for name in m.products}
     return JSONResponse({
         **model.ref(),

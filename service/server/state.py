@@ -51,7 +51,7 @@ class LoadedModel:
 
     def ref(self) -> dict[str, str]:
         """How answers name the model that produced them."""
-        m = self.manifest
+        m = self.detector.manifest
         return {"name": m.name, "version": m.version, "backbone": m.backbone.name}
 
 
