@@ -3,8 +3,10 @@ torch Dataset the trainer and the evaluator iterate.
 
 One image becomes ``(pixel_values, class_mask, label, has_mask)``:
 
-- ``pixel_values``  float32 (3, S, S), from ``service.runtime.imaging.preprocess`` (the serving path's
-  own preprocessing, so training and serving see identical tensors).
+- ``pixel_values``  float32 (3, S, S), decoded by ``service.runtime.imaging.load`` (the same
+  DCT-scaled JPEG decode as the service for large JPEGs) and made by
+  ``service.runtime.imaging.preprocess`` (the serving path's own preprocessing), so training,
+  evaluation and serving see identical tensors.
 - ``class_mask``    int64 (S, S): 0 = normal, k = the defect's class id; ``ignore_index``
   (default -100, torch's CrossEntropy default) where the truth is unknown.
 - ``label``         int64 scalar, 0 = good, 1 = defective.
@@ -150,21 +152,30 @@ def _local_preprocess(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD)
     return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
 
 
-def _local_to_rgb(img: Image.Image, filename: str = "image") -> Image.Image:
+def _local_decode(img: Image.Image, filename: str, size: int) -> Image.Image:
+    """Full-resolution decode to RGB (only when ``service.runtime.imaging`` is absent)."""
+    img.load()
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def _service_decode(img: Image.Image, filename: str, size: int) -> Image.Image:
+    """The service's own decode: DCT-reduced exactly like a served JPEG of the same size for a
+    model of input side ``size``; not EXIF-oriented (data-set masks are drawn on the stored grid)."""
+    from service.runtime.imaging import load, model_side
+
+    return load(img, filename, model_side(size), orient=False)
+
+
 def _resolve_preprocess():
-    """(to_rgb, preprocess) from ``service.runtime.imaging`` (the serving path's own conversion and
-    preprocessing), or local equivalents when that module is absent. EXIF orientation is NOT
-    applied here: data-set masks are drawn on the stored pixel grid."""
+    """(decode, preprocess) from ``service.runtime.imaging`` (the serving path's own decode,
+    conversion and preprocessing), or local equivalents when that module is absent."""
     try:
-        from service.runtime.imaging import preprocess, to_rgb8
+        from service.runtime.imaging import preprocess
     except ModuleNotFoundError as exc:  # only when the module itself is absent
         if exc.name not in ("service.runtime.imaging", "service"):
             raise
-        return _local_to_rgb, _local_preprocess
-    return to_rgb8, preprocess
+        return _local_decode, _local_preprocess
+    return _service_decode, preprocess
 
 
 def mask_to_float(mask: Image.Image, nonzero: bool = False) -> np.ndarray:
@@ -241,7 +252,7 @@ class AnomalyDataset:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.ignore_index = int(ignore_index)
-        self._to_rgb, self._preprocess = _resolve_preprocess()
+        self._decode, self._preprocess = _resolve_preprocess()
         if check_sizes:
             check_mask_sizes(self.samples)
 
@@ -271,9 +282,8 @@ class AnomalyDataset:
         s = self.samples[idx]
         try:
             with Image.open(s.image) as im:
-                im.load()
-                image_size = im.size
-                pix = self._preprocess(self._to_rgb(im, str(s.image)), self.size, self.mean, self.std)
+                image_size = im.size  # the stored size: a scaled decode changes im.size
+                pix = self._preprocess(self._decode(im, str(s.image), self.size), self.size, self.mean, self.std)
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataLayoutError(s.image, f"cannot read image: {exc}") from exc
         cmask, has_mask = self.class_mask(s, image_size)
