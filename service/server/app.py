@@ -42,7 +42,8 @@ def build_backend(folder: Path, manifest: Manifest, settings: Settings) -> Backe
 
     return create_backend(folder, manifest, backend=settings.backend, providers=settings.providers,
                           trt_cache_dir=settings.trt_cache_dir, device=settings.device,
-                          precision=settings.precision, io_binding=settings.ort_io_binding)
+                          precision=settings.precision, io_binding=settings.ort_io_binding,
+                          max_batch_size=settings.max_batch_size)
 
 
 def warm_up(backend: Backend, manifest: Manifest, batch_sizes: list[int]) -> None:
@@ -60,7 +61,7 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     manifest = await asyncio.to_thread(load_manifest, settings.artifact, True)
     state.manifest = manifest
     state.backend = backend or await asyncio.to_thread(build_backend, Path(settings.artifact), manifest, settings)
-    state.cpu_pool = ThreadPoolExecutor(cpu_workers(), thread_name_prefix="dapo-cpu")
+    state.cpu_pool = ThreadPoolExecutor(cpu_workers(settings.cpu_threads), thread_name_prefix="dapo-cpu")
     if settings.warmup:
         sizes = sorted({1, settings.max_batch_size})
         await asyncio.to_thread(warm_up, state.backend, manifest, sizes)
