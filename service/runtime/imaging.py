@@ -258,8 +258,13 @@ def decode_sized(data: bytes, filename: str, options: DecodeOptions) -> Decoded:
             source = model_img
         else:  # a second, larger decode, as reduced as the overlay's size allows
             source = load(open_checked(data, filename, options.max_pixels, options.max_side), filename, min(size))
-        view = source if source.size == size else source.resize(size, Image.Resampling.BILINEAR)
+        view = to_view(source, size)
     return Decoded(model_img, width, height, view)
+
+
+def to_view(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """The image at a heatmap/overlay size (bilinear; the image itself when already that size)."""
+    return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
 
 
 def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
