@@ -243,12 +243,12 @@ def test_large_uploads_get_exactly_the_masks_the_full_array_gave(w, h):
 def test_heatmap_and_overlay_are_capped_for_large_uploads():
     tmap, amap = sample_maps()
     w, h = 2448, 2048
-    size = (1024, 857)
+    size = (612, 512)  # 1/4: the smallest power-of-two reduction within 1024 px
     image = Image.new("RGB", size, (10, 20, 30))
     res = postprocess(outputs(tmap, amap), policy(), w, h, NAMES,
                       RenderOptions(mask_format="none", heatmap=True, overlay=True, view_max_side=1024), image)
     assert decode_png(res["heatmap_png"]).size == size and decode_png(res["overlay_png"]).size == size
     assert res["width"] == w and res["height"] == h  # everything else stays at the original size
-    with pytest.raises(ValueError, match="expected 1024x857"):
+    with pytest.raises(ValueError, match="expected 612x512"):
         postprocess(outputs(tmap, amap), policy(), w, h, NAMES,
                     RenderOptions(mask_format="none", overlay=True, view_max_side=1024), Image.new("RGB", (w, h)))

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from service.runtime.imaging import (
-    DecodeOptions, decode, decode_sized, load, model_side, preprocess, reduce_on_decode, view_size,
+    DecodeOptions, decode, decode_sized, load, model_side, preprocess, reduce_on_decode, view_scale, view_size,
 )
 from training.data import CLIP_MEAN, CLIP_STD, AnomalyDataset, Sample
 
@@ -94,12 +94,26 @@ def test_the_overlay_view_is_decoded_separately_at_its_capped_size():
     out = decode_sized(data, "v.jpg", options(112, view_max_side=1024))
     assert out.image.size == (306, 256)  # the model's input is the same with or without an overlay
     np.testing.assert_array_equal(np.asarray(out.image), np.asarray(decode_sized(data, "v.jpg", options(112)).image))
-    assert out.view is not None and out.view.size == view_size(2448, 2048, 1024) == (1024, 857)
-    ref = decode(data, "v.jpg", **LIMITS).resize((1024, 857), Image.Resampling.BILINEAR)
+    assert out.view is not None and out.view.size == view_size(2448, 2048, 1024) == (612, 512)
+    ref = decode(data, "v.jpg", **LIMITS).reduce(4)  # a 4 x 4 box average of the full decode
     assert np.abs(np.asarray(out.view, np.float32) - np.asarray(ref, np.float32)).mean() < 2
     full = decode_sized(data, "v.jpg", options(112, view_max_side=0))
     assert full.view is not None
     np.testing.assert_array_equal(np.asarray(full.view), np.asarray(decode(data, "v.jpg", **LIMITS)))
+
+
+@pytest.mark.parametrize("fmt,cap,size", [("JPEG", 60, (50, 43)), ("PNG", 700, (397, 342)), ("JPEG", 9, (7, 6))])
+def test_views_beyond_the_dct_scales_and_of_other_formats_are_box_reductions(fmt, cap, size):
+    img = photo_like(793, 683)  # odd sizes: every division rounds up
+    buf = io.BytesIO()
+    img.save(buf, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    scale = view_scale(793, 683, cap)
+    assert size == (-(-793 // scale), -(-683 // scale))
+    out = decode_sized(buf.getvalue(), "o", options(112, view_max_side=cap))
+    assert out.view is not None and out.view.size == view_size(793, 683, cap) == size
+    ref = np.asarray(decode(buf.getvalue(), "o", **LIMITS).reduce(scale), np.float32)
+    tolerance = 0.0 if fmt == "PNG" else 3.0  # PNG: exactly reduce(); JPEG: DCT scaling, then reduce()
+    assert np.abs(np.asarray(out.view, np.float32) - ref).mean() <= tolerance
 
 
 def test_a_small_image_is_its_own_view():
@@ -109,10 +123,11 @@ def test_a_small_image_is_its_own_view():
 
 
 @pytest.mark.parametrize("w,h,cap,expected", [
-    (2448, 2048, 1024, (1024, 857)), (2048, 2448, 1024, (857, 1024)), (640, 480, 1024, (640, 480)),
-    (5472, 3648, 0, (5472, 3648)), (4000, 3, 1000, (1000, 1)),
+    (2448, 2048, 1024, (612, 512)), (2048, 2448, 1024, (512, 612)), (640, 480, 1024, (640, 480)),
+    (5472, 3648, 1024, (684, 456)), (5472, 3648, 0, (5472, 3648)), (1025, 3, 1024, (513, 2)),
+    (1024, 1024, 1024, (1024, 1024)),
 ])
-def test_view_size_caps_the_longer_side_and_keeps_the_aspect(w, h, cap, expected):
+def test_view_size_is_a_power_of_two_reduction_within_the_cap(w, h, cap, expected):
     assert view_size(w, h, cap) == expected
 
 

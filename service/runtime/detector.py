@@ -178,8 +178,8 @@ class Detector:
             filename = source.filename
         else:
             img = imaging.to_rgb8(source, filename)
-            decoded = imaging.Decoded(img, img.width, img.height, None if view_max_side is None else
-                                      imaging.to_view(img, imaging.view_size(img.width, img.height, view_max_side)))
+            view = None if view_max_side is None else imaging.view_of(img, view_max_side)
+            decoded = imaging.Decoded(img, img.width, img.height, view)
         decode_ms = ms_since(t0)
         t1 = time.perf_counter()
         pixel_values = self.pixel_values(decoded.image)

@@ -37,8 +37,9 @@ Why 1.75 and not 1 (which is merely "still at least the model's size"): measured
 grey levels (of 255) at ratios >= 1.75, but by a mean 1-1.8 and up to 13 as the ratio nears 1,
 where the DCT reduction becomes the only low-pass filter. Images under that size (every upload
 smaller than about 2 x 1.75 x S per side, and all non-JPEG formats) are decoded exactly as
-before. Full resolution is decoded only when the request needs the original pixels (an
-overlay at full size). Measured against simplejpeg and PyTurboJPEG (the maintained
+before. An overlay gets its own decode at its view size (the original divided by a power of
+two, see `view_size`; straight from libjpeg for JPEGs), so the model's input never depends on
+whether an overlay was asked for; full resolution is decoded only for a full-size overlay. Measured against simplejpeg and PyTurboJPEG (the maintained
 libjpeg-turbo bindings), Pillow's draft decodes the same pixels within 5-10 % of their time,
 with no second decoder to harden against hostile bytes and no system library to match
 (PyTurboJPEG 2 needs libjpeg-turbo 3, which Debian 12 does not ship); see the README.
@@ -172,9 +173,9 @@ def reduce_on_decode(img: Image.Image, min_side: int) -> int:
     """
     if img.format != "JPEG" or min_side <= 0 or min(img.size) < 2 * min_side:
         return 1
-    width = img.width
     img.draft(None, (min_side, min_side))  # Pillow keeps the size >= the request on both sides
-    return width // img.width
+    config = getattr(img, "decoderconfig", ())  # Pillow's JPEG draft records (scale, fast-DCT flag)
+    return int(config[0]) if config else 1
 
 
 def model_side(model_size: int) -> int:
@@ -183,11 +184,18 @@ def model_side(model_size: int) -> int:
     return math.ceil(SCALED_DECODE_MIN_RATIO * model_size) if model_size > 0 else 0
 
 
-def _load(img: Image.Image, filename: str, min_side: int, orient: bool) -> tuple[Image.Image, bool]:
-    """`load`, also saying whether the orientation swapped width and height."""
+@dataclass
+class _Loaded:
+    image: Image.Image  # 8-bit RGB, oriented when asked
+    swapped: bool  # the orientation swapped width and height
+    dct_scale: int  # 1, 2, 4 or 8: the JPEG was decoded at 1/dct_scale
+
+
+def _load(img: Image.Image, filename: str, min_side: int, orient: bool) -> _Loaded:
+    """`load`, also saying how it decoded (the DCT scale) and whether orientation swapped sides."""
     swapped = False
     try:
-        reduce_on_decode(img, min_side)
+        scale = reduce_on_decode(img, min_side)
         img.load()
         orientation = img.getexif().get(EXIF_ORIENTATION, 1) if orient else 1
         if orientation != 1:  # transpose copies: only when needed
@@ -199,14 +207,14 @@ def _load(img: Image.Image, filename: str, min_side: int, orient: bool) -> tuple
         raise ImageError(filename, f"corrupt or truncated {img.format} data: {e}") from e
     except Exception as e:  # any other plugin failure on hostile bytes is still bad input, not a 500
         raise ImageError(filename, f"cannot decode {img.format} data: {type(e).__name__}: {e}") from e
-    return to_rgb8(img, filename), swapped
+    return _Loaded(to_rgb8(img, filename), swapped, scale)
 
 
 def load(img: Image.Image, filename: str, min_side: int = 0, orient: bool = True) -> Image.Image:
     """Decode an opened image to 8-bit RGB: DCT-reduced to >= min_side px per side when it is a
     JPEG large enough (0 = full resolution), EXIF-oriented when `orient` (the service; data-set
     masks are drawn on the stored pixel grid, so training passes False). ImageError on failure."""
-    return _load(img, filename, min_side, orient)[0]
+    return _load(img, filename, min_side, orient).image
 
 
 def decode(data: bytes, filename: str, max_pixels: int, max_side: int) -> Image.Image:
@@ -235,36 +243,54 @@ class Decoded:
     view: Image.Image | None = None  # oriented RGB at view_size(width, height, view_max_side)
 
 
+def view_scale(width: int, height: int, max_side: int) -> int:
+    """The smallest power of two that brings the longer side to at most max_side (0 = 1)."""
+    scale = 1
+    while max_side > 0 and -(-max(width, height) // scale) > max_side:
+        scale *= 2
+    return scale
+
+
 def view_size(width: int, height: int, max_side: int) -> tuple[int, int]:
-    """Size of a heatmap/overlay: the original, scaled down (aspect kept) so that its longer
-    side is at most max_side; max_side 0 = the original size."""
-    longer = max(width, height)
-    if max_side <= 0 or longer <= max_side:
-        return width, height
-    return max(1, round(width * max_side / longer)), max(1, round(height * max_side / longer))
+    """Size of a heatmap/overlay: the original divided by view_scale, rounded up (what libjpeg's
+    DCT scaling and Pillow's reduce() produce). Power-of-two steps rather than an exact size:
+    a JPEG decodes straight to it at 1/2, 1/4 or 1/8 scale, with no resize after, and every
+    view pixel covers a whole s x s block of the original."""
+    scale = view_scale(width, height, max_side)
+    return -(-width // scale), -(-height // scale)
+
+
+def view_of(img: Image.Image, max_side: int) -> Image.Image:
+    """An already decoded (full-size, oriented) image at its view size: box reduce() by view_scale."""
+    scale = view_scale(img.width, img.height, max_side)
+    return img.reduce(scale) if scale > 1 else img
 
 
 def decode_sized(data: bytes, filename: str, options: DecodeOptions) -> Decoded:
     """Bytes -> the pixels this request needs: a reduced decode for the model, and a second
-    decode for an overlay only when it needs more pixels than the model's decode has."""
+    decode for an overlay only when it needs other pixels than the model's decode has."""
     img = open_checked(data, filename, options.max_pixels, options.max_side)
     stored = img.size
-    model_img, swapped = _load(img, filename, model_side(options.model_size), orient=True)
-    width, height = stored[::-1] if swapped else stored
+    loaded = _load(img, filename, model_side(options.model_size), orient=True)
+    width, height = stored[::-1] if loaded.swapped else stored
     view = None
     if options.view_max_side is not None:
-        size = view_size(width, height, options.view_max_side)
-        if model_img.size == (width, height):  # the model's decode is the full image
-            source = model_img
-        else:  # a second, larger decode, as reduced as the overlay's size allows
-            source = load(open_checked(data, filename, options.max_pixels, options.max_side), filename, min(size))
-        view = to_view(source, size)
-    return Decoded(model_img, width, height, view)
+        scale = view_scale(width, height, options.view_max_side)
+        if scale == 1 and loaded.dct_scale == 1:  # the model's decode is the full image
+            view = loaded.image
+        else:
+            view = _view(data, filename, options, scale)
+    return Decoded(loaded.image, width, height, view)
 
 
-def to_view(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The image at a heatmap/overlay size (bilinear; the image itself when already that size)."""
-    return img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
+def _view(data: bytes, filename: str, options: DecodeOptions, scale: int) -> Image.Image:
+    """The upload reduced by `scale` (a power of two): DCT-scaled as far as libjpeg goes (1/8),
+    the rest by Pillow's box reduce(); non-JPEG images decode in full, then reduce()."""
+    img = open_checked(data, filename, options.max_pixels, options.max_side)
+    dct = min(scale, 8)
+    loaded = _load(img, filename, min(img.size) // dct if dct > 1 else 0, orient=True)
+    rest = scale // loaded.dct_scale
+    return loaded.image.reduce(rest) if rest > 1 else loaded.image
 
 
 def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:

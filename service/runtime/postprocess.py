@@ -11,9 +11,10 @@ Nothing is built at the original resolution that the answer does not contain: th
 a mask is read off the model-resolution class map and the row/column index maps (see
 `ClassMaps.rle_counts`), so an RLE answer for a 20 MP upload never allocates a 20 MP array;
 only a PNG mask (whose pixels are the answer) is expanded, by whole-row copies. Heatmaps and
-overlays are pictures for people: they are drawn at most `RenderOptions.view_max_side` px on
-the longer side (the caller may ask for the original size), which is what keeps a 20 MP
-overlay from being a 28 MB answer.
+overlays are pictures for people: they are drawn at `imaging.view_size` (the original divided
+by the smallest power of two that brings the longer side to `RenderOptions.view_max_side` px
+or less; the caller may ask for the original size), which keeps a 20 MP overlay from being a
+28 MB answer.
 
 Defect-type score (`defect_types[].score`): the image-level `type_scores` of that class
 renormalised over the defect classes allowed for this call, i.e. P(type | defective, allowed).
@@ -56,7 +57,7 @@ class RenderOptions:
     overlay: bool = False
     min_region_px: int = 16
     max_regions: int = 100
-    view_max_side: int = 0  # longer side of heatmap/overlay PNGs at most this; 0 = original size
+    view_max_side: int = 0  # heatmap/overlay PNGs within this many px (imaging.view_size); 0 = original
 
 
 @dataclass

@@ -33,8 +33,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 HEATMAP_MAX_SIDE_DOC = (
-    "longer side, in px, of heatmap_png and overlay_png (aspect kept; smaller images keep their size); "
-    "0 = the original size; default: the server's DAPO_HEATMAP_MAX_SIDE (1024)")
+    "heatmap_png and overlay_png are the original size divided by the smallest power of two (1, 2, 4, ...) "
+    "that makes the longer side at most this many px; 0 = the original size; "
+    "default: the server's DAPO_HEATMAP_MAX_SIDE (1024)")
 
 
 def encode_json(body: dict[str, Any]) -> bytes:

@@ -64,8 +64,9 @@ class Settings(BaseSettings):
     # --- postprocessing -----------------------------------------------------------------
     min_region_px: int = Field(default=16, ge=1)  # smaller connected regions are not reported
     max_regions: int = Field(default=100, ge=0)  # per image, highest score first
-    # heatmap_png / overlay_png: longer side at most this many px (aspect kept; smaller images
-    # keep their size); a request asks for the original size with heatmap_max_side=0
+    # heatmap_png / overlay_png: the original divided by the smallest power of two that brings the
+    # longer side to at most this many px (smaller images keep their size); a request may ask
+    # for another cap, or the original size with heatmap_max_side=0
     heatmap_max_side: int = Field(default=1024, ge=0, le=16384)
     # threads for decode / preprocess / postprocess; None = one per CPU available to the process
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
