@@ -68,3 +68,8 @@ def test_choose_providers_passes_options_only_to_tensorrt(monkeypatch, tmp_path)
     assert (tmp_path / "cache").is_dir()
     assert chosen[0][1]["trt_profile_max_shapes"] == "pixel_values:8x3x518x518,allowed:8x5"
 
+
+
+def test_intra_op_threads_do_not_spin(demo_artifact):
+    backend = create_backend(demo_artifact, load_manifest(demo_artifact), "onnxruntime")
+    assert backend.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
