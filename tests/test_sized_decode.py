@@ -154,3 +154,11 @@ def test_training_does_not_orient_but_reduces_the_same_way(tmp_path):
     assert stored_grid.size == (400, 300)
     ds = AnomalyDataset([Sample(path, None, "p", None, 0, 0)], size=112)
     np.testing.assert_array_equal(ds[0][0].numpy(), preprocess(stored_grid, 112, CLIP_MEAN, CLIP_STD))
+
+
+def test_a_view_coarser_than_the_model_decode_is_reduced_from_it():
+    """ViT-L/14@518 on 5 MP: the model's decode is 1/2; the 1024 px view (1/4) is its reduce(2)."""
+    data = jpeg(photo_like(2448, 2048))
+    out = decode_sized(data, "l.jpg", options(518, view_max_side=1024))
+    assert out.image.size == (1224, 1024) and out.view is not None and out.view.size == (612, 512)
+    np.testing.assert_array_equal(np.asarray(out.view), np.asarray(out.image.reduce(2)))

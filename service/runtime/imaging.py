@@ -276,9 +276,10 @@ def decode_sized(data: bytes, filename: str, options: DecodeOptions) -> Decoded:
     view = None
     if options.view_max_side is not None:
         scale = view_scale(width, height, options.view_max_side)
-        if scale == 1 and loaded.dct_scale == 1:  # the model's decode is the full image
-            view = loaded.image
-        else:
+        if scale % loaded.dct_scale == 0:  # the model's decode holds the view's pixels (e.g. S=518)
+            rest = scale // loaded.dct_scale
+            view = loaded.image.reduce(rest) if rest > 1 else loaded.image
+        else:  # the model's decode is smaller than the view: a second decode
             view = _view(data, filename, options, scale)
     return Decoded(loaded.image, width, height, view)
 
