@@ -49,7 +49,8 @@ def features(model: DapoModel, samples, size: int) -> tuple[torch.Tensor, torch.
     grid = model.geometry["grid"]
     taps: list[torch.Tensor] = []
     hooks = [a.register_forward_hook(lambda _m, inp, _o: taps.append(inp[0])) for a in model.visual_prompts.adapters]
-    ds = AnomalyDataset(samples, size=size)
+    mean, std = model.normalisation
+    ds = AnomalyDataset(samples, size=size, mean=mean, std=std)
     glob, patches, frac, labels = [], [], [], []
     try:
         for start in range(0, len(ds), 32):

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one run, for a session that is lent the H200 (device tool):
-#   random-weight ViT-L/14@518 artifact -> bare encoder sweep (torch fp32/bf16/fp16, ORT CUDA /
-#   TensorRT when onnxruntime-gpu is importable) -> /detect single-image latency vs the encoder ->
-#   end-to-end throughput under load. JSON lands in $OUT (the device tool brings it back).
-# Target (issue 5): >= 390 img/s end to end, p50 <= 20 ms for one image.
-# The device image has torch/onnx but not open_clip, fastapi & co: carry them as wheels in .whl
-# (see the device README) and start the command with the pip --target line it gives.
+# GPU acceptance check of the product on one NVIDIA GPU node, in one run:
+#   bake a random-weight ViT-L/14@518 artifact (the production geometry; weights do not change
+#   speed) -> bare encoder sweep (torch fp32/bf16/fp16; ONNX Runtime CUDA / TensorRT when
+#   onnxruntime-gpu is installed, fp16 graph included) -> /detect single-image latency against the
+#   bare encoder -> end-to-end throughput under concurrent load. Every result is JSON in $OUT.
+# Targets for a GPU node: >= 390 images/s end to end, p50 <= 20 ms for a single image.
+# Needs the `train` extra (to bake) and the service install; run from the repository root:
+#   OUT=/tmp/dapo-gpu bash bench/gpu_check.sh
 set -euo pipefail
 OUT=${OUT:-/tmp/dapo-gpu}; mkdir -p "$OUT"
 ART=/tmp/vitl518

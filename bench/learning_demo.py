@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from training.backbone import TINY_WIDE, BackboneSpec
-from training.bake import bake
+from training.bake import BakeOptions, bake
 from training.checkpoint import load_checkpoint, save_checkpoint
 from training.data import Vocabulary, with_vocabulary
 from training.evaluate import evaluate
@@ -76,7 +76,7 @@ def main() -> None:
     report["loss_by_epoch"] = [round(h["loss"], 3) for h in meta["history"]]
     for name, ckpt in (("untrained", untrained), ("trained", last)):
         model, _ = load_checkpoint(ckpt)
-        art = bake(model, all_words, out / f"artifact_{name}", name=name, overwrite=True).folder
+        art = bake(model, all_words, out / f"artifact_{name}", BakeOptions(name=name, overwrite=True)).folder
         for set_name, samples in sets.items():
             res = evaluate(art, samples, progress=False, use_products=False)
             fused = evaluate(art, samples, progress=False, use_products=False, image_score="global_max")

@@ -43,3 +43,34 @@ def bench_script():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+@pytest.fixture(scope="session")
+def textures(tmp_path_factory) -> Path:
+    """`dapo synth` good parts of two textures, wood and carpet (the drift checks' shift)."""
+    from quality_util import CALIBRATION_IMAGES
+    from training.synth import generate
+
+    root = tmp_path_factory.mktemp("textures")
+    generate(root, products=["wood", "carpet"], defects=["scratch"], n_per_class=1, n_good=2 * CALIBRATION_IMAGES,
+             size=64, holdout_product=None, holdout_defect=None)
+    return root
+
+
+@pytest.fixture(scope="session")
+def wood_artifact(demo_artifact, textures, tmp_path_factory) -> Path:
+    """A copy of the demo artifact calibrated (`dapo calibrate`'s function) on the first wood images."""
+    import shutil
+
+    from quality_util import CALIBRATION_IMAGES, DRIFT_BINS, good_images
+    from training.calibrate import calibrate
+    from training.synth import load_split
+
+    folder = tmp_path_factory.mktemp("calibrated") / "wood"
+    shutil.copytree(demo_artifact, folder)
+    wood = {p.name for p in good_images(textures, "wood")[:CALIBRATION_IMAGES]}
+    calib = [s for s in load_split(textures, "train") if s.product == "wood" and s.label == 0 and s.image.name in wood]
+    assert len(calib) == CALIBRATION_IMAGES
+    table = calibrate(folder, calib, drift_bins=DRIFT_BINS)
+    assert table["wood"]["images"] == CALIBRATION_IMAGES
+    return folder

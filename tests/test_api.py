@@ -192,16 +192,19 @@ def test_rle_equals_png_mask_at_original_size(client):
 
 
 def test_product_thresholds_and_type_restriction(client):
-    data = png_bytes(seed=5)
+    data = png_bytes(seed=0)  # an image on which every product below has defect pixels
     disc = client.post("/detect", files=files_of(("x.png", data)), data={"product": "disc"}).json()["results"][0]
-    assert {d["name"] for d in disc["defect_types"]} <= {"scratch", "hole", "crack"}
+    disc_types = {d["name"] for d in disc["defect_types"]}
+    assert disc_types and disc_types <= {"scratch", "hole", "crack"}
     assert disc["product"] == "disc"
     plate = client.post("/detect", files=files_of(("x.png", data)), data={"product": "plate"}).json()["results"][0]
     assert plate["threshold"] == 0.6
+    plate_types = {d["name"] for d in plate["defect_types"]}
+    assert plate_types and plate_types <= {"hole", "contamination", "discoloration"}
     over = client.post("/detect?threshold=0.01&defect_types=hole", files=files_of(("x.png", data)),
                        data={"product": "plate"}).json()["results"][0]
     assert over["threshold"] == 0.01 and over["is_anomalous"] is True
-    assert {d["name"] for d in over["defect_types"]} <= {"hole"}
+    assert {d["name"] for d in over["defect_types"]} == {"hole"}
 
 
 def test_concurrent_requests_are_batched_and_match_single_answers(client):
@@ -218,10 +221,9 @@ def test_concurrent_requests_are_batched_and_match_single_answers(client):
     for i in range(10):  # each distinct image, sent alone, gives the same answer
         alone = client.post("/detect", files=files_of(("x.png", images[i]))).json()["results"][0]
         batched = answers[i].json()["results"][0]
-        assert batched["anomaly_score"] == pytest.approx(alone["anomaly_score"], abs=1e-4)
+        assert batched["anomaly_score"] == pytest.approx(alone["anomaly_score"], abs=1e-5)  # measured: 6e-8
         assert [d["name"] for d in batched["defect_types"]] == [d["name"] for d in alone["defect_types"]]
-        # float reductions may differ in the last bits between batch sizes: allow rare argmax ties
-        assert (label_image(batched) != label_image(alone)).mean() < 0.01
+        np.testing.assert_array_equal(label_image(batched), label_image(alone))
 
 
 # --- errors -------------------------------------------------------------------------------

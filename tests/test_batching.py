@@ -36,6 +36,7 @@ class Recorder:
 
 
 async def started(backend, **kw) -> MicroBatcher:
+    kw.setdefault("max_queue_size", 64)
     batcher = MicroBatcher(backend.run, **kw)
     await batcher.start()
     return batcher

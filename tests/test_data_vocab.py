@@ -90,10 +90,14 @@ def test_vocabulary():
     assert v.classes[0] == "normal" and len(v) == 21
     assert v.class_id("normal") == 0 and v.class_id(None) == 0
     assert v.class_id("faulty_imprint") == v.class_id("faulty imprint") == 9
-    b = build_vocabulary(["hole", "normal", "scratch", "hole", "Faulty_Imprint"])
+    b = build_vocabulary(["hole", "scratch", "Hole", "Faulty_Imprint", "faulty-imprint"])
     assert b.classes == ("normal", "hole", "scratch", "faulty imprint")
     assert b.to_entries()[1] == {"id": 1, "name": "hole"}
     assert b.union(["crack", "hole"]).classes[-1] == "crack"
     with pytest.raises(UnmappedNameError):
         b.class_id("crack", where="x/y.png")
-    assert Vocabulary(["a"]) == Vocabulary(["a", "normal"])
+    # 'normal' is class 0: written as a defect word it is an error (was silently dropped before
+    # the one rule shared with `dapo bake`, which has always refused it)
+    for bad, msg in ((["a", "Normal"], "class 0"), (["a", " _ "], "empty"), ([str(i) for i in range(256)], "255")):
+        with pytest.raises(ValueError, match=msg):
+            Vocabulary(bad)

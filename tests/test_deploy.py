@@ -35,7 +35,7 @@ DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 # Import names of what the serving images do NOT install (train and dev extras): the image's
 # command must run with all of them missing.
 NOT_IN_SERVING_IMAGES = ["torch", "torchvision", "open_clip", "onnx", "onnxscript", "sklearn", "tqdm",
-                         "httpx", "pytest", "hypothesis"]
+                         "httpx", "pytest", "hypothesis", "training"]
 
 
 # --- Dockerfile parsing ---------------------------------------------------------------------
@@ -152,13 +152,15 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
 
 
 @needs_compose
-@pytest.mark.parametrize("profiles", [[], ["bake"], ["cpu"], ["bake", "cpu"]])
+@pytest.mark.parametrize("profiles", [[], ["bake"], ["cpu"], ["bake", "cpu"], ["monitoring"],
+                                      ["cpu", "monitoring"]])
 def test_compose_config_is_valid_for_every_profile(profiles):
     services = compose_config(profiles)["services"]
     assert "dapo" in services
-    for profile, name in (("bake", "bake"), ("cpu", "dapo-cpu")):
-        if profile in profiles:
-            assert services[name]["profiles"] == [profile]
+    for profile, names in (("bake", ["bake"]), ("cpu", ["dapo-cpu"]), ("monitoring", ["prometheus", "grafana"])):
+        for name in names:
+            if profile in profiles:
+                assert services[name]["profiles"] == [profile]
 
 
 @needs_compose
@@ -179,7 +181,9 @@ def test_compose_gpu_service():
     assert providers[:2] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
     assert set(providers) <= set(ort.get_all_providers())  # real ONNX Runtime names, no typos
     s = settings_from(env)  # every DAPO_* is a real setting with a valid value
-    assert (s.max_batch_size, s.max_queue_delay_ms, s.host, s.port) == (8, 5.0, "0.0.0.0", 8000)
+    assert (s.max_batch_size, s.host, s.port) == (8, "0.0.0.0", 8000)
+    assert env.get("DAPO_MAX_QUEUE_DELAY_MS") is None  # unset in the shell: the service's one default applies
+    assert s.max_queue_delay_ms == Settings.model_fields["max_queue_delay_ms"].default
     assert s.api_keys_file is None  # unset in the shell -> not passed -> auth off, not Path('.')
 
     # configuration by environment: artifact name, keys file, batching
@@ -282,6 +286,8 @@ def test_dockerfile_layers_user_and_dependencies(dockerfile, tmp_path):
 def test_serving_images_declare_their_command_and_health():
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         path = ROOT / "docker" / name
+        sources = [src for k, rest in instructions(path) if k == "COPY" for src in rest.split()[:-1]]
+        assert "service/" in sources and not any(src.startswith("training") for src in sources), sources
         assert exec_form(path, "ENTRYPOINT") == ["dapo", "serve"]
         env = image_env(path)
         assert env["DAPO_HOST"] == "0.0.0.0" and env["DAPO_ARTIFACT"] == "/models/artifact"
@@ -305,8 +311,9 @@ def image_process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
             f"raise ModuleNotFoundError('{name} is not installed in the serving image', name='{name}')\n")
     env = image_env(ROOT / "docker" / "Dockerfile.cpu")
     scripts = sysconfig.get_path("scripts")
+    # the blockers first (they hide training/ too, which the image lacks), then this checkout's code
     return {"PATH": f"{scripts}:{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-            "PYTHONPATH": str(blockers), **env, **overrides}
+            "PYTHONPATH": f"{blockers}:{ROOT}", **env, **overrides}
 
 
 def test_cpu_image_command_serves_the_demo_artifact_and_stops_cleanly(demo_artifact, tmp_path):
@@ -367,3 +374,55 @@ def test_cpu_image_command_without_a_mounted_artifact_fails_fast_without_baking(
     proc = subprocess.run(argv, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "manifest.json missing" in proc.stderr and "training extra" not in proc.stderr
+
+
+@needs_compose
+def test_compose_monitoring_profile():
+    """Prometheus scrapes the serving services with deploy/ config; Grafana gets its datasource and
+    the dashboard provisioned; images pinned; the admin password only from a secret file."""
+    config = compose_config(["cpu", "monitoring"])
+    services = config["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    for service in (prometheus, grafana):
+        name, _, tag = service["image"].partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name} is not pinned to a release: {service['image']}"
+        assert all(p["host_ip"] == "127.0.0.1" if isinstance(p, dict) else p.startswith("127.0.0.1:")
+                   for p in service["ports"])  # published on loopback only
+    m = mounts(prometheus)
+    assert m["/etc/prometheus/prometheus.yml"] == (str(ROOT / "deploy" / "prometheus" / "prometheus.yml"), "ro")
+    assert m["/prometheus"][0] in config["volumes"]
+    assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    targets = [t for job in scrape for group in job["static_configs"] for t in group["targets"]]
+    for target in targets:  # every target is a serving service of this file, on the port it listens on
+        host, _, port = target.partition(":")
+        assert host in services and services[host]["environment"]["DAPO_PORT"] == port, target
+    assert {t.partition(":")[0] for t in targets} == {"dapo", "dapo-cpu"}
+
+    m = mounts(grafana)
+    assert m["/etc/grafana/provisioning"] == (str(ROOT / "deploy" / "grafana" / "provisioning"), "ro")
+    assert m["/var/lib/grafana/dashboards"] == (str(ROOT / "deploy" / "grafana" / "dashboards"), "ro")
+    env = grafana["environment"]
+    assert "GF_SECURITY_ADMIN_PASSWORD" not in env  # never a password in the file
+    secret_path = env["GF_SECURITY_ADMIN_PASSWORD__FILE"]
+    secrets = [s["source"] if isinstance(s, dict) else s for s in grafana["secrets"]]
+    assert secret_path == f"/run/secrets/{secrets[0]}"
+    assert config["secrets"][secrets[0]]["file"] == str(ROOT / "secrets" / "grafana_admin_password")
+    assert (ROOT / env["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"].replace(
+        "/var/lib/grafana/dashboards", "deploy/grafana/dashboards")).is_file()
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false" and env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    raw = (ROOT / "docker-compose.yml").read_text()
+    assert not re.search(r"ADMIN_PASSWORD\s*[:=]", raw), "a Grafana admin password is set in the file"
+    # the secret file moves with DAPO_SECRETS_DIR, like the API keys
+    moved = compose_config(["monitoring"], DAPO_SECRETS_DIR="/etc/dapo")
+    assert moved["secrets"][secrets[0]]["file"] == "/etc/dapo/grafana_admin_password"
+
+
+def test_serving_image_refuses_training_subcommands_with_a_clear_message(tmp_path):
+    """The serving image has no training/: `dapo bake` says so instead of a traceback."""
+    env = image_process_env(tmp_path)
+    proc = subprocess.run(["dapo", "bake", "--demo", "--out", str(tmp_path / "a")], cwd=tmp_path, env=env,
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "needs the `training` package" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists()

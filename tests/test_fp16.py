@@ -19,7 +19,7 @@ from service.server.app import create_app
 from service.runtime.artifact import ArtifactError, load_manifest, sha256_file
 from service.runtime.backends import create_backend
 from service.server.settings import Settings
-from training.bake import FP16_TOLERANCE, bake, run_onnx_fp16_isolated
+from training.bake import FP16_TOLERANCE, BakeOptions, bake, run_onnx_fp16_isolated
 
 FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 
@@ -124,7 +124,7 @@ def test_fp16_graph_matches_fp32_on_ort_cpu(fp16_artifact, batch):
 def test_fp16_bake_refuses_above_tolerance_and_leaves_nothing(tmp_path, tiny_model):
     out = tmp_path / "strict16"
     with pytest.raises(RuntimeError, match=r"fp16 export verification failed: encoder_fp16\.onnx differs"):
-        bake(tiny_model, ["scratch", "hole"], out, name="strict16", fp16=True, fp16_tolerance=1e-6)
+        bake(tiny_model, ["scratch", "hole"], out, BakeOptions(name="strict16", fp16=True, fp16_tolerance=1e-6))
     assert not out.exists() and not list(tmp_path.glob(".bake-*"))
 
 
@@ -147,10 +147,11 @@ def test_missing_fp16_file_is_a_clear_error(demo_artifact):
 
 
 def test_manifests_without_onnx_encoders_still_load(fp16_artifact, tmp_path):
-    """Artifacts baked before fp16 export: no onnx_encoders, no verification_fp16 -> fp32 only."""
+    """Artifacts baked before fp16 export (schema 1): no onnx_encoders, no verification_fp16 -> fp32 only."""
     old = tmp_path / "old"
     shutil.copytree(fp16_artifact, old)
     data = json.loads((old / "manifest.json").read_text())
+    data["schema_version"] = 1
     for key in ("onnx_encoders", "verification_fp16"):
         data.pop(key)
     for key in ("type_map_tolerance", "type_map_tie_margin", "type_map_flips_at_ties"):

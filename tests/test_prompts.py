@@ -1,10 +1,16 @@
-"""The progressive blend and the two text modes (fixed vs the authors' reference)."""
+"""The prompt words, the ensemble, the progressive blend, partial depths and the two text modes."""
 from __future__ import annotations
 
+import copy
+
+import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from training.prompts import blend, encode_text_deep, run_deep_layers
+from training.prompts import PROMPT_WORDS, HybridTextPrompts, blend, encode_text_deep, run_deep_layers
+
+X = "x</w>"  # the placeholder's token: replaced by a learned context token
 
 
 class AddOne(nn.Module):
@@ -94,3 +100,98 @@ def test_modes_agree_on_nothing_else_changed(tiny_model):
     finally:
         tp.mode = "fixed"
     assert (fixed - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["fixed", "reference"])
+def test_prompt_token_sequences_are_pinned(tiny_model, mode):
+    """METHOD.md's words, token by token (OpenCLIP's tokenizer): no period, nothing else."""
+    tp = tiny_model.text_prompts
+    tp.mode = mode
+    try:
+        tokens = tp._tokens(["scratch", "faulty imprint"], torch.device("cpu"))
+    finally:
+        tp.mode = "fixed"
+    decoder = tp.tokenizer.decoder
+    seqs = [[decoder[int(t)] for t in row[: int(row.argmax()) + 1]] for row in tokens]
+    assert seqs == [
+        ["<start_of_text>", X, X, X, X, X, "flawless</w>", "object</w>", "<end_of_text>"],
+        ["<start_of_text>", X, X, X, X, X, "scratch</w>", "anomaly</w>", "object</w>", "<end_of_text>"],
+        ["<start_of_text>", X, X, X, X, X, "faulty</w>", "imprint</w>", "anomaly</w>", "object</w>",
+         "<end_of_text>"],
+    ]
+    assert tokens.shape[1] == 77 and (tokens[:, 11:] == 0).all()  # padding after end-of-text
+    assert PROMPT_WORDS.texts(["hole"], 2) == ["X X flawless object", "X X hole anomaly object"]
+
+
+def _raw_set_features(model, words, mode) -> torch.Tensor:
+    """(E, 1 + K, D): each prompt set encoded on its own, projected, not normalised."""
+    tp = model.text_prompts
+    tokens = tp._tokens(words, torch.device("cpu"))
+    base = model.clip.token_embedding(tokens)
+    n = tp.n_ctx
+    out = []
+    for e in range(tp.ctx_normal.shape[0]):
+        ctx = torch.cat([tp.ctx_normal[e:e + 1], tp.ctx_abnormal[e:e + 1].expand(len(words), -1, -1)])
+        embeds = torch.cat([base[:, :1], ctx, base[:, 1 + n:]], dim=1)
+        out.append(encode_text_deep(model.clip, tokens, embeds, tp.deep, tp.alpha, mode))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["fixed", "reference"])
+def test_ensemble_means_raw_projected_features_then_normalises_once(tiny_model, mode):
+    words = ["scratch", "hole"]
+    raw = _raw_set_features(tiny_model, words, mode)
+    tiny_model.text_prompts.mode = mode
+    try:
+        ours = tiny_model.text_features(words)
+    finally:
+        tiny_model.text_prompts.mode = "fixed"
+    torch.testing.assert_close(ours, F.normalize(raw.mean(0), dim=-1), rtol=0, atol=1e-6)
+    # the other order (normalise each set first) is measurably different on these weights
+    assert (ours - F.normalize(F.normalize(raw, dim=-1).mean(0), dim=-1)).abs().max() > 1e-3
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode,depth", [("reference", 2), ("fixed", 2), ("reference", 4), ("fixed", 4)])
+def test_partial_depth_schedule(tiny_model, mode, depth):
+    """METHOD.md "Partial depths" on the real text tower (4 layers): what each layer sees."""
+    clip = tiny_model.clip
+    blocks = clip.transformer.resblocks
+    g = torch.Generator().manual_seed(1)
+    deep = torch.randn((depth, 4, clip.transformer.width), generator=g)
+    tokens, embeds = _tokens_and_embeds(tiny_model, ["hole"])
+    seen_in, seen_out = [], []
+    hooks = [b.register_forward_pre_hook(lambda m, args, kw: seen_in.append(args[0].clone()), with_kwargs=True)
+             for b in blocks] + [b.register_forward_hook(lambda m, i, o: seen_out.append(o.clone())) for b in blocks]
+    hooks.append(clip.ln_final.register_forward_hook(lambda m, i, o: seen_out.append(o.clone())))
+    try:
+        encode_text_deep(clip, tokens, embeds, deep, 0.01, mode)
+    finally:
+        for h in hooks:
+            h.remove()
+    lengths = [x.shape[1] for x in seen_in]
+    final = seen_out[-1].shape[1]
+    if depth < len(blocks):  # in before 0, blended before 1..D-1, through layer D unblended, out after it
+        assert lengths == [81] * (depth + 1) + [77] * (len(blocks) - depth - 1) and final == 77
+        torch.testing.assert_close(seen_in[depth][:, 1:5], seen_out[depth - 1][:, 1:5])  # not blended
+    else:  # D == depth: never dropped in reference (pooled 4 short), dropped after the last layer in fixed
+        assert lengths == [81] * len(blocks) and final == (81 if mode == "reference" else 77)
+    torch.testing.assert_close(seen_in[0][:, 1:5], deep[0].expand(len(tokens), -1, -1))
+    for i in range(1, depth):
+        torch.testing.assert_close(seen_in[i][:, 1:5], 0.01 * seen_out[i - 1][:, 1:5] + 0.99 * deep[i])
+
+
+def test_context_and_deep_tokens_start_from_token_embedding_statistics(tiny_model):
+    """Both are per-dimension mean + std * N(0, 1) of CLIP's token-embedding table."""
+    clip = copy.deepcopy(tiny_model.clip)
+    g = torch.Generator().manual_seed(0)
+    width = clip.transformer.width
+    mean, std = torch.linspace(-2, 2, width), torch.linspace(0.1, 0.5, width)
+    with torch.no_grad():
+        clip.token_embedding.weight.copy_(mean + std * torch.randn(clip.token_embedding.weight.shape, generator=g))
+    tp = HybridTextPrompts(clip, tiny_model.text_prompts.tokenizer, n_sets=10, deep_tokens=16)
+    for p in (tp.ctx_normal, tp.deep):
+        rows = p.detach().reshape(-1, width)  # 50 and 64 samples per dimension
+        assert ((rows.mean(0) - mean).abs() < 4 * std / rows.shape[0] ** 0.5).all()
+        assert ((rows.std(0) / std - 1).abs() < 0.5).all()

@@ -60,3 +60,25 @@ def test_policy_carries_the_manifest_image_score(demo_artifact):
     m = load_manifest(demo_artifact)
     assert policy(m).image_score == "global"
     assert policy(m.model_copy(update={"image_score": "global_max"})).image_score == "global_max"
+
+
+def test_both_thresholds_are_inclusive():
+    """API.md: anomalous when score >= threshold; a pixel AT the pixel threshold keeps its type."""
+    from service.runtime.scoring import is_anomalous
+
+    assert is_anomalous(0.5, 0.5) is True and is_anomalous(np.nextafter(0.5, 0), 0.5) is False
+    types = np.array([[1, 2, 3]], np.uint8)
+    amap = np.array([[0.5, np.nextafter(np.float32(0.5), np.float32(0)), 0.75]], np.float32)
+    assert final_type_map(types, amap, 0.5).tolist() == [[1, 0, 3]]
+
+
+def test_smoothing_equals_scipy_with_nearest_borders():
+    """The reference: scipy's Gaussian with the border pixel repeated (not mirrored)."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(0)
+    a = rng.random((20, 24)).astype(np.float32)
+    a[:, :3] = 1.0  # a bright border: border modes differ most here
+    np.testing.assert_allclose(smooth(a, 2.0), gaussian_filter(a.astype(np.float64), 2.0, mode="nearest"),
+                               rtol=0, atol=1e-5)
+    assert np.abs(smooth(a, 2.0) - gaussian_filter(a, 2.0, mode="reflect")).max() > 1e-3

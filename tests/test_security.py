@@ -6,14 +6,8 @@ import asyncio
 import pytest
 from pydantic import SecretStr
 
-from service.server.security import (
-    ApiKeys,
-    IdempotencyConflict,
-    IdempotencyStore,
-    StoredResponse,
-    principal_of,
-    request_fingerprint,
-)
+from service.server.auth import ApiKeys, principal_of
+from service.server.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse, request_fingerprint
 
 
 def test_api_keys_from_env_and_file(tmp_path):

@@ -88,9 +88,9 @@ def test_serving_does_not_import_training_or_pickle_users():
 
 # --- 2. API keys: constant-time comparison, never logged ---------------------------------------
 def test_api_keys_compared_with_compare_digest():
-    from service.server import security
+    from service.server import auth
 
-    tree = ast.parse(Path(security.__file__).read_text())
+    tree = ast.parse(Path(auth.__file__).read_text())
     check = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "check")
     calls = {dotted(n.func) for n in ast.walk(check) if isinstance(n, ast.Call)}
     assert "hmac.compare_digest" in calls

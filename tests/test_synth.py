@@ -96,7 +96,7 @@ def test_splits(synth_root):
     assert {s.class_id for s in train if s.defect == "hole"} == {info["vocabulary"].index("hole")}
     # the folder loader reads the whole tree, and the Dataset produces matching class masks
     assert len(load_folder(synth_root)) == sum(len(v["files"]) for v in sp.values())
-    ds = AnomalyDataset([s for s in zero if s.label][:1], size=48)
+    ds = AnomalyDataset([s for s in zero if s.label][:1], size=48, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
     _, cm, label, has = ds[0]
     assert int(label) == 1 and bool(has) and set(cm.unique().tolist()) <= {0, crack_id}
     assert (cm == crack_id).any()

@@ -36,8 +36,9 @@ def test_torch_backend_serves_the_same_answers(demo_artifact):
     assert ort_model["backend"] == {"name": "onnxruntime", "provider": "CPUExecutionProvider"}
     assert torch_model["backend"] == {"name": "torch", "provider": "cpu:fp32"}
     for a, b in zip(ort, tch):
-        assert abs(a["anomaly_score"] - b["anomaly_score"]) < 1e-4
+        assert abs(a["anomaly_score"] - b["anomaly_score"]) < 1e-5  # measured: 3e-7
         assert [d["name"] for d in a["defect_types"]] == [d["name"] for d in b["defect_types"]]
         ma = np.asarray(Image.open(io.BytesIO(base64.b64decode(a["mask"]["png"]))))
         mb = np.asarray(Image.open(io.BytesIO(base64.b64decode(b["mask"]["png"]))))
-        assert (ma == mb).mean() > 0.999
+        assert (ma > 0).any()
+        np.testing.assert_array_equal(ma, mb)

@@ -31,8 +31,6 @@ TINY_WIDE = "dapo-tiny-wide"
 DEFAULT_BACKBONE = "ViT-L-14-336-quickgelu"
 DEFAULT_PRETRAINED = "openai"
 DEFAULT_IMAGE_SIZE = 518
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 open_clip.add_model_config(CONFIG_DIR)  # registers dapo-tiny, dapo-tiny-b by file stem
 
@@ -116,6 +114,18 @@ def describe(model: nn.Module) -> dict:
         "text_layers": model.transformer.layers,
         "act": act,
     }
+
+
+def image_normalisation(model: nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) of the pixel normalisation the backbone was trained with.
+
+    Read from OpenCLIP's own preprocessing config of the built model (set from the pretrained
+    tag's statistics, e.g. OpenAI's for `openai`, (0.5, 0.5, 0.5) for SigLIP tags; OpenAI's by
+    default). The one source for training's data pipeline and the artifact's manifest."""
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    if "mean" not in cfg or "std" not in cfg:
+        raise ValueError(f"the OpenCLIP model has no image mean/std in its preprocess config: {cfg}")
+    return tuple(float(m) for m in cfg["mean"]), tuple(float(s) for s in cfg["std"])
 
 
 def resize_pos_embed(pos: torch.Tensor, grid: int) -> torch.Tensor:

@@ -21,19 +21,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from service.runtime.artifact import (BackboneInfo, Manifest, Product, VocabEntry, Verification, file_entry, load_manifest,
-                              write_manifest)
+from service.runtime.artifact import (BackboneInfo, FileEntry, Manifest, Product, VocabEntry, Verification, file_entry,
+                                      load_manifest, write_manifest)
 from service.runtime.backends import create_backend
 from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
-from training.backbone import OPENAI_MEAN, OPENAI_STD, TINY, BackboneSpec
-from training.export import (ExportModule, encoder_config, export_onnx, export_onnx_fp16, export_safetensors,
+from training.backbone import TINY, BackboneSpec
+from training.data.vocab import defect_words
+from training.export import (ExportModule, encoder_geometry, export_onnx, export_onnx_fp16, export_safetensors,
                              torch_export_supported)
 from training.model import DapoConfig, DapoModel
 from training.prompts import abnormal_feature, handcrafted_text_features
@@ -55,6 +57,30 @@ DEMO_PRODUCTS = {
 }
 
 
+@dataclass(frozen=True)
+class BakeOptions:
+    """Everything `bake` needs besides the model and its words (the knobs of `dapo bake`).
+
+    The first group ends up in the manifest; the second decides how the export is checked."""
+
+    name: str
+    version: str = "0.1.0"
+    description: str = ""
+    prompts: Literal["learned", "handcrafted"] = "learned"
+    products: dict[str, Product] = field(default_factory=dict)
+    image_threshold: float = 0.5
+    pixel_threshold: float | None = None
+    gaussian_sigma: float = 0.0
+    image_score: Literal["global", "global_max"] = "global"
+    provenance: dict = field(default_factory=dict)
+    # the export and its checks
+    overwrite: bool = False
+    tolerance: float = TOLERANCE
+    fp16: bool = False  # also write encoder_fp16.onnx, checked against the fp32 model
+    fp16_tolerance: float = FP16_TOLERANCE
+    fp16_type_map_tolerance: float = FP16_TYPE_MAP_TOLERANCE
+
+
 @dataclass
 class BakeReport:
     folder: Path
@@ -63,18 +89,11 @@ class BakeReport:
     sizes: dict[str, int]
 
 
-def clean_vocabulary(words: list[str]) -> list[str]:
-    """Strip, drop empties, refuse duplicates and the reserved word 'normal'."""
-    out = [w.strip() for w in words if w.strip()]
+def bake_vocabulary(words: list[str]) -> list[str]:
+    """The defect words of an artifact: `defect_words`, the rule `dapo train` applies too."""
+    out = list(defect_words(words))
     if not out:
         raise ValueError("the defect vocabulary is empty")
-    dupes = sorted({w for w in out if out.count(w) > 1})
-    if dupes:
-        raise ValueError(f"duplicate defect words: {dupes}")
-    if "normal" in out:
-        raise ValueError("'normal' is class 0 and cannot be a defect word")
-    if len(out) > 255:
-        raise ValueError("at most 255 defect words (class ids are uint8)")
     return out
 
 
@@ -202,25 +221,20 @@ def verify_fp16_export(module: ExportModule, folder: Path, manifest: Manifest, b
                     type_map_tie_margin=tolerance, type_map_flips_at_ties=at_ties)
 
 
-def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, version: str = "0.1.0",
-         prompts: str = "learned", products: dict[str, Product] | None = None, image_threshold: float = 0.5,
-         pixel_threshold: float | None = None, gaussian_sigma: float = 0.0, image_score: str = "global",
-         description: str = "",
-         provenance: dict | None = None, tolerance: float = TOLERANCE, overwrite: bool = False,
-         fp16: bool = False, fp16_tolerance: float = FP16_TOLERANCE,
-         fp16_type_map_tolerance: float = FP16_TYPE_MAP_TOLERANCE) -> BakeReport:
+def bake(model: DapoModel, words: list[str], out_dir: str | Path, options: BakeOptions) -> BakeReport:
     """Write a verified artifact folder; nothing is left at out_dir if any step fails.
 
-    fp16: also write encoder_fp16.onnx, verified against the fp32 model within fp16_tolerance
-    (outputs) and fp16_type_map_tolerance (fraction of type-map pixels that differ)."""
-    words = clean_vocabulary(words)
+    options.fp16: also write encoder_fp16.onnx, verified against the fp32 model within
+    fp16_tolerance (outputs) and fp16_type_map_tolerance (fraction of type-map pixels that differ)."""
+    o = options
+    words = bake_vocabulary(words)
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and not o.overwrite:
         raise FileExistsError(f"{out_dir} exists; pass overwrite=True (--force) to replace it")
     model.eval()
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
-    text = text_features_for(model, words, prompts).float()
+    text = text_features_for(model, words, o.prompts).float()
     abnormal = abnormal_feature(text)
     seconds["text_features"] = time.perf_counter() - t0
 
@@ -235,7 +249,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
         seconds["export_onnx"] = time.perf_counter() - t
         files = ["text_features.safetensors", "encoder.onnx"]
         onnx_encoders = {"fp32": "encoder.onnx"}
-        if fp16:
+        if o.fp16:
             t = time.perf_counter()
             export_onnx_fp16(tmp / "encoder.onnx", tmp / FP16_ONNX)
             seconds["export_onnx_fp16"] = time.perf_counter() - t
@@ -245,27 +259,25 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
         if unsupported is None:
             export_safetensors(model, text, abnormal, tmp / "encoder.safetensors")
             files.append("encoder.safetensors")
-        manifest = _manifest(model, words, name, version, prompts, products or {}, image_threshold,
-                             pixel_threshold, gaussian_sigma, description, provenance or {},
-                             {f: file_entry(tmp / f) for f in files}, image_score)
+        manifest = _manifest(model, words, o, {f: file_entry(tmp / f) for f in files})
         manifest.onnx_encoders = onnx_encoders
         if unsupported:
             manifest.provenance["torch_backend"] = f"not exported: {unsupported}"
         t = time.perf_counter()
         backends = ("onnxruntime", "torch") if unsupported is None else ("onnxruntime",)
-        manifest.verification = verify_export(module, tmp, manifest, tolerance=tolerance, backends=backends)
+        manifest.verification = verify_export(module, tmp, manifest, tolerance=o.tolerance, backends=backends)
         seconds["verify"] = time.perf_counter() - t
         if not manifest.verification.passed:
-            raise RuntimeError(f"export verification failed (tolerance {tolerance}): "
+            raise RuntimeError(f"export verification failed (tolerance {o.tolerance}): "
                                f"{manifest.verification.model_dump()}")
-        if fp16:
+        if o.fp16:
             t = time.perf_counter()
-            manifest.verification_fp16 = verify_fp16_export(module, tmp, manifest, tolerance=fp16_tolerance,
-                                                            type_map_tolerance=fp16_type_map_tolerance)
+            manifest.verification_fp16 = verify_fp16_export(module, tmp, manifest, tolerance=o.fp16_tolerance,
+                                                            type_map_tolerance=o.fp16_type_map_tolerance)
             seconds["verify_fp16"] = time.perf_counter() - t
             if not manifest.verification_fp16.passed:
                 raise RuntimeError(f"fp16 export verification failed: {FP16_ONNX} differs from the fp32 model by more "
-                                   f"than tolerance {fp16_tolerance} (type map {fp16_type_map_tolerance}): "
+                                   f"than tolerance {o.fp16_tolerance} (type map {o.fp16_type_map_tolerance}): "
                                    f"{manifest.verification_fp16.model_dump()}")
         write_manifest(tmp, manifest)
         load_manifest(tmp)  # what the service will do: schema + every sha256
@@ -280,25 +292,28 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
     return BakeReport(out_dir, manifest, seconds, sizes)
 
 
-def _manifest(model: DapoModel, words, name, version, prompts, products, image_threshold, pixel_threshold,
-              gaussian_sigma, description, provenance, files, image_score="global") -> Manifest:
-    geo = model.geometry
+def _manifest(model: DapoModel, words: list[str], o: BakeOptions, files: dict[str, FileEntry]) -> Manifest:
+    """The manifest of a bake: the options, the model's geometry, the files (verification later)."""
+    geo = encoder_geometry(model)
     spec = model.config.backbone
-    enc = encoder_config(model)
-    return Manifest(
-        name=name, version=version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        description=description,
+    mean, std = model.normalisation
+    manifest = Manifest(
+        name=o.name, version=o.version, created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        description=o.description,
         backbone=BackboneInfo(name=Path(spec.name).stem if spec.name.endswith(".json") else spec.name,
                               pretrained=Path(spec.pretrained).name if spec.pretrained else None,
-                              patch_size=geo["patch_size"], width=geo["width"], layers=geo["layers"],
-                              heads=geo["heads"], embed_dim=geo["embed_dim"], act=geo["act"]),
-        image_size=geo["image_size"], mean=OPENAI_MEAN, std=OPENAI_STD, tapped_layers=enc["taps"],
-        visual_prompt_tokens=enc["prompt_tokens"], prompt_alpha=enc["alpha"], temperature=enc["temperature"],
-        prompts=prompts, text_mode=model.config.text_mode,
+                              patch_size=geo.patch_size, width=geo.width, layers=geo.layers,
+                              heads=geo.heads, embed_dim=geo.embed_dim, act=geo.act),
+        image_size=geo.image_size, mean=mean, std=std, tapped_layers=geo.taps,
+        visual_prompt_tokens=geo.prompt_tokens, prompt_alpha=geo.alpha, temperature=geo.temperature,
+        prompts=o.prompts, text_mode=model.config.text_mode,
         vocabulary=[VocabEntry(id=i, name=n) for i, n in enumerate(["normal", *words])],
-        products=products, image_threshold=image_threshold, pixel_threshold=pixel_threshold,
-        gaussian_sigma=gaussian_sigma, image_score=image_score, files=files, provenance=provenance,
+        products=dict(o.products), image_threshold=o.image_threshold, pixel_threshold=o.pixel_threshold,
+        gaussian_sigma=o.gaussian_sigma, image_score=o.image_score, files=files, provenance=dict(o.provenance),
     )
+    if manifest.encoder_geometry() != geo:  # the manifest must give the service back what export used
+        raise RuntimeError(f"manifest geometry {manifest.encoder_geometry()} != the model's {geo}")
+    return manifest
 
 
 def demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 42) -> DapoModel:
@@ -309,7 +324,8 @@ def demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 42) -> DapoModel:
 
 def bake_demo(out_dir: str | Path, overwrite: bool = True, fp16: bool = False) -> BakeReport:
     """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads."""
-    return bake(demo_model(), DEMO_VOCAB, out_dir, name="dapo-demo", version="0.1.0", products=dict(DEMO_PRODUCTS),
-                description="DEMO: tiny randomly initialised OpenCLIP ViT with untrained DAPO prompts. "
-                            "Exercises the whole pipeline; its scores carry no meaning.",
-                provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite, fp16=fp16)
+    return bake(demo_model(), DEMO_VOCAB, out_dir, BakeOptions(
+        name="dapo-demo", version="0.1.0", products=dict(DEMO_PRODUCTS),
+        description="DEMO: tiny randomly initialised OpenCLIP ViT with untrained DAPO prompts. "
+                    "Exercises the whole pipeline; its scores carry no meaning.",
+        provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite, fp16=fp16))

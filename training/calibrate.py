@@ -3,6 +3,8 @@
 A threshold is a quantile ("higher" method: an observed score, never interpolated) of the scores
 that known-good parts get (image: anomaly score;
 pixel: anomaly-map values), so the expected false-alarm rate on good parts is 1 - quantile.
+Each product also gets its good-part score distribution (`ScoreBaseline`: quantile bins, mean,
+std), the reference of the service's drift statistics (`service.runtime.drift`).
 Only manifest.json changes; the hashed model files stay as they are.
 """
 from __future__ import annotations
@@ -11,34 +13,43 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.artifact import Product, load_manifest, write_manifest
+from service.runtime.artifact import Product, write_manifest
+from service.runtime.detector import Detector, RuntimeOptions
+from service.runtime.drift import DRIFT_BINS, baseline_from_scores
 from training.data import Sample
 from training.evaluate import run_artifact
 
 
 def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 0.99,
-              pixel_quantile: float = 0.999, backend: str = "onnxruntime", progress: bool = False) -> dict:
-    """Return {product: {image_threshold, pixel_threshold, images}} and update the manifest."""
+              pixel_quantile: float = 0.999, backend: str = "onnxruntime", progress: bool = False,
+              drift_bins: int = DRIFT_BINS) -> dict:
+    """Return {product: {image_threshold, pixel_threshold, images, score_mean, score_std}} and
+    update the manifest (thresholds and score baseline per product)."""
     for q in (image_quantile, pixel_quantile):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"quantiles must be within (0, 1], got {q}")
+    if drift_bins < 2:
+        raise ValueError(f"drift_bins must be at least 2, got {drift_bins}")
     bad = [s.image for s in good if s.label != 0]
     if bad:
         raise ValueError(f"calibration takes good parts only; {bad[0]} is labelled defective")
     if not good:
         raise ValueError("no good images to calibrate on")
-    collected = run_artifact(artifact, good, backend=backend, use_products=True, progress=progress)
-    manifest = load_manifest(artifact)
+    detector = Detector.load(artifact, RuntimeOptions(backend=backend))
+    collected = run_artifact(detector, good, use_products=True, progress=progress)
+    manifest = detector.manifest.model_copy(deep=True)
     table = {}
     for product, c in sorted(collected.items()):
         image_thr = float(np.quantile(np.array(c.scores), image_quantile, method="higher"))
         pixel_thr = float(np.quantile(np.concatenate([m.ravel() for m in c.maps]), pixel_quantile, method="higher")) \
             if c.maps else None
+        baseline = baseline_from_scores(c.scores, drift_bins)
         entry = manifest.products.get(product, Product())
         manifest.products[product] = entry.model_copy(update={"image_threshold": min(image_thr, 1.0),
-                                                              "pixel_threshold": pixel_thr})
-        table[product] = {"image_threshold": image_thr, "pixel_threshold": pixel_thr, "images": len(c.scores)}
+                                                              "pixel_threshold": pixel_thr, "baseline": baseline})
+        table[product] = {"image_threshold": image_thr, "pixel_threshold": pixel_thr, "images": len(c.scores),
+                          "score_mean": baseline.mean, "score_std": baseline.std}
     manifest.provenance["calibration"] = {"image_quantile": image_quantile, "pixel_quantile": pixel_quantile,
-                                          "products": sorted(table)}
+                                          "drift_bins": drift_bins, "products": sorted(table)}
     write_manifest(artifact, type(manifest).model_validate(manifest.model_dump()))
     return table

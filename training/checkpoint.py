@@ -6,20 +6,17 @@ A checkpoint folder holds
     backbone.safetensors  only for randomly initialised backbones (demo/tests): the frozen
                           weights themselves, so bake rebuilds exactly the CLIP that was trained
 
-`import_authors` maps a `.pth` written by the authors' training script (state dicts of the
-prompt learner, the visual prompt and the adapter) onto our names. It loads with
-`torch.load(weights_only=True)`, which refuses anything but tensors and plain containers.
+A `.pth` written by the authors' training script becomes such a folder through
+`training.authors` (`dapo import-authors`).
 """
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from training.backbone import BackboneSpec
 from training.model import DapoConfig, DapoModel
 
 LEARNED = "learned.safetensors"
@@ -75,64 +72,3 @@ def load_learned(model: DapoModel, tensors: dict[str, torch.Tensor], strict: boo
                 raise ValueError(f"{source}: {name} has shape {tuple(value.shape)}, model expects "
                                  f"{tuple(params[name].shape)} (different backbone or prompt settings?)")
             params[name].copy_(value)
-
-
-# The authors' format as we read it from the paper and its description: three state dicts.
-# Each rule maps (section, key regex) onto (our name, how to index/reshape). Layer indices are
-# 0-based in both. Adjust this table, not the code, if a release names things differently.
-AUTHOR_RULES: list[tuple[str, str, str]] = [
-    ("prompt_learner", r"^ctx_(?:pos|normal)$", "text_prompts.ctx_normal"),
-    ("prompt_learner", r"^ctx_(?:neg|abnormal)$", "text_prompts.ctx_abnormal"),
-    ("prompt_learner", r"^(?:compound_prompts_text|deep_text)\.(\d+)$", "text_prompts.deep[{0}]"),
-    ("visual_prompt", r"^(?:prompt_embeddings|deep_prompts|prompts)\.(\d+)$", "visual_prompts.tokens[{0}]"),
-    ("adapter", r"^(?:adapters?\.)?(\d+)\.(weight|bias)$", "visual_prompts.adapters.{0}.{1}"),
-]
-
-
-def _authors_tensors(raw: dict) -> dict[str, torch.Tensor]:
-    """Flatten the authors' three state dicts into our names (per-layer rows still separate)."""
-    out: dict[str, torch.Tensor] = {}
-    for section in ("prompt_learner", "visual_prompt", "adapter"):
-        if section not in raw:
-            raise ValueError(f"authors' checkpoint lacks the {section!r} state dict; has {sorted(raw)}")
-        for key, value in raw[section].items():
-            for sec, pattern, target in AUTHOR_RULES:
-                m = re.match(pattern, key) if sec == section else None
-                if m:
-                    out[target.format(*m.groups())] = value
-                    break
-            else:
-                raise ValueError(f"authors' checkpoint: no mapping for {section}.{key}")
-    return out
-
-
-def import_authors(path: str | Path, config: DapoConfig) -> DapoModel:
-    """Build a DapoModel (text_mode 'reference' by default) from the authors' .pth file."""
-    raw = torch.load(str(path), map_location="cpu", weights_only=True)
-    flat = _authors_tensors(raw)
-    model = DapoModel(config)
-    tensors: dict[str, torch.Tensor] = {}
-    stacked: dict[str, dict[int, torch.Tensor]] = {}
-    for name, value in flat.items():
-        m = re.match(r"^(.*)\[(\d+)\]$", name)
-        if m:
-            stacked.setdefault(m.group(1), {})[int(m.group(2))] = value
-        else:
-            tensors[name] = value
-    params = model.learned_parameters()
-    for name, rows in stacked.items():
-        depth = params[name].shape[0]
-        if sorted(rows) != list(range(depth)):
-            raise ValueError(f"{path}: {name} has layers {sorted(rows)}, model has {depth}")
-        tensors[name] = torch.stack([rows[i] for i in range(depth)])
-    for name in ("text_prompts.ctx_normal", "text_prompts.ctx_abnormal"):
-        if name in tensors:  # (E, 1, n, w) in some exports -> (E, n, w)
-            tensors[name] = tensors[name].reshape(params[name].shape) \
-                if tensors[name].numel() == params[name].numel() else tensors[name]
-    load_learned(model, tensors, strict=True, source=str(path))
-    return model
-
-
-def default_spec_for_import(backbone: str, pretrained: str | None, image_size: int) -> DapoConfig:
-    return DapoConfig(backbone=BackboneSpec(name=backbone, pretrained=pretrained, image_size=image_size),
-                      text_mode="reference")

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from service.runtime.artifact import EncoderGeometry
 from service.runtime.backends.base import GRAPH_OUTPUTS, INPUT_NAMES
 from service.runtime.backends.torch_model import ScoringHead, state_dict_for_export
 from training.model import DapoModel
@@ -40,8 +41,8 @@ class ExportModule(nn.Module):
     def __init__(self, model: DapoModel, text_features: torch.Tensor, abnormal: torch.Tensor):
         super().__init__()
         self.model = model
-        geo = model.geometry
-        self.head = ScoringHead(text_features, abnormal, geo["grid"], geo["image_size"], model.config.temperature)
+        geo = encoder_geometry(model)
+        self.head = ScoringHead(text_features, abnormal, geo.grid, geo.image_size, geo.temperature)
 
     def forward(self, pixel_values: torch.Tensor, allowed: torch.Tensor):
         global_feat, patches = self.model.encode_image(pixel_values)
@@ -154,15 +155,13 @@ def export_safetensors(model: DapoModel, text_features: torch.Tensor, abnormal: 
     return path
 
 
-def encoder_config(model: DapoModel) -> dict:
-    """The geometry the service needs to rebuild the encoder; stored in the manifest."""
+def encoder_geometry(model: DapoModel) -> EncoderGeometry:
+    """The geometry the service needs to rebuild the encoder; bake writes it into the manifest."""
     g = model.geometry
-    return {
-        "width": g["width"], "layers": g["layers"], "heads": g["heads"], "patch_size": g["patch_size"],
-        "image_size": g["image_size"], "embed_dim": g["embed_dim"], "taps": list(model.config.taps),
-        "prompt_tokens": model.config.visual_deep_tokens, "alpha": model.config.alpha, "act": g["act"],
-        "temperature": model.config.temperature,
-    }
+    return EncoderGeometry(width=g["width"], layers=g["layers"], heads=g["heads"], patch_size=g["patch_size"],
+                           image_size=g["image_size"], embed_dim=g["embed_dim"], taps=list(model.config.taps),
+                           prompt_tokens=model.config.visual_deep_tokens, alpha=model.config.alpha, act=g["act"],
+                           temperature=model.config.temperature)
 
 
 def torch_export_supported(model: DapoModel) -> str | None:

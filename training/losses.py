@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from training.data.common import IGNORE_INDEX
+
 EPS = 1e-6
 
 

@@ -18,8 +18,9 @@ import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from training.data.common import IGNORE_INDEX
+
 NAN = float("nan")
-IGNORE_INDEX = -100
 
 
 class DegenerateMetricWarning(UserWarning):

@@ -1,8 +1,13 @@
 """DapoModel: a frozen OpenCLIP backbone + hybrid text prompts + deep visual prompts + adapters.
 
 Only the prompts and adapters learn; `learned_parameters()` is what the optimiser and the
-checkpoint see. Scoring follows METHOD.md (tau = 0.07) and is shared with the export through
-`service.runtime.backends.torch_model.ScoringHead`, so training, the ONNX graph and the service agree.
+checkpoint see. Scoring follows METHOD.md (tau = 0.07). `forward` computes its logits and patch
+probabilities with the same functions as the served scoring head
+(`service.runtime.backends.torch_model.similarity_logits` / `patch_class_probs`), but it cannot be
+that head: the head holds the text features baked in as constants, while in training they are
+recomputed from the learned prompts at every step, and the losses need logits and grid-resolution
+probabilities, not the head's upsampled maps and argmax. That both give the same scores is
+tested against a baked artifact (tests/test_bake.py::test_outputs_match_the_training_model).
 """
 from __future__ import annotations
 
@@ -12,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.backbone import BackboneSpec, create_clip, default_taps, describe
+from service.runtime.backends.torch_model import patch_class_probs, similarity_logits
+from training.backbone import BackboneSpec, create_clip, default_taps, describe, image_normalisation
 from training.prompts import HybridTextPrompts, TextMode, abnormal_feature
 from training.visual import DeepVisualPrompts
 
@@ -26,6 +32,7 @@ class DapoConfig:
     n_ctx: int = 5
     n_sets: int = 10
     text_deep_tokens: int = 4
+    text_deep_layers: int | None = None  # deep text depth D; None = the text tower's depth
     visual_deep_tokens: int = 4
     alpha: float = 0.01  # weight of the previous layer's slot outputs in the blend
     temperature: float = 0.07
@@ -53,9 +60,15 @@ class DapoModel(nn.Module):
         if config.taps is None:
             config.taps = default_taps(self.geometry["layers"])
         self.text_prompts = HybridTextPrompts(clip, tokenizer, config.n_ctx, config.n_sets, config.text_deep_tokens,
-                                              config.alpha, config.text_mode, seed=config.seed)
+                                              config.alpha, config.text_mode, seed=config.seed,
+                                              depth=config.text_deep_layers)
         self.visual_prompts = DeepVisualPrompts(clip.visual, config.taps, config.visual_deep_tokens, config.alpha,
                                                 seed=config.seed)
+
+    @property
+    def normalisation(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(mean, std) for the pixels, from the backbone's own preprocessing config."""
+        return image_normalisation(self.clip)
 
     def learned_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable state: everything except the frozen CLIP."""
@@ -82,11 +95,11 @@ class DapoModel(nn.Module):
         global_feat, patches = self.encode_image(pixels)
         pair = torch.stack([text[0], abnormal_feature(text)])
         g = self.geometry["grid"]
-        probs = torch.stack([torch.softmax(p @ text.T * inv_tau, dim=-1) for p in patches])  # (L, B, g*g, C)
+        probs = patch_class_probs(patches, text, inv_tau)  # (L, B, g*g, C)
         probs = probs.transpose(2, 3).reshape(len(patches), pixels.shape[0], text.shape[0], g, g)
         return {
-            "image_logits": global_feat @ pair.T * inv_tau,
-            "type_logits": global_feat @ text.T * inv_tau,
+            "image_logits": similarity_logits(global_feat, pair, inv_tau),
+            "type_logits": similarity_logits(global_feat, text, inv_tau),
             "patch_probs": probs,
         }
 

@@ -4,18 +4,27 @@ Prompts are hybrid: learned context tokens followed by fixed words, one of which
 word. Because the defect word stays plain text, a type never seen in training is added by
 writing its name and re-baking (the paper's zero-shot promise).
 
-    normal:    [V1..Vn] flawless object.            (V: one set per prompt set e)
-    abnormal:  [W1..Wn] <defect> anomaly object.    (W: shared by every defect type)
+    normal:    [V1..Vn] flawless object             (V: one set per prompt set e)
+    abnormal:  [W1..Wn] <defect> anomaly object     (W: shared by every defect type)
+
+The fixed words are exactly METHOD.md's (no trailing period: a period is one more token and
+moves every text feature). Each class's feature is the mean of its E prompt sets' projected
+features, normalised once.
+
+Deep text prompts: D sets of learned tokens (D <= the text tower's depth), inserted after the
+start token before layer 0, blended before layers 1..D-1, carried through layer D unblended and
+dropped right after it (METHOD.md, "Partial depths").
 
 Two text-encoding modes:
-- ``fixed`` (default): CLIP's causal mask kept; the inserted deep-prompt slots are removed
-  after the last layer, so pooling happens at the real end-of-text token.
+- ``fixed`` (default): CLIP's causal mask kept; the slots are always dropped (at the latest
+  after the last layer), so pooling happens at the real end-of-text token.
 - ``reference``: reproduces the authors' prototype so that their checkpoints serve the same:
-  no causal mask, slots left in, pooling at the template's end-of-text index (which, with the
-  slots in, lands 4 positions before the real end-of-text token).
+  no causal mask; when D equals the tower's depth the slots are never dropped and pooling
+  happens at the template's end-of-text index (4 positions before the real end-of-text token).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -23,8 +32,24 @@ import torch.nn.functional as F
 from torch import nn
 
 TextMode = Literal["fixed", "reference"]
-NORMAL_WORDS = "flawless object."
-ABNORMAL_WORDS = "{} anomaly object."
+
+
+@dataclass(frozen=True)
+class PromptWords:
+    """The fixed words of the hybrid prompts; `placeholder` marks each learned context token
+    in the text handed to the tokenizer (its embedding is replaced by the learned one)."""
+
+    normal: str = "flawless object"
+    abnormal: str = "{defect} anomaly object"
+    placeholder: str = "X"
+
+    def texts(self, words: list[str], n_ctx: int) -> list[str]:
+        """Normal prompt first, then one abnormal prompt per defect word."""
+        ctx = " ".join([self.placeholder] * n_ctx)
+        return [f"{ctx} {self.normal}"] + [f"{ctx} {self.abnormal.format(defect=w)}" for w in words]
+
+
+PROMPT_WORDS = PromptWords()
 
 # Training-free baseline (WinCLIP/AnomalyCLIP-style state x template ensembles).
 HANDCRAFTED_NORMAL_STATES = ["{}", "flawless {}", "perfect {}", "unblemished {}",
@@ -41,23 +66,36 @@ def blend(prev_slots: torch.Tensor, own: torch.Tensor, alpha: float) -> torch.Te
     return alpha * prev_slots + (1.0 - alpha) * own
 
 
-def run_deep_layers(blocks: nn.ModuleList, x: torch.Tensor, deep: torch.Tensor, alpha: float,
-                    attn_mask: torch.Tensor | None = None, taps: set[int] | frozenset = frozenset()):
+def run_deep_layers(blocks: nn.ModuleList, x: torch.Tensor, deep: torch.Tensor, alpha: float, *,
+                    causal: bool = False, drop_after: int | None = None,
+                    taps: set[int] | frozenset = frozenset()):
     """Run transformer blocks over x = [first token, slots, rest], blending slots between layers.
 
-    x already holds deep[0] in positions 1..n. Returns the final x and the outputs of the
-    1-based block indices in ``taps``. Shared by the text and the vision side.
+    x already holds deep[0] in positions 1..n. Before each layer i in 1..len(deep)-1 the slots
+    become blend(their previous output, deep[i]); past len(deep) they run on unblended. With
+    `drop_after` = i the slots leave the sequence right after layer i (0-based), so the later
+    layers see the template's positions again. `causal` applies CLIP's text mask, sized to the
+    sequence as it is at each layer. Returns the final x and the outputs of the 1-based block
+    indices in `taps`. Shared by the text and the vision side.
     """
     n = deep.shape[1]
     tapped = []
     for i, block in enumerate(blocks):
-        if i > 0 and n:
+        if 0 < i < deep.shape[0] and n:
             slots = blend(x[:, 1:1 + n], deep[i].unsqueeze(0).to(x.dtype), alpha)
             x = torch.cat([x[:, :1], slots, x[:, 1 + n:]], dim=1)
-        x = block(x, attn_mask=attn_mask)
+        x = block(x, attn_mask=causal_mask(x.shape[1], x.device) if causal else None)
+        if i == drop_after and n:
+            x = remove_slots(x, n)
+            n = 0
         if i + 1 in taps:
             tapped.append(x)
     return x, tapped
+
+
+def remove_slots(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Drop the n prompt slots that follow the first token."""
+    return torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
 
 
 def insert_slots(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
@@ -69,18 +107,31 @@ def causal_mask(length: int, device: torch.device) -> torch.Tensor:
     return torch.full((length, length), float("-inf"), device=device).triu_(1)
 
 
+def slot_drop_layer(depth: int, tower_depth: int, mode: TextMode) -> int | None:
+    """The 0-based layer after which the deep text slots leave the sequence (None: never).
+
+    METHOD.md: the slots pass through layer D once more unblended and are dropped right after
+    it; with D equal to the tower's depth the authors never drop them (`reference` keeps that),
+    while `fixed` drops them after the last layer so pooling sees the template's positions."""
+    if depth < tower_depth:
+        return depth
+    return None if mode == "reference" else tower_depth - 1
+
+
 def encode_text_deep(clip: nn.Module, tokens: torch.Tensor, embeds: torch.Tensor, deep: torch.Tensor,
                      alpha: float, mode: TextMode) -> torch.Tensor:
-    """Encode token embeddings (P, L, w) with deep prompts (layers, n, w); returns (P, D)."""
-    n = deep.shape[1]
+    """Encode token embeddings (P, L, w) with deep prompts (D, n, w); returns the projected,
+    unnormalised features (P, E) pooled at the template's end-of-text index."""
+    n = deep.shape[1] if deep.shape[0] else 0
+    blocks = clip.transformer.resblocks
+    if deep.shape[0] > len(blocks):
+        raise ValueError(f"{deep.shape[0]} deep text layers, but the text tower has {len(blocks)}")
     x = embeds + clip.positional_embedding.to(embeds.dtype)
     x = insert_slots(x, deep[0]) if n else x
-    mask = causal_mask(x.shape[1], x.device) if mode == "fixed" else None
-    x, _ = run_deep_layers(clip.transformer.resblocks, x, deep, alpha, attn_mask=mask)
-    if mode == "fixed" and n:
-        x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)  # slots out: positions match the template again
+    x, _ = run_deep_layers(blocks, x, deep, alpha, causal=mode == "fixed",
+                           drop_after=slot_drop_layer(deep.shape[0], len(blocks), mode))
     x = clip.ln_final(x)
-    eot = tokens.argmax(dim=-1)  # end-of-text has the largest id; in reference mode this is 4 short
+    eot = tokens.argmax(dim=-1)  # end-of-text has the largest id; 4 short if the slots are still in
     pooled = x[torch.arange(x.shape[0], device=x.device), eot]
     proj = clip.text_projection
     return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
@@ -94,17 +145,22 @@ def token_stats_init(clip: nn.Module, shape: tuple[int, ...], generator: torch.G
 
 
 class HybridTextPrompts(nn.Module):
-    """Learned context (E sets x normal/abnormal) and deep text tokens; encodes a vocabulary."""
+    """Learned context (E sets x normal/abnormal) and deep text tokens; encodes a vocabulary.
+
+    depth: number of deep text token sets D (None = the text tower's depth)."""
 
     def __init__(self, clip: nn.Module, tokenizer, n_ctx: int = 5, n_sets: int = 10, deep_tokens: int = 4,
-                 alpha: float = 0.01, mode: TextMode = "fixed", seed: int = 0):
+                 alpha: float = 0.01, mode: TextMode = "fixed", seed: int = 0, depth: int | None = None):
         super().__init__()
         width = clip.transformer.width
         layers = clip.transformer.layers
+        depth = layers if depth is None else depth
+        if not 0 <= depth <= layers:
+            raise ValueError(f"deep text depth {depth} outside 0..{layers} (the text tower's depth)")
         g = torch.Generator().manual_seed(seed)
         self.ctx_normal = nn.Parameter(token_stats_init(clip, (n_sets, n_ctx, width), g))
         self.ctx_abnormal = nn.Parameter(token_stats_init(clip, (n_sets, n_ctx, width), g))
-        self.deep = nn.Parameter(torch.randn((layers, deep_tokens, width), generator=g) * 0.02)
+        self.deep = nn.Parameter(token_stats_init(clip, (depth, deep_tokens, width), g))
         self.tokenizer = tokenizer
         self.alpha = alpha
         self.mode: TextMode = mode
@@ -114,12 +170,13 @@ class HybridTextPrompts(nn.Module):
         return self.ctx_normal.shape[1]
 
     def _tokens(self, words: list[str], device: torch.device) -> torch.Tensor:
-        placeholder = " ".join(["X"] * self.n_ctx)
-        texts = [f"{placeholder} {NORMAL_WORDS}"] + [f"{placeholder} {ABNORMAL_WORDS.format(w)}" for w in words]
-        return self.tokenizer(texts).to(device)
+        return self.tokenizer(PROMPT_WORDS.texts(words, self.n_ctx)).to(device)
 
     def forward(self, clip: nn.Module, words: list[str]) -> torch.Tensor:
-        """Text features (1 + K, D), L2-normalised: row 0 = normal, row k = words[k-1]."""
+        """Text features (1 + K, D), L2-normalised: row 0 = normal, row k = words[k-1].
+
+        Each row is the mean over the E prompt sets of the projected features, taken before
+        normalisation, then normalised once (METHOD.md)."""
         if not words:
             raise ValueError("the defect vocabulary is empty")
         device = self.ctx_normal.device
@@ -133,8 +190,7 @@ class HybridTextPrompts(nn.Module):
         flat = embeds.reshape(-1, *embeds.shape[2:])
         flat_tokens = tokens.unsqueeze(0).expand(n_sets, -1, -1).reshape(-1, tokens.shape[-1])
         feats = encode_text_deep(clip, flat_tokens, flat, self.deep, self.alpha, self.mode)
-        feats = F.normalize(feats, dim=-1).reshape(n_sets, len(words) + 1, -1).mean(0)
-        return F.normalize(feats, dim=-1)
+        return F.normalize(feats.reshape(n_sets, len(words) + 1, -1).mean(0), dim=-1)
 
 
 @torch.no_grad()

@@ -114,7 +114,8 @@ def train(samples: list[Sample], vocab: Vocabulary, cfg: TrainConfig, resume: bo
         load_learned(model, load_file(str(last / "learned.safetensors")), source=str(last))
         _load_optimizer(opt, last)
         start_epoch = int(meta["epoch"])
-    dataset = AnomalyDataset(samples, size=model.geometry["image_size"])
+    mean, std = model.normalisation
+    dataset = AnomalyDataset(samples, size=model.geometry["image_size"], mean=mean, std=std)
     gen = torch.Generator().manual_seed(cfg.seed)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, generator=gen,
                         num_workers=cfg.workers, drop_last=False)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.prompts import insert_slots, run_deep_layers
+from training.prompts import insert_slots, remove_slots, run_deep_layers
 
 
 def embed_patches(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -63,5 +63,5 @@ class DeepVisualPrompts(nn.Module):
         x = insert_slots(x, self.tokens[0]) if n else x
         x, tapped = run_deep_layers(visual.transformer.resblocks, x, self.tokens, self.alpha, taps=set(self.taps))
         patches = [F.normalize(adapter(t[:, 1 + n:]), dim=-1) for adapter, t in zip(self.adapters, tapped)]
-        x = torch.cat([x[:, :1], x[:, 1 + n:]], dim=1)
+        x = remove_slots(x, n)
         return F.normalize(pool_global(visual, x), dim=-1), patches

@@ -26,8 +26,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # see UPGRADES for what each version added
 MANIFEST = "manifest.json"
+DEMO_ARTIFACT = Path("model_artifacts/demo")  # where `dapo bake --demo` writes and `dapo serve` looks
 
 
 class ArtifactError(RuntimeError):
@@ -44,12 +45,34 @@ class VocabEntry(BaseModel):
     name: str = Field(min_length=1)
 
 
+class ScoreBaseline(BaseModel):
+    """Good-part image-score distribution at calibration: the reference the service's drift
+    statistics compare against (see `service.runtime.drift`)."""
+
+    cuts: list[float]  # ascending bin cut points (the good scores' quantiles); len(cuts) + 1 bins
+    fractions: list[float]  # fraction of the calibration images in each bin
+    mean: float
+    std: float = Field(ge=0.0)
+    images: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ScoreBaseline":
+        if len(self.fractions) != len(self.cuts) + 1:
+            raise ValueError(f"{len(self.cuts)} cuts need {len(self.cuts) + 1} fractions, got {len(self.fractions)}")
+        if any(b <= a for a, b in zip(self.cuts, self.cuts[1:])):
+            raise ValueError("baseline cuts must be strictly ascending")
+        if any(f < 0 for f in self.fractions) or abs(sum(self.fractions) - 1.0) > 1e-6:
+            raise ValueError("baseline fractions must be >= 0 and sum to 1")
+        return self
+
+
 class Product(BaseModel):
-    """Per-product settings: which defect types may compete, and its thresholds."""
+    """Per-product settings: which defect types may compete, its thresholds, its score baseline."""
 
     defect_types: list[str] | None = None  # None = the whole vocabulary
     image_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
+    baseline: ScoreBaseline | None = None  # written by `dapo calibrate`; None = no drift statistic
 
 
 class BackboneInfo(BaseModel):
@@ -61,6 +84,31 @@ class BackboneInfo(BaseModel):
     heads: int
     embed_dim: int
     act: Literal["gelu", "quick_gelu"] = "gelu"
+
+
+class EncoderGeometry(BaseModel):
+    """The image side's shape: what the plain-PyTorch encoder needs to rebuild it.
+
+    One definition for both ends: bake derives it from the training model
+    (`training.export.encoder_geometry`) and writes its values into the manifest; the service
+    reads it back (`Manifest.encoder_geometry`) to build `DapoImageEncoder`.
+    """
+
+    width: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    patch_size: int = Field(gt=0)
+    image_size: int = Field(gt=0)
+    embed_dim: int = Field(gt=0)
+    taps: list[int]  # 1-based tapped blocks
+    prompt_tokens: int = Field(ge=0)  # deep visual prompt tokens per layer
+    alpha: float = Field(ge=0.0, le=1.0)  # weight of the previous layer's prompt-slot outputs
+    act: Literal["gelu", "quick_gelu"] = "gelu"
+    temperature: float = Field(gt=0)
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
 
 
 class Verification(BaseModel):
@@ -79,7 +127,6 @@ class Verification(BaseModel):
 
 
 ONNX_PRECISIONS = ("fp32", "fp16")
-DEFAULT_ONNX = {"fp32": "encoder.onnx"}  # manifests written before `onnx_encoders` existed
 
 
 class Manifest(BaseModel):
@@ -107,7 +154,7 @@ class Manifest(BaseModel):
     # "global_max": its mean with the anomaly map's maximum (the AnomalyCLIP-family fusion)
     image_score: Literal["global", "global_max"] = "global"
     files: dict[str, FileEntry]
-    # ONNX encoder file per precision; {} (manifests older than fp16 export) means fp32 only
+    # ONNX encoder file per precision (schema 1 manifests get theirs from `upgrade_v1`)
     onnx_encoders: dict[Literal["fp32", "fp16"], str] = {}
     verification: Verification | None = None
     verification_fp16: Verification | None = None  # encoder_fp16.onnx vs the fp32 model
@@ -115,6 +162,9 @@ class Manifest(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "Manifest":
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not {SCHEMA_VERSION}; read manifests with "
+                             "read_manifest, which upgrades older ones")
         ids = [v.id for v in self.vocabulary]
         if ids != list(range(len(ids))):
             raise ValueError(f"vocabulary ids must be 0..C-1 in order, got {ids}")
@@ -134,15 +184,15 @@ class Manifest(BaseModel):
 
     def onnx_file(self, precision: str = "fp32") -> str | None:
         """The ONNX encoder file for a precision, or None if this artifact has none."""
-        return (self.onnx_encoders or DEFAULT_ONNX).get(precision)
+        return self.onnx_encoders.get(precision)
 
-    def encoder_config(self) -> dict:
-        """Geometry for the plain-PyTorch encoder (service.runtime.backends.torch_model)."""
+    def encoder_geometry(self) -> EncoderGeometry:
+        """The geometry bake recorded (for service.runtime.backends.torch_model)."""
         b = self.backbone
-        return {"width": b.width, "layers": b.layers, "heads": b.heads, "patch_size": b.patch_size,
-                "image_size": self.image_size, "embed_dim": b.embed_dim, "taps": self.tapped_layers,
-                "prompt_tokens": self.visual_prompt_tokens, "alpha": self.prompt_alpha, "act": b.act,
-                "temperature": self.temperature}
+        return EncoderGeometry(width=b.width, layers=b.layers, heads=b.heads, patch_size=b.patch_size,
+                               image_size=self.image_size, embed_dim=b.embed_dim, taps=self.tapped_layers,
+                               prompt_tokens=self.visual_prompt_tokens, alpha=self.prompt_alpha, act=b.act,
+                               temperature=self.temperature)
 
     @property
     def class_names(self) -> list[str]:
@@ -165,8 +215,36 @@ def file_entry(path: Path) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), bytes=path.stat().st_size)
 
 
+def upgrade_v1(data: dict) -> dict:
+    """Schema 1 -> 2: `onnx_encoders` became required. Manifests baked before fp16 export have
+    none (or {}); their only ONNX graph is the fp32 `encoder.onnx`."""
+    if not data.get("onnx_encoders") and "encoder.onnx" in data.get("files", {}):
+        data["onnx_encoders"] = {"fp32": "encoder.onnx"}
+    return data
+
+
+# UPGRADES[v] turns a schema-v manifest (as parsed JSON) into a schema-(v + 1) one
+UPGRADES = {1: upgrade_v1}
+
+
+def upgrade_manifest(data: dict, where: Path) -> dict:
+    """Bring parsed manifest JSON to SCHEMA_VERSION, one named step at a time; a manifest from a
+    newer release is refused (this code cannot know what its new fields mean)."""
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise ArtifactError(f"{where}: invalid manifest: schema_version {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ArtifactError(f"{where}: schema_version {version} was written by a newer dapo-inspect; this one reads "
+                            f"up to {SCHEMA_VERSION}: upgrade the service, or re-bake the artifact with this version")
+    while version < SCHEMA_VERSION:
+        data = UPGRADES[version](dict(data))
+        version += 1
+        data["schema_version"] = version
+    return data
+
+
 def read_manifest(folder: str | Path) -> Manifest:
-    """Parse and validate manifest.json (no file hashes checked)."""
+    """Parse, upgrade (older schema versions) and validate manifest.json (no file hashes checked)."""
     folder = Path(folder)
     path = folder / MANIFEST
     if not folder.is_dir():
@@ -174,8 +252,14 @@ def read_manifest(folder: str | Path) -> Manifest:
     if not path.is_file():
         raise ArtifactError(f"{path}: manifest missing")
     try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except (json.JSONDecodeError, ValidationError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{path}: invalid manifest: {e}") from e
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{path}: invalid manifest: a JSON object expected, got {type(data).__name__}")
+    try:
+        return Manifest.model_validate(upgrade_manifest(data, path))
+    except ValidationError as e:
         raise ArtifactError(f"{path}: invalid manifest: {e}") from e
 
 

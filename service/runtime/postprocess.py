@@ -154,8 +154,15 @@ def sig(x: float, digits: int = 6) -> float:
 
 
 def nearest_index(n_out: int, n_in: int) -> np.ndarray:
-    """Source index of each of n_out output positions under nearest-neighbour resizing."""
-    return np.minimum(((np.arange(n_out) + 0.5) * (n_in / n_out)).astype(np.int64), n_in - 1)
+    """Source index of each of n_out output positions under nearest-neighbour resizing.
+
+    Output pixel i has its centre at (i + 1/2) * n_in / n_out in source pixels; it takes the
+    source pixel that contains that centre, source pixel k covering [k, k + 1). A centre on a
+    boundary (a tie) therefore goes to the higher index. Computed in exact integers,
+    floor((2i + 1) * n_in / (2 * n_out)): the float product rounds some ties down and others up
+    (e.g. 112 -> 97 at i = 48), so the convention could not be stated otherwise.
+    """
+    return (2 * np.arange(n_out, dtype=np.int64) + 1) * n_in // (2 * n_out)
 
 
 def model_maps(outputs: EncoderOutputs, policy: scoring.Policy, width: int, height: int) -> ClassMaps:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.runtime.artifact import Manifest
+from service.runtime.artifact import Manifest, Product
 
 
 class ScoringError(ValueError):
@@ -53,16 +53,25 @@ def allowed_classes(manifest: Manifest, product: str | None = None,
     return allowed
 
 
+def product_settings(manifest: Manifest, product: str | None = None) -> Product:
+    """A product's settings with the artifact's defaults filled in wherever it has none (no
+    product: the defaults alone). The one place the per-product fallback is decided."""
+    prod = manifest.products.get(product) if product is not None else None
+    if product is not None and prod is None:
+        raise ScoringError(f"unknown product {product!r}; known: {sorted(manifest.products)}")
+    prod = prod or Product()
+    return Product(
+        defect_types=prod.defect_types if prod.defect_types is not None else manifest.defect_names,
+        image_threshold=prod.image_threshold if prod.image_threshold is not None else manifest.image_threshold,
+        pixel_threshold=prod.pixel_threshold if prod.pixel_threshold is not None else manifest.pixel_threshold)
+
+
 def policy(manifest: Manifest, product: str | None = None, defect_types: list[str] | None = None,
            threshold: float | None = None) -> Policy:
     """Resolve the product's settings and the per-call overrides into one Policy."""
     allowed = allowed_classes(manifest, product, defect_types)
-    prod = manifest.products.get(product) if product is not None else None
-    image_thr = manifest.image_threshold
-    pixel_thr = manifest.pixel_threshold
-    if prod is not None:
-        image_thr = prod.image_threshold if prod.image_threshold is not None else image_thr
-        pixel_thr = prod.pixel_threshold if prod.pixel_threshold is not None else pixel_thr
+    settings = product_settings(manifest, product)
+    image_thr, pixel_thr = settings.image_threshold, settings.pixel_threshold
     if threshold is not None:
         if not 0.0 <= threshold <= 1.0:
             raise ScoringError(f"threshold must be within [0, 1], got {threshold}")

@@ -61,8 +61,9 @@ async def open_model(settings: Settings, metrics: Metrics, backend: Backend | No
     detector = await asyncio.to_thread(load_detector, settings, backend)
     if settings.warmup:
         await asyncio.to_thread(detector.warm_up, sorted({1, settings.max_batch_size}))
-    batcher = MicroBatcher(detector.infer, settings.max_batch_size, settings.max_queue_delay_ms,
-                           settings.max_queue_size, settings.workers, observer=metrics)
+    batcher = MicroBatcher(detector.infer, max_batch_size=settings.max_batch_size,
+                           max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
+                           workers=settings.workers, observer=metrics)
     await batcher.start()
     return LoadedModel(detector, batcher)
 

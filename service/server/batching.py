@@ -84,8 +84,9 @@ class _Item:
 class MicroBatcher:
     """Collects submitted images into batches and runs them through `infer` in worker threads."""
 
-    def __init__(self, infer: Infer, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
-                 max_queue_size: int = 64, workers: int = 1, observer: BatchObserver | None = None):
+    def __init__(self, infer: Infer, *, max_batch_size: int, max_queue_delay_ms: float, max_queue_size: int,
+                 workers: int = 1, observer: BatchObserver | None = None):
+        """The sizes and the delay have no defaults here: they come from `Settings` (one definition)."""
         self.infer = infer
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0

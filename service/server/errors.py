@@ -19,7 +19,7 @@ from service.server.batching import BackendError, QueueFull
 from service.runtime.imaging import ImageError
 from service.server.logs import current_request_id
 from service.runtime.scoring import ScoringError
-from service.server.security import IdempotencyConflict, IdempotencyInterrupted
+from service.server.idempotency import IdempotencyConflict, IdempotencyInterrupted
 
 log = logging.getLogger("dapo.errors")
 

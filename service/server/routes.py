@@ -16,12 +16,12 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.runtime import postprocess
+from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
 from service.server import pipeline
 from service.server.errors import ApiError
 from service.server.schemas import DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse
-from service.server.security import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
+from service.server.idempotency import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
 from service.server.state import LoadedModel, ServiceState
 
 router = APIRouter()
@@ -184,6 +184,7 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
 
     async def produce() -> StoredResponse:
         results = await pipeline.detect(state, model, uploads, policy, options, echo)
+        state.quality.observe(model.manifest, results, echo)
         body = {"request_id": request_id, "model": model.ref(), "results": results}
         return StoredResponse(200, encode_json(body))
 
@@ -219,11 +220,7 @@ async def model_info(request: Request, x_api_key: Annotated[str | None, Header()
     if model is None:
         model = require_ready(state)
     m, backend, s = model.manifest, model.backend, state.settings
-    products = {
-        name: {"defect_types": p.defect_types if p.defect_types is not None else m.defect_names,
-               "image_threshold": p.image_threshold if p.image_threshold is not None else m.image_threshold,
-               "pixel_threshold": p.pixel_threshold if p.pixel_threshold is not None else m.pixel_threshold}
-        for name, p in m.products.items()}
+    products = {name: scoring.product_settings(m, name).model_dump() for name in m.products}
     return JSONResponse({
         **model.ref(),
         "description": m.description,

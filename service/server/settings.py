@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.runtime.artifact import DEMO_ARTIFACT
+
 
 def _split_list(value: object) -> object:
     """Turn "a, b" or '["a","b"]' into ["a", "b"]; leave lists (and None) alone."""
@@ -27,13 +29,20 @@ def _split_list(value: object) -> object:
     return value
 
 
+MAX_QUALITY_STATIONS = 256  # station_id label values beyond the two below
+# Quality-metric label values (service/server/quality.py): a value outside the bounded set, and
+# a field the request did not give. Reserved, so no allow-listed station may be named so.
+LABEL_OTHER = "other"
+LABEL_NONE = "none"
+
+
 class Settings(BaseSettings):
     """All knobs of `dapo serve`; defaults suit one GPU node behind a line gateway."""
 
     model_config = SettingsConfigDict(env_prefix="DAPO_", extra="ignore")
 
     # --- model -------------------------------------------------------------------------
-    artifact: Path = Path("model_artifacts/demo")
+    artifact: Path = DEMO_ARTIFACT
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     # Execution providers in preference order (e.g. TensorRT,CUDA,CPU); None = backend's choice.
     providers: Annotated[list[str] | None, NoDecode] = None
@@ -78,13 +87,20 @@ class Settings(BaseSettings):
     idempotency_max_entries: int = Field(default=1024, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = []  # empty = CORS off
 
+    # --- quality metrics (service/server/quality.py) -------------------------------------
+    # station_id values that get their own `station_id` label (others fold into "other");
+    # empty = no station label at all, so clients cannot grow the number of series
+    quality_stations: Annotated[list[str], NoDecode] = []
+    drift_window: int = Field(default=500, ge=10, le=100_000)  # last N scores per product for the drift gauges
+    drift_min_images: int = Field(default=50, ge=1)  # no drift value before this many scores
+
     # --- process ------------------------------------------------------------------------
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
     graceful_timeout_s: float = Field(default=30.0, gt=0)  # uvicorn's wait for in-flight requests
 
-    @field_validator("providers", "api_keys", "cors_origins", mode="before")
+    @field_validator("providers", "api_keys", "cors_origins", "quality_stations", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split_list(value)
@@ -105,6 +121,20 @@ class Settings(BaseSettings):
     def _upper(cls, value: object) -> object:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("quality_stations", mode="after")
+    @classmethod
+    def _bounded_stations(cls, value: list[str]) -> list[str]:
+        """A short list of short names, none of them a reserved label value."""
+        if len(value) > MAX_QUALITY_STATIONS:
+            raise ValueError(f"at most {MAX_QUALITY_STATIONS} stations get their own label, got {len(value)}")
+        reserved = sorted({LABEL_OTHER, LABEL_NONE} & set(value))
+        if reserved:
+            raise ValueError(f"{reserved} are reserved label values (stations outside the list / not given)")
+        too_long = [v for v in value if len(v) > 64]
+        if too_long:
+            raise ValueError(f"station names longer than 64 characters: {too_long[:3]}")
+        return list(dict.fromkeys(value))
+
     @model_validator(mode="after")
     def _consistent(self) -> "Settings":
         # A request's images are queued all-or-nothing, so one request must fit the queue.
@@ -112,4 +142,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_files ({self.max_files}) must not exceed max_queue_size ({self.max_queue_size})"
             )
+        if self.drift_min_images > self.drift_window:
+            raise ValueError(f"drift_min_images ({self.drift_min_images}) must not exceed drift_window "
+                             f"({self.drift_window})")
         return self

@@ -21,7 +21,9 @@ from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, ImageLimits
 from service.server.batching import MicroBatcher
 from service.server.metrics import Metrics
-from service.server.security import ApiKeys, IdempotencyStore
+from service.server.quality import QualityMetrics, QualityOptions
+from service.server.auth import ApiKeys
+from service.server.idempotency import IdempotencyStore
 from service.server.settings import Settings
 
 
@@ -79,6 +81,7 @@ class ServiceState:
     metrics: Metrics
     api_keys: ApiKeys
     idempotency: IdempotencyStore
+    quality: QualityMetrics  # the line's quality metrics, in metrics.registry
     model: LoadedModel | None = None  # replaced as a whole, never edited in place
     cpu_pool: ThreadPoolExecutor | None = None  # decode / preprocess / postprocess threads
     ready: bool = False
@@ -86,11 +89,13 @@ class ServiceState:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ServiceState":
+        metrics = Metrics()
         return cls(
             settings=settings,
-            metrics=Metrics(),
+            metrics=metrics,
             api_keys=ApiKeys.from_settings(settings.api_keys, settings.api_keys_file),
             idempotency=IdempotencyStore(settings.idempotency_ttl_s, settings.idempotency_max_entries),
+            quality=QualityMetrics(metrics.registry, QualityOptions.from_settings(settings)),
         )
 
     @property

@@ -2,10 +2,10 @@
 
     from training.data import load_mvtec, AnomalyDataset
     samples = load_mvtec("/data/mvtec")            # list[Sample], class ids from MVTec's words
-    ds = AnomalyDataset(samples, size=518)         # -> (pixels, class_mask, label, has_mask)
+    ds = AnomalyDataset(samples, size=518, mean=mean, std=std)  # -> (pixels, class_mask, label, has_mask)
 """
 from .common import (
-    CLIP_MEAN, CLIP_STD, IGNORE_INDEX, UNKNOWN_DEFECT, AnomalyDataset, DataLayoutError, Sample,
+    IGNORE_INDEX, UNKNOWN_DEFECT, AnomalyDataset, DataLayoutError, Sample,
     check_mask_sizes, product_defects, with_vocabulary,
 )
 from .folder import load_folder
@@ -16,7 +16,7 @@ from .mvtec import load_mvtec
 from .realiad import load_realiad
 from .visa import load_visa
 from .vocab import (
-    TABLES, DefectTable, UnmappedNameError, Vocabulary, build_vocabulary, get_table,
+    TABLES, DefectTable, UnmappedNameError, Vocabulary, build_vocabulary, defect_words, get_table,
     vocabulary_for, vocabulary_from_samples,
 )
 
@@ -36,9 +36,9 @@ def load_dataset(kind: str, root, **kwargs) -> list[Sample]:
 
 
 __all__ = [
-    "AnomalyDataset", "CLIP_MEAN", "CLIP_STD", "DataLayoutError", "DefectTable", "IGNORE_INDEX",
+    "AnomalyDataset", "DataLayoutError", "DefectTable", "IGNORE_INDEX",
     "LOADERS", "Sample", "TABLES", "UNKNOWN_DEFECT", "UnmappedNameError", "Vocabulary",
-    "build_vocabulary", "check_mask_sizes", "get_table", "load_dataset", "load_folder", "load_mad",
+    "build_vocabulary", "check_mask_sizes", "defect_words", "get_table", "load_dataset", "load_folder", "load_mad",
     "load_meta_json", "load_mpdd", "load_mvtec", "load_realiad", "load_visa", "product_defects",
     "vocabulary_for", "vocabulary_from_samples", "with_vocabulary",
 ]

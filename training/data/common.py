@@ -31,8 +31,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+from service.runtime.imaging import load, model_side, preprocess
+
 IGNORE_INDEX = -100
 UNKNOWN_DEFECT = -1  # class_id of a defective sample whose defect type is not known
 MASK_THRESHOLD = 0.5
@@ -143,41 +143,6 @@ def find_mask(folder: Path, stem: str, suffixes: Sequence[str] = ("_mask", "")) 
 
 # --------------------------------------------------------------------------- image / mask reading
 
-def _local_preprocess(img: Image.Image, size: int, mean=CLIP_MEAN, std=CLIP_STD) -> np.ndarray:
-    """Same behaviour as ``service.runtime.imaging.preprocess``: RGB, bicubic resize to size x size
-    (aspect ratio not kept), /255, mean/std normalisation, (3, S, S) float32."""
-    rgb = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(rgb, dtype=np.float32) / 255.0
-    arr = (arr - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
-
-
-def _local_decode(img: Image.Image, filename: str, size: int) -> Image.Image:
-    """Full-resolution decode to RGB (only when ``service.runtime.imaging`` is absent)."""
-    img.load()
-    return img if img.mode == "RGB" else img.convert("RGB")
-
-
-def _service_decode(img: Image.Image, filename: str, size: int) -> Image.Image:
-    """The service's own decode: DCT-reduced exactly like a served JPEG of the same size for a
-    model of input side ``size``; not EXIF-oriented (data-set masks are drawn on the stored grid)."""
-    from service.runtime.imaging import load, model_side
-
-    return load(img, filename, model_side(size), orient=False)
-
-
-def _resolve_preprocess():
-    """(decode, preprocess) from ``service.runtime.imaging`` (the serving path's own decode,
-    conversion and preprocessing), or local equivalents when that module is absent."""
-    try:
-        from service.runtime.imaging import preprocess
-    except ModuleNotFoundError as exc:  # only when the module itself is absent
-        if exc.name not in ("service.runtime.imaging", "service"):
-            raise
-        return _local_decode, _local_preprocess
-    return _service_decode, preprocess
-
-
 def mask_to_float(mask: Image.Image, nonzero: bool = False) -> np.ndarray:
     """A mask image as float32 (H, W) in [0, 1]. 8-bit: /255; 16-bit: /65535; 1-bit: 0/1;
     RGB(A): its luminance. ``nonzero``: every pixel > 0 is 1.0."""
@@ -232,16 +197,19 @@ def check_mask_sizes(samples: Iterable[Sample]) -> None:
 class AnomalyDataset:
     """torch-style Dataset over Samples -> (pixel_values, class_mask, label, has_mask).
 
-    ``AnomalyDataset(samples, size=518, mean=CLIP_MEAN, std=CLIP_STD)``. Works with
-    ``torch.utils.data.DataLoader`` and its default collate (tensors are stacked).
+    ``AnomalyDataset(samples, size=518, mean=mean, std=std)``. Works with
+    ``torch.utils.data.DataLoader`` and its default collate (tensors are stacked). mean/std
+    have no default: they belong to the backbone (``DapoModel.normalisation``) or the
+    artifact (``manifest.mean``/``std``), and a wrong default would go unnoticed.
     """
 
     def __init__(
         self,
         samples: Sequence[Sample],
         size: int = 518,
-        mean: Sequence[float] = CLIP_MEAN,
-        std: Sequence[float] = CLIP_STD,
+        *,
+        mean: Sequence[float],
+        std: Sequence[float],
         ignore_index: int = IGNORE_INDEX,
         check_sizes: bool = False,
     ):
@@ -252,7 +220,6 @@ class AnomalyDataset:
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.ignore_index = int(ignore_index)
-        self._decode, self._preprocess = _resolve_preprocess()
         if check_sizes:
             check_mask_sizes(self.samples)
 
@@ -283,7 +250,10 @@ class AnomalyDataset:
         try:
             with Image.open(s.image) as im:
                 image_size = im.size  # the stored size: a scaled decode changes im.size
-                pix = self._preprocess(self._decode(im, str(s.image), self.size), self.size, self.mean, self.std)
+                # the service's own decode: DCT-reduced exactly like a served JPEG of this size;
+                # EXIF orientation is NOT applied: data-set masks are drawn on the stored pixel grid
+                pix = preprocess(load(im, str(s.image), model_side(self.size), orient=False), self.size,
+                                 self.mean, self.std)
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataLayoutError(s.image, f"cannot read image: {exc}") from exc
         cmask, has_mask = self.class_mask(s, image_size)

@@ -46,25 +46,39 @@ def word_form(name: str) -> str:
 
 # --------------------------------------------------------------------------- Vocabulary
 
+MAX_DEFECT_WORDS = 255  # class ids are uint8 in the type map; 0 is normal
+
+
+def defect_words(words: Iterable[str]) -> tuple[str, ...]:
+    """The one vocabulary rule, for `dapo train` and `dapo bake` alike.
+
+    Each word takes its prompt form (``word_form``: lower case, spaces / hyphens / underscores
+    one space), so 'Faulty_Imprint' and 'faulty imprint' are one class with one text feature
+    wherever they are written. Repeats are merged (first position kept). Refused, with the
+    offending word named: an empty word, 'normal' (class 0), more than 255 words."""
+    out: list[str] = []
+    for raw in words:
+        w = word_form(raw)
+        if not w:
+            raise ValueError(f"empty defect word {raw!r}")
+        if w == NORMAL:
+            raise ValueError(f"{raw!r}: 'normal' is class 0 and cannot be a defect word")
+        if w not in out:
+            out.append(w)
+    if len(out) > MAX_DEFECT_WORDS:
+        raise ValueError(f"at most {MAX_DEFECT_WORDS} defect words (class ids are uint8), got {len(out)}")
+    return tuple(out)
+
+
 class Vocabulary:
-    """Ordered classes: ``classes[0] == 'normal'``, then the defect words. A class id is the
-    index in ``classes`` (what text_features rows and type-map pixel values mean)."""
+    """Ordered classes: ``classes[0] == 'normal'``, then the defect words (``defect_words``'s
+    rule). A class id is the index in ``classes`` (what text_features rows and type-map pixel
+    values mean)."""
 
     def __init__(self, words: Iterable[str]):
-        seen: list[str] = []
-        for w in words:
-            w = word_form(w)
-            if not w:
-                raise ValueError("empty defect word")
-            if w == NORMAL:
-                continue
-            if w not in seen:
-                seen.append(w)
-        self.words: tuple[str, ...] = tuple(seen)
+        self.words: tuple[str, ...] = defect_words(words)
         self.classes: tuple[str, ...] = (NORMAL, *self.words)
         self._index = {c: i for i, c in enumerate(self.classes)}
-        if len(self.classes) > 256:
-            raise ValueError(f"a vocabulary holds at most 256 classes, got {len(self.classes)}")
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -95,11 +109,11 @@ class Vocabulary:
 
     def union(self, other: "Vocabulary | Iterable[str]") -> "Vocabulary":
         extra = other.words if isinstance(other, Vocabulary) else other
-        return Vocabulary([*self.words, *extra])
+        return Vocabulary([*self.words, *extra])  # repeats merge
 
 
 def build_vocabulary(words: Iterable[str]) -> Vocabulary:
-    """Vocabulary from defect words, order kept, duplicates and 'normal' dropped."""
+    """Vocabulary from defect words, order kept, repeats merged (``defect_words``)."""
     return Vocabulary(words)
 
 

@@ -30,7 +30,7 @@ def create_backend(folder: Path, manifest: Manifest, backend: str = "onnxruntime
     if backend == "torch":
         from service.runtime.backends.torch_backend import TorchBackend
 
-        return TorchBackend(folder / "encoder.safetensors", manifest.encoder_config(), device=device,
+        return TorchBackend(folder / "encoder.safetensors", manifest.encoder_geometry(), device=device,
                             precision=precision)
     raise ValueError(f"unknown backend {backend!r}; choose 'onnxruntime' or 'torch'")
 

@@ -46,10 +46,6 @@ class EncoderOutputs:
         """The i-th image's outputs, each keeping a leading batch axis of 1."""
         return EncoderOutputs(*(getattr(self, n)[i : i + 1] for n in self._names()))
 
-    @classmethod
-    def concat(cls, parts: list["EncoderOutputs"]) -> "EncoderOutputs":
-        return cls(*(np.concatenate([getattr(p, n) for p in parts]) for n in parts[0]._names()))
-
 
 class Backend(Protocol):
     """What the batcher calls, from a worker thread, never from the event loop."""

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from service.runtime.artifact import EncoderGeometry
 from service.runtime.backends.base import EncoderOutputs
 from service.runtime.backends.torch_model import load_encoder
 
@@ -15,13 +16,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, weights: Path, config: dict, device: str | None = None, precision: str = "fp32"):
+    def __init__(self, weights: Path, geometry: EncoderGeometry, device: str | None = None, precision: str = "fp32"):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if precision not in DTYPES:
             raise ValueError(f"precision must be one of {sorted(DTYPES)}")
         self.device = torch.device(device)
         self.dtype = DTYPES[precision]
-        self.model = load_encoder(str(weights), config, device=device, dtype=self.dtype)
+        self.model = load_encoder(str(weights), geometry, device=device, dtype=self.dtype)
         self.provider = f"{self.device.type}:{precision}"
 
     @torch.inference_mode()

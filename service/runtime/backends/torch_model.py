@@ -14,6 +14,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from service.runtime.artifact import EncoderGeometry
+
+
+def similarity_logits(features: torch.Tensor, text: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """(..., D) features against (C, D) text features, divided by tau: every DAPO score is a
+    softmax of these. Shared by `ScoringHead` and `training.model.DapoModel.forward`."""
+    return features @ text.T * inv_tau
+
+
+def patch_class_probs(patches: list[torch.Tensor], text: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    """(L, B, N, C): per tapped layer, each patch's softmax over the C classes. Shared as above."""
+    return torch.stack([torch.softmax(similarity_logits(p, text, inv_tau), dim=-1) for p in patches])
+
 
 class ScoringHead(nn.Module):
     """Text features baked in; global + per-tap patch features -> the backend contract outputs."""
@@ -30,9 +43,9 @@ class ScoringHead(nn.Module):
     def forward(self, global_feat: torch.Tensor, patches: list[torch.Tensor], allowed: torch.Tensor):
         text = self.text.to(global_feat.dtype)
         pair = self.pair.to(global_feat.dtype)
-        anomaly_score = torch.softmax(global_feat @ pair.T * self.inv_tau, dim=-1)[:, 1]
-        type_scores = torch.softmax(global_feat @ text.T * self.inv_tau, dim=-1)
-        probs = torch.stack([torch.softmax(p @ text.T * self.inv_tau, dim=-1) for p in patches]).mean(0)
+        anomaly_score = torch.softmax(similarity_logits(global_feat, pair, self.inv_tau), dim=-1)[:, 1]
+        type_scores = torch.softmax(similarity_logits(global_feat, text, self.inv_tau), dim=-1)
+        probs = patch_class_probs(patches, text, self.inv_tau).mean(0)
         b, _, c = probs.shape
         probs = probs.transpose(1, 2).reshape(b, c, self.grid, self.grid)
         # Upsampling is linear, so summing layers first then upsampling once equals METHOD's order.
@@ -79,23 +92,22 @@ class _Block(nn.Module):
 class DapoImageEncoder(nn.Module):
     """ViT + deep visual prompts + adapters + scoring head; parameter names match the bake."""
 
-    def __init__(self, *, width: int, layers: int, heads: int, patch_size: int, image_size: int, embed_dim: int,
-                 taps: list[int], prompt_tokens: int, alpha: float, act: str, text_features: torch.Tensor,
-                 abnormal: torch.Tensor, temperature: float):
+    def __init__(self, geometry: EncoderGeometry, text_features: torch.Tensor, abnormal: torch.Tensor):
         super().__init__()
-        grid = image_size // patch_size
-        self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
+        g = geometry
+        width, grid = g.width, g.grid
+        self.conv1 = nn.Conv2d(3, width, g.patch_size, g.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
         self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(_Block(width, heads, act) for _ in range(layers))
+        self.blocks = nn.ModuleList(_Block(width, g.heads, g.act) for _ in range(g.layers))
         self.ln_post = nn.LayerNorm(width)
-        self.proj = nn.Parameter(torch.empty(width, embed_dim))
-        self.prompt_tokens = nn.Parameter(torch.empty(layers, prompt_tokens, width))
-        self.adapters = nn.ModuleList(nn.Linear(width, embed_dim) for _ in taps)
-        self.taps = list(taps)
-        self.alpha = alpha
-        self.head = ScoringHead(text_features, abnormal, grid, image_size, temperature)
+        self.proj = nn.Parameter(torch.empty(width, g.embed_dim))
+        self.prompt_tokens = nn.Parameter(torch.empty(g.layers, g.prompt_tokens, width))
+        self.adapters = nn.ModuleList(nn.Linear(width, g.embed_dim) for _ in g.taps)
+        self.taps = list(g.taps)
+        self.alpha = g.alpha
+        self.head = ScoringHead(text_features, abnormal, grid, g.image_size, g.temperature)
 
     def forward(self, pixel_values: torch.Tensor, allowed: torch.Tensor):
         n = self.prompt_tokens.shape[1]
@@ -128,12 +140,13 @@ def state_dict_for_export(visual: nn.Module, prompt_tokens: torch.Tensor, adapte
     return {k: v.detach().float().contiguous() for k, v in sd.items()}
 
 
-def load_encoder(weights_path: str, config: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DapoImageEncoder:
-    """Build DapoImageEncoder from manifest geometry and load `encoder.safetensors` (strict)."""
+def load_encoder(weights_path: str, geometry: EncoderGeometry, device: str = "cpu",
+                 dtype: torch.dtype = torch.float32) -> DapoImageEncoder:
+    """Build DapoImageEncoder from the manifest's geometry and load `encoder.safetensors` (strict)."""
     from safetensors.torch import load_file
 
     sd = load_file(weights_path, device="cpu")
-    model = DapoImageEncoder(text_features=sd.pop("head.text"), abnormal=sd.pop("head.abnormal"), **config)
+    model = DapoImageEncoder(geometry, text_features=sd.pop("head.text"), abnormal=sd.pop("head.abnormal"))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not m.startswith("head.")]
     if missing or unexpected:

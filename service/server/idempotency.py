@@ -1,16 +1,10 @@
-"""API keys and idempotent retries.
+"""Idempotent retries (`Idempotency-Key` header).
 
-API keys come from `DAPO_API_KEYS` (comma list) and/or `DAPO_API_KEYS_FILE` (one key per line,
-`#` comments). Keys are compared with hmac.compare_digest against every configured key (no
-early exit, so timing does not tell which prefix matched), are never logged, and are known
-elsewhere only by a short SHA-256 tag (the "principal") used to scope idempotency keys, so one
-client can never receive another client's stored answer.
-
-Idempotency (`Idempotency-Key` header): the first request with a key runs; its 200 answer is
-kept (bounded LRU, TTL from completion) and a retry with the same key and the same request gets
-that answer back without a second inference. A concurrent duplicate waits for the first. The
-same key with a different request is refused (422). Failures are not stored, so a retry after
-a 503 really runs again.
+The first request with a key runs; its 200 answer is kept (bounded LRU, TTL from completion)
+and a retry with the same key and the same request gets that answer back without a second
+inference. A concurrent duplicate waits for the first. The same key with a different request is
+refused (422). Failures are not stored, so a retry after a 503 really runs again. Keys are
+scoped by the caller's principal (`service.server.auth`).
 
 "Same request" is a fingerprint of what the request means: path, query, the form fields and,
 per uploaded file, field name, filename and SHA-256 of its bytes. Hashing the raw multipart body
@@ -28,60 +22,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
-
-from pydantic import SecretStr
 
 MAX_IDEMPOTENCY_KEY_LEN = 255
 
 
-# --- API keys -------------------------------------------------------------------------------
-def read_keys_file(path: Path) -> list[str]:
-    """Keys from a file, one per line; blank lines and `#` comments ignored."""
-    keys = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            keys.append(line)
-    return keys
-
-
-def principal_of(key: str) -> str:
-    """A short, non-reversible tag for a key (safe to log, used to scope idempotency)."""
-    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:12]
-
-
-class ApiKeys:
-    """The configured keys; `check` answers the caller's principal or None."""
-
-    def __init__(self, keys: Iterable[str]):
-        self._keys = tuple(k.encode("utf-8") for k in dict.fromkeys(keys) if k)
-
-    @classmethod
-    def from_settings(cls, keys: list[SecretStr], keys_file: Path | None) -> "ApiKeys":
-        values = [k.get_secret_value() for k in keys]
-        if keys_file is not None:
-            values += read_keys_file(keys_file)
-        return cls(values)
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
-
-    def check(self, provided: str | None) -> str | None:
-        """Principal of a valid key, "anonymous" when auth is off, None when refused."""
-        if not self.enabled:
-            return "anonymous"
-        if not provided:
-            return None
-        candidate = provided.encode("utf-8", "surrogateescape")
-        match = False
-        for key in self._keys:  # no early exit
-            match |= hmac.compare_digest(candidate, key)
-        return principal_of(provided) if match else None
-
-
-# --- idempotency ----------------------------------------------------------------------------
 class IdempotencyConflict(ValueError):
     """The key was already used for a different request (422)."""
 
