@@ -7,6 +7,8 @@
   ONNX encoder on the same images in the same run, one image at a time: the ratio is what the
   service costs on top of the model (decode, preprocess, batching, postprocess, JSON, HTTP).
 - ``load``: images/s end to end with concurrent clients (what a GPU node should be judged by).
+- ``cpu-path``: the service's CPU cost per image at 0.3, 5 and 20 MP per mask format, with and
+  without heatmap + overlay, against a plain full decode + resize (see `service.bench_cpu_path`).
 
 Absolute times on a shared CPU are noisy; ratios measured in one run are what to compare.
 """
@@ -180,7 +182,8 @@ def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", required=True)
-    p.add_argument("--mode", choices=["encoder", "e2e", "load", "all"], default="all")
+    p.add_argument("--mode", choices=["encoder", "e2e", "load", "cpu-path", "all"], default="all",
+                   help="all = encoder, e2e and load (cpu-path runs on its own)")
     p.add_argument("--backends", default="onnxruntime,torch")
     p.add_argument("--precisions", default="fp32",
                    help="comma list of fp32,fp16,bf16 for torch; onnxruntime always runs fp32, and fp16 "
@@ -194,6 +197,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--size", default="640x480", help="uploaded image size WxH")
     p.add_argument("--format", default="JPEG", choices=["JPEG", "PNG", "BMP"], help="uploaded image format (e2e)")
+    p.add_argument("--reps", type=int, default=7, help="cpu-path: repetitions per configuration (medians)")
+    p.add_argument("--photos", type=Path, help="cpu-path: a folder of JPEG photos to use instead of synthetic ones")
+    p.add_argument("--no-http", action="store_true", help="cpu-path: in-process stages only (no server)")
     p.add_argument("--server-env", action="append", default=[], metavar="DAPO_KEY=VALUE",
                    help="settings of the served process for e2e/load (repeatable), e.g. DAPO_BACKEND=torch")
 
@@ -211,5 +217,11 @@ def run(args: argparse.Namespace) -> int:
         out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format, server_env=server_env)
     if args.mode in ("load", "all"):
         out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h, server_env=server_env)
+    if args.mode == "cpu-path":
+        from service.bench_cpu_path import CpuPathOptions, bench_cpu_path
+
+        options = CpuPathOptions(reps=args.reps, http_reps=max(3, args.reps // 2), concurrency=min(args.concurrency, 8),
+                                 photos=args.photos, http=not args.no_http)
+        out["cpu_path"] = bench_cpu_path(artifact, options)
     print(json.dumps(out, indent=2))
     return 0

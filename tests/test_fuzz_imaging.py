@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from robust_util import hostile_headers, png_declaring, seed_images
-from service.runtime.imaging import ImageError, decode
+from service.runtime.imaging import DecodeOptions, ImageError, decode, decode_sized, view_size
 
 LIMITS = dict(max_pixels=40_000_000, max_side=16384)
 SEEDS = seed_images()
@@ -146,3 +146,20 @@ def test_error_messages_do_not_leak_object_reprs():
     for name, data in hostile_headers().items():
         out = decode_or_image_error(data, name)
         assert isinstance(out, ImageError) and " at 0x" not in str(out), str(out)
+
+
+@FUZZ
+@given(mutated(), st.integers(1, 16), st.sampled_from([None, 0, 4, 9]))
+def test_the_sized_decode_of_mutated_images_is_as_strict(data, model_size, view_max_side):
+    """The scaled-decode and overlay paths (draft, second decode, reduce) on hostile bytes:
+    a Decoded whose sizes agree, or ImageError with a 4xx; a tiny model size makes the seeds
+    large enough to be DCT-reduced."""
+    options = DecodeOptions(**LIMITS, model_size=model_size, view_max_side=view_max_side)
+    try:
+        out = decode_sized(data, "fuzz.jpg", options)
+    except ImageError as e:
+        assert e.status in (400, 413, 415), e.status
+        return
+    assert out.image.mode == "RGB" and 0 < out.image.width <= out.width and 0 < out.image.height <= out.height
+    if view_max_side is not None:
+        assert out.view is not None and out.view.size == view_size(out.width, out.height, view_max_side)

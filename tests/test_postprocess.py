@@ -6,11 +6,15 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from service.runtime.backends.base import EncoderOutputs
-from service.runtime.postprocess import ClassMaps, RenderOptions, find_regions, model_maps, postprocess
+from service.runtime.postprocess import (
+    ClassMaps, RenderOptions, find_regions, model_maps, postprocess, rle_masks,
+)
 from service.runtime.scoring import Policy
 
 NAMES = ["normal", "scratch", "crack", "stain"]
@@ -184,3 +188,75 @@ def test_a_region_of_exactly_min_region_px_is_kept():
     classes[4, 4:6] = 2  # 2 pixels
     regions = find_regions(ClassMaps.identity(np.ones((6, 6), np.float32), classes), NAMES, min_px=3, max_regions=10)
     assert [(r["defect_type"], r["area_px"]) for r in regions] == [("scratch", 3)]
+
+
+# --- masks from the model-resolution map (no full-resolution array) -------------------------
+
+def reference_full_classes(maps: ClassMaps) -> np.ndarray:
+    """The full-resolution class map as the service built it before: two gathers."""
+    return np.take(np.take(maps.classes, maps.src_y, axis=0), maps.src_x, axis=1)
+
+
+def reference_rle(full: np.ndarray, class_id: int) -> dict:
+    """pycocotools on the full binary mask (what rle_masks returned before)."""
+    rle = mask_utils.encode(np.asfortranarray((full == class_id).astype(np.uint8)))
+    return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+@given(st.data())
+@settings(max_examples=200, deadline=None)
+def test_rle_from_the_small_map_equals_pycocotools_on_the_full_map(data):
+    sh = data.draw(st.integers(1, 24), label="model rows")
+    sw = data.draw(st.integers(1, 24), label="model cols")
+    h = data.draw(st.integers(1, 300), label="H")
+    w = data.draw(st.integers(1, 300), label="W")
+    n_classes = data.draw(st.integers(1, 4), label="classes")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    density = data.draw(st.sampled_from([0.0, 0.05, 0.5, 1.0]), label="defect density")
+    rng = np.random.default_rng(seed)
+    classes = np.where(rng.random((sh, sw)) < density, rng.integers(1, n_classes + 1, (sh, sw)), 0).astype(np.uint8)
+    maps = model_maps(outputs(classes, np.zeros((sh, sw))), policy(), w, h)
+    full = reference_full_classes(maps)
+    np.testing.assert_array_equal(maps.full_classes(), full)
+    names = [f"c{i}" for i in range(n_classes + 1)]
+    got = rle_masks(maps, names, list(range(n_classes + 1)))  # every class, present or not, normal too
+    for c in range(n_classes + 1):
+        assert got[names[c]] == reference_rle(full, c), (c, sh, sw, h, w)
+
+
+@pytest.mark.parametrize("w,h", [(2448, 2048), (5472, 3648), (4001, 17)])
+def test_large_uploads_get_exactly_the_masks_the_full_array_gave(w, h):
+    """Old path (full array + pycocotools / PNG of the full array) vs new, at camera sizes."""
+    rng = np.random.default_rng(w)
+    s = 112
+    yy, xx = np.mgrid[0:s, 0:s]
+    tmap = np.zeros((s, s), np.uint8)
+    for k in range(1, 4):  # blobs of three types and a sprinkle of single pixels
+        cy, cx, r = rng.integers(10, s - 10), rng.integers(10, s - 10), rng.integers(3, 12)
+        tmap[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = k
+    tmap[rng.random((s, s)) < 0.01] = 2
+    amap = np.where(tmap > 0, 0.8, 0.1).astype(np.float32)
+    out = outputs(tmap, amap)
+    rle = postprocess(out, policy(), w, h, NAMES, RenderOptions(mask_format="rle"))
+    full = reference_full_classes(model_maps(out, policy(), w, h))
+    assert set(rle["mask"]["rle"]) == {"scratch", "crack", "stain"}
+    for name, obj in rle["mask"]["rle"].items():
+        assert obj == reference_rle(full, NAMES.index(name))
+    png = postprocess(out, policy(), w, h, NAMES, RenderOptions(mask_format="png"))
+    np.testing.assert_array_equal(np.asarray(decode_png(png["mask"]["png"])), full)
+    for d in rle["defect_types"]:  # areas are read off the same map
+        assert d["area_fraction"] == float(f"{(full == NAMES.index(d['name'])).sum() / (w * h):.6g}")
+
+
+def test_heatmap_and_overlay_are_capped_for_large_uploads():
+    tmap, amap = sample_maps()
+    w, h = 2448, 2048
+    size = (612, 512)  # 1/4: the smallest power-of-two reduction within 1024 px
+    image = Image.new("RGB", size, (10, 20, 30))
+    res = postprocess(outputs(tmap, amap), policy(), w, h, NAMES,
+                      RenderOptions(mask_format="none", heatmap=True, overlay=True, view_max_side=1024), image)
+    assert decode_png(res["heatmap_png"]).size == size and decode_png(res["overlay_png"]).size == size
+    assert res["width"] == w and res["height"] == h  # everything else stays at the original size
+    with pytest.raises(ValueError, match="expected 612x512"):
+        postprocess(outputs(tmap, amap), policy(), w, h, NAMES,
+                    RenderOptions(mask_format="none", overlay=True, view_max_side=1024), Image.new("RGB", (w, h)))

@@ -41,3 +41,32 @@ def test_empty_env_values_mean_unset(monkeypatch):
     monkeypatch.setenv("DAPO_TRT_CACHE_DIR", " ")
     s = Settings()
     assert s.api_keys_file is None and s.trt_cache_dir is None
+
+
+def test_cpu_pool_follows_the_available_cores_without_a_cap(monkeypatch, tmp_path):
+    import os
+
+    from service.server.state import available_cpus, cpu_workers
+
+    assert Settings().cpu_threads is None
+    assert cpu_workers(None) == available_cpus()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))  # a large GPU node
+    cpu_max = tmp_path / "cpu.max"
+    assert available_cpus(cpu_max) == 64  # no cgroup file: the affinity mask, no cap at 8
+    cpu_max.write_text("max 100000\n")
+    assert available_cpus(cpu_max) == 64
+    cpu_max.write_text("150000 100000\n")  # docker --cpus=1.5
+    assert available_cpus(cpu_max) == 2
+    monkeypatch.setenv("DAPO_CPU_THREADS", "24")
+    assert cpu_workers(Settings().cpu_threads) == 24
+    monkeypatch.setenv("DAPO_CPU_THREADS", "")
+    assert Settings().cpu_threads is None
+
+
+def test_heatmap_cap_setting(monkeypatch):
+    assert Settings().heatmap_max_side == 1024
+    monkeypatch.setenv("DAPO_HEATMAP_MAX_SIDE", "0")
+    assert Settings().heatmap_max_side == 0
+    monkeypatch.setenv("DAPO_HEATMAP_MAX_SIDE", "-1")
+    with pytest.raises(ValidationError):
+        Settings()

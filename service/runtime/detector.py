@@ -52,6 +52,7 @@ class RuntimeOptions:
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     io_binding: bool | None = None
     verify: bool = True
+    max_batch_size: int = 1  # the largest batch infer() will get (TensorRT's optimisation profile)
 
 
 @dataclass(frozen=True)
@@ -75,10 +76,10 @@ class Prepared:
     """A decoded, checked, preprocessed image (the RGB image kept only for overlays)."""
 
     filename: str
-    width: int
+    width: int  # original (oriented) size: the size of every answer
     height: int
     pixel_values: np.ndarray  # (3, S, S) float32
-    image: Image.Image | None
+    image: Image.Image | None  # for an overlay only, at its view size (see Detector.prepare)
     decode_ms: float
     preprocess_ms: float
 
@@ -149,22 +150,29 @@ class Detector:
         return imaging.preprocess(image, m.image_size, m.mean, m.std)
 
     def prepare(self, source: Upload | Image.Image, limits: ImageLimits | None = None,
-                keep_image: bool = False, filename: str = "image") -> Prepared:
+                view_max_side: int | None = None, filename: str = "image") -> Prepared:
         """Decode (bytes: sniffed, size-checked against `limits`, EXIF-oriented) or convert (a
-        PIL image, taken as already oriented) to 8-bit RGB, then preprocess. Raises ImageError."""
+        PIL image, taken as already oriented) to 8-bit RGB, then preprocess. Raises ImageError.
+
+        Bytes are decoded only as far as needed (`imaging.decode_sized`): a large JPEG straight
+        at a reduced DCT scale for the model. `view_max_side` (None = no overlay) also keeps the
+        image for an overlay, at `imaging.view_size(W, H, view_max_side)` (0 = original size)."""
         t0 = time.perf_counter()
         if isinstance(source, Upload):
             if limits is None:
                 raise ValueError("decoding uploaded bytes needs ImageLimits")
-            img = imaging.decode(source.data, source.filename, limits.max_pixels, limits.max_side)
+            options = imaging.DecodeOptions(limits.max_pixels, limits.max_side, self.manifest.image_size,
+                                            view_max_side)
+            decoded = imaging.decode_sized(source.data, source.filename, options)
             filename = source.filename
         else:
             img = imaging.to_rgb8(source, filename)
+            view = None if view_max_side is None else imaging.view_of(img, view_max_side)
+            decoded = imaging.Decoded(img, img.width, img.height, view)
         decode_ms = ms_since(t0)
         t1 = time.perf_counter()
-        pixel_values = self.pixel_values(img)
-        return Prepared(filename, img.width, img.height, pixel_values, img if keep_image else None,
-                        decode_ms, ms_since(t1))
+        pixel_values = self.pixel_values(decoded.image)
+        return Prepared(filename, decoded.width, decoded.height, pixel_values, decoded.view, decode_ms, ms_since(t1))
 
     def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
         """The backend on a batch (what the server's micro-batcher calls, in its threads)."""
@@ -201,10 +209,10 @@ class Detector:
         `render_options` None: scores only (no masks or regions drawn); `class_probs`: keep the
         per-class maps (evaluation). Bytes need `limits` (see `prepare`)."""
         policy = policy or self.policy()
-        keep = render_options is not None and render_options.overlay
+        view = render_options.view_max_side if render_options is not None and render_options.overlay else None
         results: list[Result] = []
         for start in range(0, len(images), max(1, batch_size)):
-            prepared = [self.prepare(src, limits, keep, f"image[{start + i}]")
+            prepared = [self.prepare(src, limits, view, f"image[{start + i}]")
                         for i, src in enumerate(images[start:start + batch_size])]
             t0 = time.perf_counter()
             allowed = np.broadcast_to(policy.allowed, (len(prepared), len(policy.allowed)))
@@ -228,4 +236,5 @@ def build_backend(folder: Path, manifest: Manifest, options: RuntimeOptions) -> 
     return create_backend(folder, manifest, backend=options.backend,
                           providers=list(options.providers) if options.providers else None,
                           trt_cache_dir=options.trt_cache_dir, device=options.device,
-                          precision=options.precision, io_binding=options.io_binding)
+                          precision=options.precision, io_binding=options.io_binding,
+                          max_batch_size=options.max_batch_size)

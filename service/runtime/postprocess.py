@@ -7,6 +7,15 @@ exactly to the original W x H (see ClassMaps), so their cost does not grow with 
 masks are the class map upsampled by nearest neighbour (class ids are never interpolated);
 heatmaps/overlays use the anomaly map resized bilinearly in float (Pillow mode 'F').
 
+Nothing is built at the original resolution that the answer does not contain: the COCO RLE of
+a mask is read off the model-resolution class map and the row/column index maps (see
+`ClassMaps.rle_counts`), so an RLE answer for a 20 MP upload never allocates a 20 MP array;
+only a PNG mask (whose pixels are the answer) is expanded, by whole-row copies. Heatmaps and
+overlays are pictures for people: they are drawn at `imaging.view_size` (the original divided
+by the smallest power of two that brings the longer side to `RenderOptions.view_max_side` px
+or less; the caller may ask for the original size), which keeps a 20 MP overlay from being a
+28 MB answer.
+
 Defect-type score (`defect_types[].score`): the image-level `type_scores` of that class
 renormalised over the defect classes allowed for this call, i.e. P(type | defective, allowed).
 Why: the raw softmax also spends mass on `normal` and on classes the product filter excluded,
@@ -32,6 +41,7 @@ from scipy import ndimage
 
 from service.runtime import scoring
 from service.runtime.backends.base import EncoderOutputs
+from service.runtime.imaging import view_size
 
 MaskFormat = Literal["rle", "png", "none"]
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -47,6 +57,7 @@ class RenderOptions:
     overlay: bool = False
     min_region_px: int = 16
     max_regions: int = 100
+    view_max_side: int = 0  # heatmap/overlay PNGs within this many px (imaging.view_size); 0 = original
 
 
 @dataclass
@@ -79,19 +90,54 @@ class ClassMaps:
         return len(self.src_y)
 
     @cached_property
+    def row_counts(self) -> np.ndarray:
+        """(S,) number of original rows each model row stands for (0 when downsampling skips it)."""
+        return np.bincount(self.src_y, minlength=self.classes.shape[0])
+
+    @cached_property
     def pixel_weights(self) -> np.ndarray:
         """(S, S) number of original pixels each model pixel covers (0 when downsampling skips it)."""
-        sh, sw = self.classes.shape
-        return np.outer(np.bincount(self.src_y, minlength=sh), np.bincount(self.src_x, minlength=sw))
+        return np.outer(self.row_counts, np.bincount(self.src_x, minlength=self.classes.shape[1]))
 
     def full_classes(self) -> np.ndarray:
-        """(H, W) uint8 class map at the original resolution."""
-        return np.take(np.take(self.classes, self.src_y, axis=0), self.src_x, axis=1)
+        """(H, W) uint8 class map at the original resolution, `classes[src_y][:, src_x]`.
 
-    def full_anomaly(self) -> np.ndarray:
-        """(H, W) float32 anomaly map, bilinear (only for heatmaps/overlays)."""
+        Built as the (S, W) column gather, then whole rows repeated (src_y is non-decreasing,
+        so repeating model row i row_counts[i] times is exactly the row gather, as copies)."""
+        return np.repeat(self.classes[:, self.src_x], self.row_counts, axis=0)
+
+    @cached_property
+    def _column_major(self) -> tuple[np.ndarray, np.ndarray]:
+        """The kept model rows in column-major order at the original width, (W, K), and the
+        first original row of each of the K kept model rows."""
+        keep = self.row_counts > 0
+        heights = self.row_counts[keep]
+        top = np.concatenate(([0], np.cumsum(heights)[:-1]))
+        return np.ascontiguousarray(self.classes[keep].T[self.src_x]), top
+
+    def rle_counts(self, class_id: int) -> np.ndarray:
+        """Uncompressed COCO RLE counts of `full_classes() == class_id`, without building it.
+
+        COCO runs go down each column, then on to the next column. In column x of the full map,
+        model row i fills original rows top[i] .. top[i] + row_counts[i] - 1 with the value of
+        model pixel (i, src_x[x]); so a run can only start at the first original row of a kept
+        model row. Walking the (W, K) column-major model values, every place where the value
+        differs from the previous one starts a run, at full-map offset x * H + top[i]. The
+        counts are the gaps between run starts; COCO's first count is of zeros (0 when the
+        first pixel is set). Cost: O(W x S), not O(W x H)."""
+        values, top = self._column_major
+        flat = (values == class_id).ravel()
+        k = values.shape[1]
+        change = np.flatnonzero(flat[1:] != flat[:-1]) + 1
+        starts = (change // k) * self.height + top[change % k]
+        counts = np.diff(np.concatenate(([0], starts, [self.height * self.width])))
+        return np.concatenate(([0], counts)) if flat[0] else counts
+
+    def full_anomaly(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """(h, w) float32 anomaly map, bilinear, at `size` (w, h) or the original size (heatmaps)."""
         img = Image.fromarray(np.ascontiguousarray(self.anomaly, dtype=np.float32))
-        return np.asarray(img.resize((self.width, self.height), Image.Resampling.BILINEAR), dtype=np.float32)
+        w, h = size or (self.width, self.height)
+        return np.asarray(img.resize((w, h), Image.Resampling.BILINEAR), dtype=np.float32)
 
     def box(self, rows: slice, cols: slice) -> list[int] | None:
         """[x, y, w, h] in original pixels of a model-pixel box; None if no original pixel maps in."""
@@ -204,18 +250,17 @@ def find_regions(maps: ClassMaps, class_names: list[str], min_px: int, max_regio
     return regions[:max_regions]
 
 
-def rle_masks(classes: np.ndarray, class_names: list[str], present: list[int] | None = None) -> dict[str, dict[str, Any]]:
-    """COCO compressed RLE per defect type present; size is [H, W] as in COCO."""
+def rle_masks(maps: ClassMaps, class_names: list[str], present: list[int] | None = None) -> dict[str, dict[str, Any]]:
+    """COCO compressed RLE per defect type present, at the original size; size is [H, W] as in
+    COCO. The counts come from the model-resolution map (ClassMaps.rle_counts); pycocotools
+    compresses them into its string form, exactly what `mask.encode` gives for the full mask."""
     out: dict[str, dict[str, Any]] = {}
-    column_major = np.ascontiguousarray(classes.T)  # one transpose, then each mask is a free view
-    for c in present_defects(classes) if present is None else present:
-        binary = (column_major == c).view(np.uint8).T  # (H, W), Fortran order, no copy
-        rle = mask_utils.encode(binary)
-        counts = rle["counts"]
-        out[class_names[c]] = {
-            "size": [int(v) for v in rle["size"]],
-            "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts,
-        }
+    h, w = maps.height, maps.width
+    for c in present_defects(maps.classes) if present is None else present:
+        counts = maps.rle_counts(c).astype(np.uint32)
+        rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
+        text = rle["counts"]
+        out[class_names[c]] = {"size": [h, w], "counts": text.decode("ascii") if isinstance(text, bytes) else text}
     return out
 
 
@@ -265,21 +310,40 @@ def overlay(image: Image.Image, heat: np.ndarray, alpha: float = _OVERLAY_ALPHA)
     return Image.blend(image.convert("RGB"), colour, alpha)
 
 
-def build_mask(classes: np.ndarray, class_names: list[str], mask_format: MaskFormat,
+def build_mask(maps: ClassMaps, class_names: list[str], mask_format: MaskFormat,
                present: list[int] | None = None) -> dict[str, Any] | None:
     """The `mask` object of a result, or None when mask_format=none."""
     if mask_format == "none":
         return None
     label_map = {str(i): name for i, name in enumerate(class_names)}
     if mask_format == "rle":
-        return {"format": "rle", "label_map": label_map, "rle": rle_masks(classes, class_names, present)}
-    return {"format": "png", "label_map": label_map, "png": png_mask(classes)}
+        return {"format": "rle", "label_map": label_map, "rle": rle_masks(maps, class_names, present)}
+    return {"format": "png", "label_map": label_map, "png": png_mask(maps.full_classes())}
+
+
+def render_views(maps: ClassMaps, options: RenderOptions, image: Image.Image | None) -> dict[str, str]:
+    """heatmap_png / overlay_png, at view_size(W, H, view_max_side); the image for the overlay
+    must already be at that size (imaging.decode_sized draws it there)."""
+    out: dict[str, str] = {}
+    size = view_size(maps.width, maps.height, options.view_max_side)
+    heat = heatmap_u8(maps.full_anomaly(size))
+    if options.heatmap:
+        out["heatmap_png"] = png_b64(Image.fromarray(heat))
+    if options.overlay:
+        if image is None:
+            raise ValueError("overlay requested without the image")
+        if image.size != size:
+            raise ValueError(f"overlay image is {image.size[0]}x{image.size[1]}, expected {size[0]}x{size[1]}")
+        out["overlay_png"] = png_b64(overlay(image, heat))
+    return out
 
 
 def postprocess(outputs: EncoderOutputs, policy: scoring.Policy, width: int, height: int,
                 class_names: list[str], options: RenderOptions,
                 image: Image.Image | None = None) -> dict[str, Any]:
-    """Everything of one result that comes from the model (no filename, ids or timings)."""
+    """Everything of one result that comes from the model (no filename, ids or timings).
+
+    `image` (only for overlays) is the upload at view_size(width, height, options.view_max_side)."""
     maps = model_maps(outputs, policy, width, height)
     score = scoring.image_score(outputs.anomaly_score[0], maps.anomaly, policy.image_score)
     result: dict[str, Any] = {
@@ -292,16 +356,9 @@ def postprocess(outputs: EncoderOutputs, policy: scoring.Policy, width: int, hei
         "regions": find_regions(maps, class_names, options.min_region_px, options.max_regions),
     }
     present = [class_names.index(d["name"]) for d in result["defect_types"]]  # types with pixels
-    mask = build_mask(maps.full_classes(), class_names, options.mask_format, present) \
-        if options.mask_format != "none" else None
+    mask = build_mask(maps, class_names, options.mask_format, present)
     if mask is not None:
         result["mask"] = mask
     if options.heatmap or options.overlay:
-        heat = heatmap_u8(maps.full_anomaly())
-        if options.heatmap:
-            result["heatmap_png"] = png_b64(Image.fromarray(heat))
-        if options.overlay:
-            if image is None:
-                raise ValueError("overlay requested without the image")
-            result["overlay_png"] = png_b64(overlay(image, heat))
+        result.update(render_views(maps, options, image))
     return result

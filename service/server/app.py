@@ -43,7 +43,8 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
     return RuntimeOptions(backend=settings.backend,
                           providers=tuple(settings.providers) if settings.providers else None,
                           trt_cache_dir=settings.trt_cache_dir, device=settings.device,
-                          precision=settings.precision, io_binding=settings.ort_io_binding)
+                          precision=settings.precision, io_binding=settings.ort_io_binding,
+                          max_batch_size=settings.max_batch_size)
 
 
 def load_detector(settings: Settings, backend: Backend | None = None) -> Detector:
@@ -77,7 +78,7 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     settings = state.settings
     t0 = time.perf_counter()
     model = await open_model(settings, state.metrics, backend)
-    state.cpu_pool = ThreadPoolExecutor(cpu_workers(), thread_name_prefix="dapo-cpu")
+    state.cpu_pool = ThreadPoolExecutor(cpu_workers(settings.cpu_threads), thread_name_prefix="dapo-cpu")
     state.model = model
     state.ready = True
     detector = model.detector

@@ -28,11 +28,12 @@ async def run_cpu(state: ServiceState, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def prepare_all(state: ServiceState, model: LoadedModel, uploads: list[Upload],
-                      keep_images: bool) -> list[Prepared]:
-    """Decode every file in parallel; the first failure in upload order fails the request."""
+                      view_max_side: int | None) -> list[Prepared]:
+    """Decode every file in parallel (each only as far as the request needs: the overlay's view
+    when `view_max_side` is not None); the first failure in upload order fails the request."""
     limits = state.limits
     outcomes = await asyncio.gather(
-        *(run_cpu(state, model.detector.prepare, u, limits, keep_images) for u in uploads),
+        *(run_cpu(state, model.detector.prepare, u, limits, view_max_side) for u in uploads),
         return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -50,7 +51,7 @@ def timed_render(model: LoadedModel, prep: Prepared, outputs: Any, policy: scori
 async def detect(state: ServiceState, model: LoadedModel, uploads: list[Upload], policy: scoring.Policy,
                  options: postprocess.RenderOptions, echo: dict[str, str]) -> list[dict[str, Any]]:
     """The results list of a /detect answer, in upload order."""
-    prepared = await prepare_all(state, model, uploads, keep_images=options.overlay)
+    prepared = await prepare_all(state, model, uploads, options.view_max_side if options.overlay else None)
     batch_results = await model.batcher.submit_many([(p.pixel_values, policy.allowed) for p in prepared])
     rendered = await asyncio.gather(*(
         run_cpu(state, timed_render, model, p, r.outputs, policy, options)

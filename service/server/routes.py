@@ -7,10 +7,10 @@ still documented in OpenAPI through `openapi_extra`.
 """
 from __future__ import annotations
 
-import json
 import re
 from typing import Annotated, Any, Literal
 
+import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
@@ -32,6 +32,17 @@ MAX_FILENAME_LEN = 255
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+HEATMAP_MAX_SIDE_DOC = (
+    "heatmap_png and overlay_png are the original size divided by the smallest power of two (1, 2, 4, ...) "
+    "that makes the longer side at most this many px; 0 = the original size; "
+    "default: the server's DAPO_HEATMAP_MAX_SIDE (1024)")
+
+
+def encode_json(body: dict[str, Any]) -> bytes:
+    """The /detect answer as compact UTF-8 JSON. orjson: measured 10-15x faster than json.dumps on
+    answers with masks and heatmaps (see the README), and the bytes parse to the same values
+    (numpy scalars included)."""
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def service_of(request: Request) -> ServiceState:
@@ -131,6 +142,7 @@ async def detect(
     overlay: bool = False,
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     defect_types: Annotated[str | None, Query(description="comma list restricting the competing types")] = None,
+    heatmap_max_side: Annotated[int | None, Query(ge=0, le=65535, description=HEATMAP_MAX_SIDE_DOC)] = None,
     x_api_key: Annotated[str | None, Header()] = None,
     idempotency_key: Annotated[str | None, Header()] = None,
 ) -> Response:
@@ -139,8 +151,11 @@ async def detect(
     model = require_ready(state)  # this request's model, to the end, whatever swaps meanwhile
     admit(state)  # before the body is read: overload is refused at once, not after decoding
     try:
-        return await _detect(request, state, model, principal, mask_format, heatmap, overlay, threshold,
-                             defect_types, idempotency_key)
+        settings = state.settings
+        options = postprocess.RenderOptions(
+            mask_format, heatmap, overlay, settings.min_region_px, settings.max_regions,
+            settings.heatmap_max_side if heatmap_max_side is None else heatmap_max_side)
+        return await _detect(request, state, model, principal, options, threshold, defect_types, idempotency_key)
     finally:
         state.inflight -= 1
 
@@ -155,8 +170,8 @@ def admit(state: ServiceState) -> None:
 
 
 async def _detect(request: Request, state: ServiceState, model: LoadedModel, principal: str,
-                  mask_format: postprocess.MaskFormat, heatmap: bool, overlay: bool, threshold: float | None,
-                  defect_types: str | None, idempotency_key: str | None) -> Response:
+                  options: postprocess.RenderOptions, threshold: float | None, defect_types: str | None,
+                  idempotency_key: str | None) -> Response:
     key = check_idempotency_key(idempotency_key)
     form = await read_form(request, state)
     try:
@@ -165,15 +180,13 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
         uploads = await collect_uploads(form)
     finally:
         await form.close()
-    options = postprocess.RenderOptions(mask_format, heatmap, overlay, state.settings.min_region_px,
-                                        state.settings.max_regions)
     request_id = request.state.request_id
 
     async def produce() -> StoredResponse:
         results = await pipeline.detect(state, model, uploads, policy, options, echo)
         state.quality.observe(model.manifest, results, echo)
         body = {"request_id": request_id, "model": model.ref(), "results": results}
-        return StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
+        return StoredResponse(200, encode_json(body))
 
     if key is None:
         stored, replayed = await produce(), False

@@ -65,8 +65,11 @@ class Result(_Strict):
     defect_types: list[DefectType]
     regions: list[Region]
     mask: Mask | None = None
-    heatmap_png: str | None = None
-    overlay_png: str | None = None
+    heatmap_png: str | None = Field(default=None, description=(
+        "base64 8-bit gray PNG of the anomaly map, at the original size divided by the smallest power "
+        "of two within heatmap_max_side (default 1024 px; 0 = original size)"))
+    overlay_png: str | None = Field(default=None, description="base64 PNG: the heatmap blended over the image, "
+                                    "same size as heatmap_png")
     timing_ms: Timing
     product: str | None = None
     part_id: str | None = None

@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     # --- postprocessing -----------------------------------------------------------------
     min_region_px: int = Field(default=16, ge=1)  # smaller connected regions are not reported
     max_regions: int = Field(default=100, ge=0)  # per image, highest score first
+    # heatmap_png / overlay_png: the original divided by the smallest power of two that brings the
+    # longer side to at most this many px (smaller images keep their size); a request may ask
+    # for another cap, or the original size with heatmap_max_side=0
+    heatmap_max_side: int = Field(default=1024, ge=0, le=16384)
+    # threads for decode / preprocess / postprocess; None = one per CPU available to the process
+    cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
     # --- security -----------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = []
@@ -104,7 +110,7 @@ class Settings(BaseSettings):
     def _empty_providers_is_auto(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
-    @field_validator("api_keys_file", "trt_cache_dir", "device", "ort_io_binding", mode="before")
+    @field_validator("api_keys_file", "trt_cache_dir", "device", "ort_io_binding", "cpu_threads", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`DAPO_API_KEYS_FILE=` (empty) means no file, not the current directory."""

@@ -10,9 +10,11 @@ the old model or wholly by the new one.
 """
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
@@ -25,13 +27,31 @@ from service.server.idempotency import IdempotencyStore
 from service.server.settings import Settings
 
 
-def cpu_workers() -> int:
-    """Threads for decode/preprocess/postprocess: the CPUs this process may use, at most 8."""
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+
+
+def available_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
+    """CPUs this process may actually use: its affinity mask, lowered to a cgroup v2 CPU quota
+    (a container started with --cpus=N sees every core of the host in its affinity mask)."""
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
-    return max(1, min(8, n))
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, math.ceil(int(quota) / int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota visible: the affinity mask is the limit
+    return max(1, n)
+
+
+def cpu_workers(configured: int | None = None) -> int:
+    """Threads for decode/preprocess/postprocess: DAPO_CPU_THREADS, else one per available CPU.
+
+    No fixed cap: a GPU node's cores are what keeps its accelerator fed (Pillow's decoders and
+    resizes, zlib, numpy and pycocotools release the GIL for their heavy parts)."""
+    return configured if configured is not None else available_cpus()
 
 
 @dataclass(frozen=True)

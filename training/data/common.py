@@ -3,8 +3,10 @@ torch Dataset the trainer and the evaluator iterate.
 
 One image becomes ``(pixel_values, class_mask, label, has_mask)``:
 
-- ``pixel_values``  float32 (3, S, S), from ``service.runtime.imaging.preprocess`` (the serving path's
-  own preprocessing, so training and serving see identical tensors).
+- ``pixel_values``  float32 (3, S, S), decoded by ``service.runtime.imaging.load`` (the same
+  DCT-scaled JPEG decode as the service for large JPEGs) and made by
+  ``service.runtime.imaging.preprocess`` (the serving path's own preprocessing), so training,
+  evaluation and serving see identical tensors.
 - ``class_mask``    int64 (S, S): 0 = normal, k = the defect's class id; ``ignore_index``
   (default -100, torch's CrossEntropy default) where the truth is unknown.
 - ``label``         int64 scalar, 0 = good, 1 = defective.
@@ -29,7 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-from service.runtime.imaging import preprocess, to_rgb8
+from service.runtime.imaging import load, model_side, preprocess
 
 IGNORE_INDEX = -100
 UNKNOWN_DEFECT = -1  # class_id of a defective sample whose defect type is not known
@@ -247,10 +249,11 @@ class AnomalyDataset:
         s = self.samples[idx]
         try:
             with Image.open(s.image) as im:
-                im.load()
-                image_size = im.size
+                image_size = im.size  # the stored size: a scaled decode changes im.size
+                # the service's own decode: DCT-reduced exactly like a served JPEG of this size;
                 # EXIF orientation is NOT applied: data-set masks are drawn on the stored pixel grid
-                pix = preprocess(to_rgb8(im, str(s.image)), self.size, self.mean, self.std)
+                pix = preprocess(load(im, str(s.image), model_side(self.size), orient=False), self.size,
+                                 self.mean, self.std)
         except (OSError, SyntaxError, ValueError) as exc:
             raise DataLayoutError(s.image, f"cannot read image: {exc}") from exc
         cmask, has_mask = self.class_mask(s, image_size)

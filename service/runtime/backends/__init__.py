@@ -11,18 +11,22 @@ __all__ = ["Backend", "EncoderOutputs", "create_backend"]
 
 def create_backend(folder: Path, manifest: Manifest, backend: str = "onnxruntime",
                    providers: list[str] | None = None, trt_cache_dir: str | None = None,
-                   device: str | None = None, precision: str = "fp32", io_binding: bool | None = None) -> Backend:
+                   device: str | None = None, precision: str = "fp32", io_binding: bool | None = None,
+                   max_batch_size: int = 1) -> Backend:
     """Build the named backend over an already verified artifact folder.
 
     `precision`: the torch backend's compute dtype (fp32, fp16, bf16); for ONNX Runtime, which
     graph to load: fp32 = encoder.onnx, fp16 = encoder_fp16.onnx (baked with `dapo bake --fp16`).
+    `max_batch_size`: the largest batch that will be run (TensorRT's optimisation profile).
     """
     folder = Path(folder)
     if backend == "onnxruntime":
-        from service.runtime.backends.ort_backend import OrtBackend
+        from service.runtime.backends.ort_backend import OrtBackend, TensorRtOptions
 
+        trt = TensorRtOptions(cache_dir=trt_cache_dir, max_batch=max_batch_size, image_size=manifest.image_size,
+                              num_classes=len(manifest.class_names))
         return OrtBackend(folder / onnx_encoder_file(manifest, precision, folder), providers=providers,
-                          trt_cache_dir=trt_cache_dir, io_binding=io_binding, precision=precision)
+                          io_binding=io_binding, precision=precision, trt=trt)
     if backend == "torch":
         from service.runtime.backends.torch_backend import TorchBackend
 
