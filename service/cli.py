@@ -75,6 +75,23 @@ def cmd_bake(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensure_artifact(args: argparse.Namespace) -> int:
+    """Compose's one-shot `init`: verify the configured artifact, build it if missing."""
+    from training.provision import ProvisionError, ensure
+
+    try:
+        outcome = ensure(args.folder, recipe=args.recipe, force=args.force)
+    except ProvisionError as e:
+        print(f"dapo ensure-artifact: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:  # only a build needs torch; a present artifact is only verified
+        print(f"dapo ensure-artifact: building needs the training extra ({e.name} missing): "
+              "pip install 'dapo-inspect[train,cpu]' (or run it in the train image)", file=sys.stderr)
+        return 1
+    print(outcome.to_json())
+    return 0
+
+
 def _load_samples(layout: str, root: str, split: str | None):
     """Samples of a data set by layout name; `synth` reads a `dapo synth` folder's splits.json."""
     if layout == "synth":
@@ -234,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write encoder_fp16.onnx (fp16 compute, fp32 inputs/outputs) for ONNX Runtime on a GPU "
                         "(DAPO_PRECISION=fp16); checked against the fp32 model with fp16 tolerances")
     b.set_defaults(func=cmd_bake)
+
+    from training.provision import AUTO, NONE, RECIPES, describe_recipes  # no torch
+
+    a = sub.add_parser("ensure-artifact", help="verify an artifact folder; build it from its recipe if missing",
+                       description="Leave a verified artifact at FOLDER: a present one is sha256-verified and "
+                                   "kept, a missing (or empty) one is built from its recipe, a corrupt one is "
+                                   f"refused. Recipes: {describe_recipes()}.")
+    a.add_argument("folder", metavar="FOLDER")
+    a.add_argument("--recipe", default=AUTO, choices=[AUTO, NONE, *RECIPES],
+                   help="auto (default): the recipe named like FOLDER, if any; none: only verify")
+    a.add_argument("--force", action="store_true", help="rebuild from the recipe even if present or corrupt")
+    a.set_defaults(func=cmd_ensure_artifact)
 
     t = sub.add_parser("train", help="learn DAPO prompts and adapters (CLIP frozen)")
     _data_args(t)

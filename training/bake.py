@@ -269,6 +269,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
                                    f"{manifest.verification_fp16.model_dump()}")
         write_manifest(tmp, manifest)
         load_manifest(tmp)  # what the service will do: schema + every sha256
+        _readable_by_all(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -278,6 +279,15 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, *, name: str, 
     seconds["total"] = time.perf_counter() - t0
     sizes = {f: (out_dir / f).stat().st_size for f in manifest.files}
     return BakeReport(out_dir, manifest, seconds, sizes)
+
+
+def _readable_by_all(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and safetensors writes 0600: the serving container runs as
+    another uid than the one that baked (compose: DAPO_UID vs 10001), and an artifact holds no
+    secret, so folder 0755 and files 0644."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def _manifest(model: DapoModel, words, name, version, prompts, products, image_threshold, pixel_threshold,
