@@ -317,9 +317,14 @@ def demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 42) -> DapoModel:
     return DapoModel(DapoConfig(backbone=spec, seed=seed))
 
 
-def bake_demo(out_dir: str | Path, overwrite: bool = True, fp16: bool = False) -> BakeReport:
-    """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads."""
-    return bake(demo_model(), DEMO_VOCAB, out_dir, name="dapo-demo", version="0.1.0", products=dict(DEMO_PRODUCTS),
+def bake_demo(out_dir: str | Path, overwrite: bool = True, fp16: bool = False, *, seed: int = 42,
+              version: str = "0.1.0") -> BakeReport:
+    """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads.
+
+    Another seed gives other random weights, hence other scores: two demo versions are what the
+    model-swap and rolling-update tests switch between."""
+    return bake(demo_model(seed=seed), DEMO_VOCAB, out_dir, name="dapo-demo", version=version,
+                products=dict(DEMO_PRODUCTS),
                 description="DEMO: tiny randomly initialised OpenCLIP ViT with untrained DAPO prompts. "
                             "Exercises the whole pipeline; its scores carry no meaning.",
-                provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite, fp16=fp16)
+                provenance={"kind": "demo", "weights": "random", "seed": seed}, overwrite=overwrite, fp16=fp16)
