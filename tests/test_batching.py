@@ -36,7 +36,7 @@ class Recorder:
 
 
 async def started(backend, **kw) -> MicroBatcher:
-    batcher = MicroBatcher(backend, **kw)
+    batcher = MicroBatcher(backend.run, **kw)
     await batcher.start()
     return batcher
 

@@ -1,8 +1,9 @@
 """`create_app(settings)`: the FastAPI app, its middleware, handlers and lifespan.
 
-Lifespan, in order: verify and read the artifact (sha256 of every file, in a thread), build
-the backend, start the batcher, run a warm-up batch (first-call costs such as CUDA context,
-TensorRT engine build or ORT graph optimisation are paid before traffic), then report ready.
+Lifespan, in order: verify and read the artifact (sha256 of every file, in a thread) into a
+Detector with its backend, run a warm-up batch (first-call costs such as CUDA context,
+TensorRT engine build or ORT graph optimisation are paid before traffic), start the batcher,
+then report ready. `open_model` / `close_model` are that load and that drain for one model.
 On shutdown: stop reporting ready, let the batcher finish what is queued or running, release
 the threads. Uvicorn itself lets in-flight requests finish before running the shutdown half.
 """
@@ -16,69 +17,79 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import numpy as np
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 import service
-from service.runtime.artifact import Manifest, load_manifest
+from service.runtime.artifact import load_manifest
 from service.runtime.backends.base import Backend
+from service.runtime.detector import Detector, RuntimeOptions
 from service.server.batching import MicroBatcher
 from service.server.errors import envelope, install_handlers, request_id_of
 from service.server.logs import configure_logging
+from service.server.metrics import Metrics
 from service.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.server.routes import router
 from service.server.ui import router as ui_router
 from service.server.settings import Settings
-from service.server.state import ServiceState, cpu_workers
+from service.server.state import LoadedModel, ServiceState, cpu_workers
 
 log = logging.getLogger("dapo.app")
 
 
-def build_backend(folder: Path, manifest: Manifest, settings: Settings) -> Backend:
-    """The configured backend (imported lazily: torch is optional and heavy)."""
-    from service.runtime.backends import create_backend
-
-    return create_backend(folder, manifest, backend=settings.backend, providers=settings.providers,
+def runtime_options(settings: Settings) -> RuntimeOptions:
+    """The runtime part of the settings (backend, providers, device, precision, I/O binding)."""
+    return RuntimeOptions(backend=settings.backend,
+                          providers=tuple(settings.providers) if settings.providers else None,
                           trt_cache_dir=settings.trt_cache_dir, device=settings.device,
                           precision=settings.precision, io_binding=settings.ort_io_binding)
 
 
-def warm_up(backend: Backend, manifest: Manifest, batch_sizes: list[int]) -> None:
-    """Run zero images at each batch size once, so the first real request is not the slow one."""
-    n_classes = len(manifest.vocabulary)
-    for b in batch_sizes:
-        pixel_values = np.zeros((b, 3, manifest.image_size, manifest.image_size), dtype=np.float32)
-        backend.run(pixel_values, np.ones((b, n_classes), dtype=bool))
+def load_detector(settings: Settings, backend: Backend | None = None) -> Detector:
+    """Verify and read the artifact and build its Detector (blocking: run it in a thread).
+    `backend` replaces the one the artifact would build (tests, embedding)."""
+    if backend is None:
+        return Detector.load(settings.artifact, runtime_options(settings))
+    folder = Path(settings.artifact)
+    return Detector(load_manifest(folder, verify=True), backend, folder)
+
+
+async def open_model(settings: Settings, metrics: Metrics, backend: Backend | None = None) -> LoadedModel:
+    """Load, warm up and start one model: everything it needs before it may take a request."""
+    detector = await asyncio.to_thread(load_detector, settings, backend)
+    if settings.warmup:
+        await asyncio.to_thread(detector.warm_up, sorted({1, settings.max_batch_size}))
+    batcher = MicroBatcher(detector.infer, settings.max_batch_size, settings.max_queue_delay_ms,
+                           settings.max_queue_size, settings.workers, observer=metrics)
+    await batcher.start()
+    return LoadedModel(detector, batcher)
+
+
+async def close_model(model: LoadedModel) -> None:
+    """Finish what the model's batcher has queued or running, then release its threads."""
+    await model.batcher.stop()
 
 
 async def start(state: ServiceState, backend: Backend | None) -> None:
     """Everything between 'process up' and 'ready'."""
     settings = state.settings
     t0 = time.perf_counter()
-    manifest = await asyncio.to_thread(load_manifest, settings.artifact, True)
-    state.manifest = manifest
-    state.backend = backend or await asyncio.to_thread(build_backend, Path(settings.artifact), manifest, settings)
+    model = await open_model(settings, state.metrics, backend)
     state.cpu_pool = ThreadPoolExecutor(cpu_workers(), thread_name_prefix="dapo-cpu")
-    if settings.warmup:
-        sizes = sorted({1, settings.max_batch_size})
-        await asyncio.to_thread(warm_up, state.backend, manifest, sizes)
-    state.batcher = MicroBatcher(state.backend, settings.max_batch_size, settings.max_queue_delay_ms,
-                                 settings.max_queue_size, settings.workers, observer=state.metrics)
-    await state.batcher.start()
+    state.model = model
     state.ready = True
-    log.info("ready", extra={"artifact": str(settings.artifact), "model": manifest.name,
-                             "version": manifest.version, "backend": state.backend.name,
-                             "provider": state.backend.provider,
+    log.info("ready", extra={"artifact": str(settings.artifact), "model": model.manifest.name,
+                             "version": model.manifest.version, "backend": model.backend.name,
+                             "provider": model.backend.provider,
                              "startup_s": round(time.perf_counter() - t0, 3)})
 
 
 async def stop(state: ServiceState) -> None:
     """Graceful: not ready any more, drain the batcher, release threads."""
     state.ready = False
-    if state.batcher is not None:
-        await state.batcher.stop()
+    if state.model is not None:
+        await close_model(state.model)
     if state.cpu_pool is not None:
         state.cpu_pool.shutdown(wait=True)
         state.cpu_pool = None

@@ -23,11 +23,15 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
-from service.runtime.backends.base import Backend, EncoderOutputs
+from service.runtime.backends.base import EncoderOutputs
+
+# (pixel_values (B, 3, S, S), allowed (B, C)) -> outputs: `Detector.infer` (or a backend's `run`)
+Infer = Callable[[np.ndarray, np.ndarray], EncoderOutputs]
 
 log = logging.getLogger("dapo.batching")
 
@@ -78,11 +82,11 @@ class _Item:
 
 
 class MicroBatcher:
-    """Collects submitted images into batches and runs them on the backend in worker threads."""
+    """Collects submitted images into batches and runs them through `infer` in worker threads."""
 
-    def __init__(self, backend: Backend, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
+    def __init__(self, infer: Infer, max_batch_size: int = 8, max_queue_delay_ms: float = 5.0,
                  max_queue_size: int = 64, workers: int = 1, observer: BatchObserver | None = None):
-        self.backend = backend
+        self.infer = infer
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_ms / 1000.0
         self.max_queue_size = max_queue_size
@@ -224,7 +228,7 @@ class MicroBatcher:
             pixel_values = np.stack([item.pixel_values for item in batch]).astype(np.float32, copy=False)
             allowed = np.stack([item.allowed for item in batch]).astype(bool, copy=False)
             loop = asyncio.get_running_loop()
-            outputs = await loop.run_in_executor(self._executor, self.backend.run, pixel_values, allowed)
+            outputs = await loop.run_in_executor(self._executor, self.infer, pixel_values, allowed)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"backend returned {len(outputs)} results for a batch of {len(batch)}")
             inference_s = time.perf_counter() - started

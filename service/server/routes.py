@@ -16,12 +16,13 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.runtime import postprocess
+from service.runtime.detector import Upload
 from service.server import pipeline
-from service.runtime import postprocess, scoring
 from service.server.errors import ApiError
 from service.server.schemas import DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse
 from service.server.security import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
-from service.server.state import ServiceState
+from service.server.state import LoadedModel, ServiceState
 
 router = APIRouter()
 
@@ -46,10 +47,13 @@ def authenticate(state: ServiceState, api_key: str | None) -> str:
     return principal
 
 
-def require_ready(state: ServiceState) -> None:
-    if not state.serving:
+def require_ready(state: ServiceState) -> LoadedModel:
+    """The model serving now (captured once per request), or 503 with Retry-After."""
+    model = state.model
+    if not state.serving or model is None:
         raise ApiError(503, "not_ready", "the model is not loaded yet or the service is stopping",
                        {"Retry-After": str(state.settings.retry_after_s)})
+    return model
 
 
 async def read_form(request: Request, state: ServiceState) -> FormData:
@@ -67,7 +71,7 @@ async def read_form(request: Request, state: ServiceState) -> FormData:
         raise ApiError(400, "malformed_multipart", f"malformed multipart body: {detail}") from e
 
 
-async def collect_uploads(form: FormData) -> list[pipeline.Upload]:
+async def collect_uploads(form: FormData) -> list[Upload]:
     """The `image` files in upload order, with their bytes; 400 when absent or not files."""
     values = form.getlist("image")
     if not values:
@@ -77,7 +81,7 @@ async def collect_uploads(form: FormData) -> list[pipeline.Upload]:
         if not isinstance(value, UploadFile):
             raise ApiError(400, "malformed_multipart", f"form field `image` #{i} is not a file")
         name = (value.filename or f"image[{i}]")[:MAX_FILENAME_LEN]
-        uploads.append(pipeline.Upload(name, await value.read()))
+        uploads.append(Upload(name, await value.read()))
     return uploads
 
 
@@ -112,12 +116,6 @@ def check_idempotency_key(key: str | None) -> str | None:
     return key
 
 
-def model_ref(state: ServiceState) -> dict[str, str]:
-    m = state.manifest
-    assert m is not None
-    return {"name": m.name, "version": m.version, "backbone": m.backbone.name}
-
-
 @router.post(
     "/detect",
     summary="Detect and localise defects in one or more images",
@@ -138,11 +136,11 @@ async def detect(
 ) -> Response:
     state = service_of(request)
     principal = authenticate(state, x_api_key)
-    require_ready(state)
+    model = require_ready(state)  # this request's model, to the end, whatever swaps meanwhile
     admit(state)  # before the body is read: overload is refused at once, not after decoding
     try:
-        return await _detect(request, state, principal, mask_format, heatmap, overlay, threshold, defect_types,
-                             idempotency_key)
+        return await _detect(request, state, model, principal, mask_format, heatmap, overlay, threshold,
+                             defect_types, idempotency_key)
     finally:
         state.inflight -= 1
 
@@ -156,15 +154,14 @@ def admit(state: ServiceState) -> None:
     state.inflight += 1
 
 
-async def _detect(request: Request, state: ServiceState, principal: str, mask_format: postprocess.MaskFormat,
-                  heatmap: bool, overlay: bool, threshold: float | None, defect_types: str | None, idempotency_key: str | None) -> Response:
+async def _detect(request: Request, state: ServiceState, model: LoadedModel, principal: str,
+                  mask_format: postprocess.MaskFormat, heatmap: bool, overlay: bool, threshold: float | None,
+                  defect_types: str | None, idempotency_key: str | None) -> Response:
     key = check_idempotency_key(idempotency_key)
-    assert state.manifest is not None
-    policy = scoring.policy(state.manifest, None, parse_defect_types(defect_types), threshold)  # early 422
     form = await read_form(request, state)
     try:
         echo = echo_fields(form)
-        policy = scoring.policy(state.manifest, echo.get("product"), parse_defect_types(defect_types), threshold)
+        policy = model.detector.policy(echo.get("product"), parse_defect_types(defect_types), threshold)
         uploads = await collect_uploads(form)
     finally:
         await form.close()
@@ -173,8 +170,8 @@ async def _detect(request: Request, state: ServiceState, principal: str, mask_fo
     request_id = request.state.request_id
 
     async def produce() -> StoredResponse:
-        results = await pipeline.detect(state, uploads, policy, options, echo)
-        body = {"request_id": request_id, "model": model_ref(state), "results": results}
+        results = await pipeline.detect(state, model, uploads, policy, options, echo)
+        body = {"request_id": request_id, "model": model.ref(), "results": results}
         return StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
 
     if key is None:
@@ -196,10 +193,8 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz", summary="Artifact loaded, warm-up done, backend usable",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
-    state = service_of(request)
-    require_ready(state)
-    assert state.backend is not None
-    return JSONResponse({"status": "ready", "backend": state.backend.name, "provider": state.backend.provider})
+    backend = require_ready(service_of(request)).backend
+    return JSONResponse({"status": "ready", "backend": backend.name, "provider": backend.provider})
 
 
 @router.get("/v1/model", summary="The served model, its vocabulary and per-product settings",
@@ -207,17 +202,17 @@ async def readyz(request: Request) -> JSONResponse:
 async def model_info(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
     state = service_of(request)
     authenticate(state, x_api_key)
-    m, backend, s = state.manifest, state.backend, state.settings
-    if m is None or backend is None:
-        require_ready(state)
-    assert m is not None and backend is not None
+    model = state.model
+    if model is None:
+        model = require_ready(state)
+    m, backend, s = model.manifest, model.backend, state.settings
     products = {
         name: {"defect_types": p.defect_types if p.defect_types is not None else m.defect_names,
                "image_threshold": p.image_threshold if p.image_threshold is not None else m.image_threshold,
                "pixel_threshold": p.pixel_threshold if p.pixel_threshold is not None else m.pixel_threshold}
         for name, p in m.products.items()}
     return JSONResponse({
-        **model_ref(state),
+        **model.ref(),
         "description": m.description,
         "created": m.created,
         "image_size": m.image_size,
@@ -239,6 +234,7 @@ async def model_info(request: Request, x_api_key: Annotated[str | None, Header()
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = service_of(request)
-    if state.batcher is not None:
-        state.metrics.set_queue_depth(state.batcher.depth)
+    model = state.model
+    if model is not None:
+        state.metrics.set_queue_depth(model.batcher.depth)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)

@@ -1,7 +1,12 @@
-"""What a running app holds: settings, the artifact, the backend, the batcher, the stores.
+"""What a running app holds: settings, the current model, the stores.
 
 One object on `app.state.service`, created by `create_app` and filled in by the lifespan, so
 routes never reach for module globals and several apps can live in one process.
+
+The served model is ONE object (`LoadedModel`: the runtime's Detector plus the micro-batcher
+that feeds it). A request reads `state.model` once, at its start, and uses only that object to
+the end, so replacing `state.model` (a hot swap) is atomic: each request is answered wholly by
+the old model or wholly by the new one.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ from dataclasses import dataclass
 
 from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
+from service.runtime.detector import Detector, ImageLimits
 from service.server.batching import MicroBatcher
 from service.server.metrics import Metrics
 from service.server.security import ApiKeys, IdempotencyStore
@@ -26,15 +32,34 @@ def cpu_workers() -> int:
     return max(1, min(8, n))
 
 
+@dataclass(frozen=True)
+class LoadedModel:
+    """The model being served: the artifact's Detector and the batcher that feeds its `infer`."""
+
+    detector: Detector
+    batcher: MicroBatcher
+
+    @property
+    def manifest(self) -> Manifest:
+        return self.detector.manifest
+
+    @property
+    def backend(self) -> Backend:
+        return self.detector.backend
+
+    def ref(self) -> dict[str, str]:
+        """How answers name the model that produced them."""
+        m = self.manifest
+        return {"name": m.name, "version": m.version, "backbone": m.backbone.name}
+
+
 @dataclass
 class ServiceState:
     settings: Settings
     metrics: Metrics
     api_keys: ApiKeys
     idempotency: IdempotencyStore
-    manifest: Manifest | None = None
-    backend: Backend | None = None
-    batcher: MicroBatcher | None = None
+    model: LoadedModel | None = None  # replaced as a whole, never edited in place
     cpu_pool: ThreadPoolExecutor | None = None  # decode / preprocess / postprocess threads
     ready: bool = False
     inflight: int = 0  # /detect requests admitted and not yet answered (event-loop only)
@@ -49,6 +74,23 @@ class ServiceState:
         )
 
     @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(self.settings.max_pixels, self.settings.max_side)
+
+    # read-only views of the current model (tests, logs); requests capture `model` instead
+    @property
+    def manifest(self) -> Manifest | None:
+        return self.model.manifest if self.model is not None else None
+
+    @property
+    def backend(self) -> Backend | None:
+        return self.model.backend if self.model is not None else None
+
+    @property
+    def batcher(self) -> MicroBatcher | None:
+        return self.model.batcher if self.model is not None else None
+
+    @property
     def serving(self) -> bool:
         """Ready and able to take work right now (what /readyz reports)."""
-        return self.ready and self.batcher is not None and self.batcher.running
+        return self.ready and self.model is not None and self.model.batcher.running

@@ -1,0 +1,242 @@
+"""`Detector`: one loaded artifact, and the one way to run it.
+
+Every caller predicts through this object: the HTTP server (stage by stage, with its
+micro-batcher between `infer` calls), `dapo eval` / `dapo calibrate` and the benchmarks
+(`predict`, or the same stages on their own batches). Why one object: the artifact's
+preprocessing constants, its backend and its scoring policy belong together, and four hand-built
+copies of "backend + preprocess + policy + postprocess" drift apart; with one, what is measured
+is what is served.
+
+The stages, in the order a request goes through them:
+
+    prepare(upload bytes | PIL image)      -> Prepared   decode, check, orient, preprocess (CPU)
+    policy(product, defect_types, threshold) -> Policy   resolved once per call
+    infer(pixel_values (B,3,S,S), allowed (B,C)) -> EncoderOutputs   the backend (accelerator)
+    score(outputs of one image, policy)    -> Scores     image score and maps at the model size
+    render(prepared, outputs, policy, options) -> dict   the /detect result fields (CPU)
+
+`predict(images, policy, render_options)` composes them for synchronous callers. Nothing here
+knows about HTTP; the server owns the batcher, the thread pools and the request limits.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from service.runtime import imaging, postprocess, scoring
+from service.runtime.artifact import Manifest, load_manifest
+from service.runtime.backends.base import Backend, EncoderOutputs
+
+BackendName = Literal["onnxruntime", "torch"]
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How to run an artifact: which backend, on what, at which precision.
+
+    `precision`: the torch backend's compute dtype (fp32, fp16, bf16); for ONNX Runtime which
+    graph (fp32 = encoder.onnx, fp16 = encoder_fp16.onnx). `io_binding` None = on for
+    CUDA/TensorRT, off on the CPU EP. `verify`: check every file's sha256 before loading.
+    """
+
+    backend: BackendName = "onnxruntime"
+    providers: tuple[str, ...] | None = None
+    trt_cache_dir: str | None = None
+    device: str | None = None
+    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    io_binding: bool | None = None
+    verify: bool = True
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Decode limits for untrusted bytes (checked from the header, before any pixel is decoded)."""
+
+    max_pixels: int
+    max_side: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file: its name (for messages and echo) and its bytes."""
+
+    filename: str
+    data: bytes
+
+
+@dataclass
+class Prepared:
+    """A decoded, checked, preprocessed image (the RGB image kept only for overlays)."""
+
+    filename: str
+    width: int
+    height: int
+    pixel_values: np.ndarray  # (3, S, S) float32
+    image: Image.Image | None
+    decode_ms: float
+    preprocess_ms: float
+
+
+@dataclass
+class Scores:
+    """One image's verdict at the model resolution (what evaluation and calibration read)."""
+
+    anomaly_score: float  # the image score in force (policy's mode, on the smoothed map)
+    is_anomalous: bool
+    anomaly_map: np.ndarray  # (S, S) float32, smoothed per the policy
+    type_scores: np.ndarray  # (C,) softmax of the global feature over the vocabulary
+    class_probs: np.ndarray | None = None  # (C, S, S) when asked for (evaluation only)
+
+
+@dataclass
+class Result:
+    """`predict`'s answer for one image: the scores, and the rendered fields when asked for."""
+
+    filename: str
+    width: int
+    height: int
+    scores: Scores
+    fields: dict[str, Any] | None = None  # the /detect result fields (postprocess), if rendered
+    timing_ms: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def anomaly_score(self) -> float:
+        return self.scores.anomaly_score
+
+    @property
+    def is_anomalous(self) -> bool:
+        return self.scores.is_anomalous
+
+
+def ms_since(t0: float) -> float:
+    return round((time.perf_counter() - t0) * 1000.0, 3)
+
+
+class Detector:
+    """One verified artifact with its backend. Thread-safe as far as the backend is: the server
+    calls `prepare`/`render` from CPU threads and `infer` from inference threads."""
+
+    def __init__(self, manifest: Manifest, backend: Backend, folder: Path | None = None):
+        self.manifest = manifest
+        self.backend = backend
+        self.folder = folder
+
+    @classmethod
+    def load(cls, folder: str | Path, options: RuntimeOptions | None = None) -> "Detector":
+        """Read and (by default) verify the artifact, then build the chosen backend."""
+        options = options or RuntimeOptions()
+        folder = Path(folder)
+        manifest = load_manifest(folder, verify=options.verify)
+        return cls(manifest, build_backend(folder, manifest, options), folder)
+
+    # --- identity -----------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.manifest.class_names
+
+    # --- stages -------------------------------------------------------------------------
+    def policy(self, product: str | None = None, defect_types: list[str] | None = None,
+               threshold: float | None = None) -> scoring.Policy:
+        """The call's scoring policy (raises ScoringError for unknown names or a bad threshold)."""
+        return scoring.policy(self.manifest, product, defect_types, threshold)
+
+    def pixel_values(self, image: Image.Image) -> np.ndarray:
+        """An RGB image -> the encoder's (3, S, S) input with this artifact's constants."""
+        m = self.manifest
+        return imaging.preprocess(image, m.image_size, m.mean, m.std)
+
+    def prepare(self, source: Upload | Image.Image, limits: ImageLimits | None = None,
+                keep_image: bool = False, filename: str = "image") -> Prepared:
+        """Decode (bytes: sniffed, size-checked against `limits`, EXIF-oriented) or convert (a
+        PIL image, taken as already oriented) to 8-bit RGB, then preprocess. Raises ImageError."""
+        t0 = time.perf_counter()
+        if isinstance(source, Upload):
+            if limits is None:
+                raise ValueError("decoding uploaded bytes needs ImageLimits")
+            img = imaging.decode(source.data, source.filename, limits.max_pixels, limits.max_side)
+            filename = source.filename
+        else:
+            img = imaging.to_rgb8(source, filename)
+        decode_ms = ms_since(t0)
+        t1 = time.perf_counter()
+        pixel_values = self.pixel_values(img)
+        return Prepared(filename, img.width, img.height, pixel_values, img if keep_image else None,
+                        decode_ms, ms_since(t1))
+
+    def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
+        """The backend on a batch (what the server's micro-batcher calls, in its threads)."""
+        if class_probs:
+            return self.backend.run(pixel_values, allowed, class_probs=True)
+        return self.backend.run(pixel_values, allowed)
+
+    def score(self, outputs: EncoderOutputs, policy: scoring.Policy) -> Scores:
+        """One image's outputs (leading axis 1) -> its score and smoothed map at the model size."""
+        amap = scoring.smooth(outputs.anomaly_map[0], policy.gaussian_sigma)
+        value = scoring.image_score(outputs.anomaly_score[0], amap, policy.image_score)
+        probs = outputs.class_probs[0] if outputs.class_probs is not None else None
+        return Scores(value, scoring.is_anomalous(value, policy.image_threshold), amap,
+                      outputs.type_scores[0], probs)
+
+    def render(self, prepared: Prepared, outputs: EncoderOutputs, policy: scoring.Policy,
+               options: postprocess.RenderOptions) -> dict[str, Any]:
+        """The result fields of one image at its original resolution (masks, regions, maps)."""
+        return postprocess.postprocess(outputs, policy, prepared.width, prepared.height, self.class_names,
+                                       options, prepared.image)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        """Run zero images at each batch size once, so the first real call is not the slow one."""
+        s, c = self.manifest.image_size, len(self.manifest.vocabulary)
+        for b in batch_sizes:
+            self.infer(np.zeros((b, 3, s, s), dtype=np.float32), np.ones((b, c), dtype=bool))
+
+    # --- synchronous use ----------------------------------------------------------------
+    def predict(self, images: Sequence[Upload | Image.Image], policy: scoring.Policy | None = None,
+                render_options: postprocess.RenderOptions | None = None, limits: ImageLimits | None = None,
+                class_probs: bool = False, batch_size: int = 16) -> list[Result]:
+        """Images -> one Result each, in order, through the same stages the server runs.
+
+        `render_options` None: scores only (no masks or regions drawn); `class_probs`: keep the
+        per-class maps (evaluation). Bytes need `limits` (see `prepare`)."""
+        policy = policy or self.policy()
+        keep = render_options is not None and render_options.overlay
+        results: list[Result] = []
+        for start in range(0, len(images), max(1, batch_size)):
+            prepared = [self.prepare(src, limits, keep, f"image[{start + i}]")
+                        for i, src in enumerate(images[start:start + batch_size])]
+            t0 = time.perf_counter()
+            allowed = np.broadcast_to(policy.allowed, (len(prepared), len(policy.allowed)))
+            outputs = self.infer(np.stack([p.pixel_values for p in prepared]), allowed, class_probs)
+            inference_ms = ms_since(t0)
+            for i, prep in enumerate(prepared):
+                one = outputs.item(i)
+                t1 = time.perf_counter()
+                fields = self.render(prep, one, policy, render_options) if render_options is not None else None
+                timing = {"decode": prep.decode_ms, "preprocess": prep.preprocess_ms, "inference": inference_ms,
+                          "postprocess": ms_since(t1)}
+                results.append(Result(prep.filename, prep.width, prep.height, self.score(one, policy), fields,
+                                      timing))
+        return results
+
+
+def build_backend(folder: Path, manifest: Manifest, options: RuntimeOptions) -> Backend:
+    """The chosen backend over a verified folder (imported lazily: torch is optional and heavy)."""
+    from service.runtime.backends import create_backend
+
+    return create_backend(folder, manifest, backend=options.backend,
+                          providers=list(options.providers) if options.providers else None,
+                          trt_cache_dir=options.trt_cache_dir, device=options.device,
+                          precision=options.precision, io_binding=options.io_binding)
