@@ -88,6 +88,8 @@ def replica_settings(settings: Settings) -> Settings:
     update: dict[str, Any] = {"artifact": Path(settings.artifact).resolve()}
     if settings.api_keys_file is not None:
         update["api_keys_file"] = Path(settings.api_keys_file).resolve()
+    if settings.admin_keys_file is not None:
+        update["admin_keys_file"] = Path(settings.admin_keys_file).resolve()
     return settings.model_copy(update=update)
 
 
