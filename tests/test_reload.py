@@ -9,12 +9,14 @@ everywhere makes the comparison exact.
 from __future__ import annotations
 
 import asyncio
+import gc
 import io
 import json
 import shutil
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import httpx
@@ -221,13 +223,18 @@ def test_a_request_holding_the_old_model_finishes_on_it_then_the_old_model_is_re
             return report, loaded_while_held, running_while_held, {"filename": name, **fields}
 
         report, loaded_while_held, running_while_held, result = client.portal.call(hold_swap_finish)
+        assert not old.batcher.running  # closed once the request let go
         assert report.model["version"] == "0.2.0" and report.previous["version"] == "0.1.0"
         assert state.model is not old and state.model.manifest.version == "0.2.0"
         assert loaded_while_held == 2  # both models in memory while the old one is held
-        assert running_while_held and not old.batcher.running
+        assert running_while_held
         assert metric(state.metrics.render().decode(), "dapo_models_loaded") == 1
         old_ref = next(results for model, results in references.values() if model["version"] == "0.1.0")
         assert result == old_ref[0]  # computed by the old model, exactly as it alone answers
+        detector = weakref.ref(old.detector)
+        del old
+        gc.collect()
+        assert detector() is None  # nothing keeps the replaced model (its ORT session) alive
 
 
 def test_one_reload_at_a_time(demo_artifact, demo_artifact_v2):
