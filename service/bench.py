@@ -24,8 +24,7 @@ import numpy as np
 from PIL import Image
 
 from service.runtime.artifact import load_manifest
-from service.runtime.backends import create_backend
-from service.runtime.imaging import preprocess
+from service.runtime.detector import Detector, RuntimeOptions
 from service.server.local_server import Server
 
 
@@ -73,20 +72,21 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
     rows = []
     for backend in backends:
         for precision in _precisions_for(backend, precisions, manifest):
-            engine = create_backend(artifact, manifest, backend=backend, providers=providers, precision=precision)
+            detector = Detector.load(artifact, RuntimeOptions(  # files verified once, above
+                backend=backend, providers=tuple(providers) if providers else None, precision=precision, verify=False))
             for b in batch_sizes:
                 x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
                 allowed = np.ones((b, c), bool)
-                out = engine.run(x, allowed)  # warm-up (graph optimisation, cuDNN/TensorRT autotune)
+                out = detector.infer(x, allowed)  # warm-up (graph optimisation, cuDNN/TensorRT autotune)
                 if backend == "onnxruntime" and precision == "fp32":
                     reference.setdefault(b, out)
                 times = []
                 start = time.perf_counter()
                 while time.perf_counter() - start < seconds or len(times) < 3:
                     t = time.perf_counter()
-                    engine.run(x, allowed)
+                    detector.infer(x, allowed)
                     times.append(time.perf_counter() - t)
-                row = {"backend": backend, "provider": engine.provider, "precision": precision, "batch": b,
+                row = {"backend": backend, "provider": detector.backend.provider, "precision": precision, "batch": b,
                        "img_per_s": round(b * len(times) / sum(times), 2), **percentiles(times),
                        "gpu_mem_mb": _gpu_mem_mb()}
                 ref = reference.get(b)
@@ -117,17 +117,16 @@ def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int 
     """Sequential single-image /detect vs the bare ONNX encoder at batch 1, interleaved per image."""
     import httpx
 
-    manifest = load_manifest(artifact)
     images = test_images(n_images, width, height, fmt=fmt)
     mime = f"image/{fmt.lower()}"
-    pixels = [preprocess(Image.open(io.BytesIO(b)).convert("RGB"), manifest.image_size, manifest.mean,
-                         manifest.std)[None] for b in images]
-    allowed = np.ones((1, len(manifest.vocabulary)), bool)
     env = server_env or {}
     # the bare encoder is the same backend the server runs (DAPO_BACKEND / DAPO_PRECISION)
-    encoder = create_backend(artifact, manifest, backend=env.get("DAPO_BACKEND", "onnxruntime"),
-                             precision=env.get("DAPO_PRECISION", "fp32"))
-    encoder.run(pixels[0], allowed)
+    detector = Detector.load(artifact, RuntimeOptions(backend=env.get("DAPO_BACKEND", "onnxruntime"),
+                                                      precision=env.get("DAPO_PRECISION", "fp32")))
+    manifest = detector.manifest
+    pixels = [detector.prepare(Image.open(io.BytesIO(b))).pixel_values[None] for b in images]
+    allowed = np.ones((1, len(manifest.vocabulary)), bool)
+    detector.infer(pixels[0], allowed)
     enc_times: list[float] = []
     e2e_times: list[float] = []
     with Server(artifact, env) as server, httpx.Client(base_url=server.url, timeout=120) as client:
@@ -136,7 +135,7 @@ def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int 
         for _ in range(rounds):  # each image: encoder then /detect, so drift hits both alike
             for x, data in zip(pixels, images):
                 t = time.perf_counter()
-                encoder.run(x, allowed)
+                detector.infer(x, allowed)
                 enc_times.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 r = client.post("/detect", params={"mask_format": mask_format},

@@ -1,162 +1,48 @@
 """`dapo`: one command line for the offline and the serving half.
 
-Serving subcommands need only the service install; training subcommands (bake, train, ...)
-import `training/` lazily and say which extra to install when torch/OpenCLIP are missing.
+Subcommands live in a table (`COMMANDS`): name -> help, argument adder and runner, each named
+as "module:function" and imported only for the subcommand being run. So `dapo serve` and
+`dapo detect` load neither `training/` nor torch (the serving images do not even contain
+`training/`), while `dapo bake|train|eval|calibrate|synth` load `training.commands`, which says
+which extra to install when torch / OpenCLIP are missing. This table is the one place where the
+serving package names the training package, and it does so by name, never by import.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-DEFAULT_ARTIFACT = Path("model_artifacts/demo")
+from service.runtime.artifact import DEMO_ARTIFACT
 
 
-def _need_training():
+@dataclass(frozen=True)
+class Command:
+    help: str
+    arguments: str  # "module:function(parser)", adds the subcommand's arguments
+    run: str  # "module:function(args) -> exit status"
+
+
+def resolve(ref: str) -> Callable[..., Any]:
+    """"module:function" -> the function (imports the module)."""
+    module, _, name = ref.partition(":")
     try:
-        import open_clip  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as e:  # pragma: no cover - depends on the install
-        sys.exit(f"dapo: this subcommand needs the training extra ({e.name} missing): "
-                 "pip install 'dapo-inspect[train,cpu]'")
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as e:
+        if e.name is not None and (module == e.name or module.startswith(e.name + ".")):
+            sys.exit(f"dapo: this subcommand needs the `{module.split('.')[0]}` package, which this install "
+                     "does not have (a serving image ships the service only): pip install 'dapo-inspect[train,cpu]' "
+                     "from a source checkout")
+        raise
 
 
-def _words(value: str) -> list[str]:
-    """A comma list, or @file with one word per line."""
-    if value.startswith("@"):
-        return [w.strip() for w in Path(value[1:]).read_text().splitlines() if w.strip()]
-    return [w.strip() for w in value.split(",") if w.strip()]
-
-
-def cmd_bake(args: argparse.Namespace) -> int:
-    _need_training()
-    from service.runtime.artifact import Product
-    from training import bake as B
-
-    if args.demo:
-        report = B.bake_demo(args.out or DEFAULT_ARTIFACT, overwrite=True, fp16=args.fp16)
-    else:
-        products = {k: Product(**v) for k, v in json.loads(Path(args.products).read_text()).items()} \
-            if args.products else {}
-        if args.checkpoint:
-            from training.checkpoint import load_checkpoint
-
-            model, meta = load_checkpoint(args.checkpoint)
-            words = _words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
-            words += [w for w in _words(args.add_defect or "") if w not in words]
-            prompts = "learned"
-        else:
-            if args.prompts != "handcrafted":
-                sys.exit("dapo bake: give --checkpoint DIR (learned prompts), --prompts handcrafted, or --demo")
-            from training.backbone import BackboneSpec
-            from training.model import DapoConfig, DapoModel
-
-            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
-            model = DapoModel(DapoConfig(backbone=spec))
-            words = _words(args.vocab or ",".join(B.DEMO_VOCAB))
-            prompts = "handcrafted"
-        if not args.out:
-            sys.exit("dapo bake: --out DIR is required")
-        report = B.bake(model, words, args.out, name=args.name or Path(args.out).name, version=args.version,
-                        prompts=prompts, products=products, image_threshold=args.image_threshold,
-                        gaussian_sigma=args.sigma, image_score=args.image_score, overwrite=args.force,
-                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, fp16=args.fp16)
-    v, v16 = report.manifest.verification, report.manifest.verification_fp16
-    fp16 = {} if v16 is None else {"fp16_max_abs_diff": max(v16.max_abs_diff.values()),
-                                   "fp16_type_map_mismatch": v16.type_map_mismatch_fraction,
-                                   "fp16_type_map_flips_at_ties": v16.type_map_flips_at_ties,
-                                   "fp16_tolerance": v16.tolerance}
-    print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
-                      "bytes": report.sizes, "classes": report.manifest.class_names,
-                      "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
-                      "tolerance": v.tolerance, **fp16}, indent=2))
-    return 0
-
-
-def cmd_ensure_artifact(args: argparse.Namespace) -> int:
-    """Compose's one-shot `init`: verify the configured artifact, build it if missing."""
-    from training.provision import ProvisionError, ensure
-
-    try:
-        outcome = ensure(args.folder, recipe=args.recipe, force=args.force)
-    except ProvisionError as e:
-        print(f"dapo ensure-artifact: {e}", file=sys.stderr)
-        return 1
-    except ImportError as e:  # only a build needs torch; a present artifact is only verified
-        print(f"dapo ensure-artifact: building needs the training extra ({e.name} missing): "
-              "pip install 'dapo-inspect[train,cpu]' (or run it in the train image)", file=sys.stderr)
-        return 1
-    print(outcome.to_json())
-    return 0
-
-
-def _load_samples(layout: str, root: str, split: str | None):
-    """Samples of a data set by layout name; `synth` reads a `dapo synth` folder's splits.json."""
-    if layout == "synth":
-        from training.synth import load_split
-
-        return load_split(root, split or "train")
-    from training.data import load_dataset
-
-    return load_dataset(layout, root, **({"split": split} if split and layout != "folder" else {}))
-
-
-def _data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="data set root folder")
-    p.add_argument("--layout", default="folder",
-                   help="mvtec, visa, mpdd, mad, realiad, meta_json, folder (custom) or synth")
-    p.add_argument("--split", help="split name (data-set specific; synth: train, test_shift, test_zeroshot)")
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    _need_training()
-    from training.data import Vocabulary, vocabulary_from_samples, with_vocabulary
-    from training.train import config_from_args, train
-
-    samples = _load_samples(args.layout, args.data, args.split or ("train" if args.layout == "synth" else None))
-    vocab = Vocabulary(_words(args.vocab)) if args.vocab else vocabulary_from_samples(samples)
-    samples = with_vocabulary(samples, vocab)
-    last = train(samples, vocab, config_from_args(args), resume=args.resume, progress=not args.quiet)
-    print(json.dumps({"checkpoint": str(last), "vocabulary": list(vocab.words), "images": len(samples)}))
-    return 0
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    _need_training()
-    from training.evaluate import evaluate, format_table, write_reports
-
-    samples = _load_samples(args.layout, args.data, args.split)
-    result = evaluate(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
-                      use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score)
-    print(format_table(result))
-    write_reports(result, args.json, args.csv)
-    return 0
-
-
-def cmd_calibrate(args: argparse.Namespace) -> int:
-    _need_training()
-    from training.calibrate import calibrate
-
-    samples = [s for s in _load_samples(args.layout, args.data, args.split) if s.label == 0]
-    print(json.dumps(calibrate(args.artifact, samples, args.image_quantile, args.pixel_quantile), indent=2))
-    return 0
-
-
-def cmd_synth(args: argparse.Namespace) -> int:
-    from training.synth import synth_main
-
-    return synth_main(args)
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from service.bench import run
-
-    return run(args)
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
+def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.server.settings import Settings
@@ -166,14 +52,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     artifact = Path(settings.artifact)
     if not (artifact / "manifest.json").is_file():
-        if args.artifact is not None or artifact != DEFAULT_ARTIFACT:
+        if args.artifact is not None or artifact != DEMO_ARTIFACT:
             sys.exit(f"dapo serve: no artifact at {artifact} (manifest.json missing)")
         print(f"dapo serve: no artifact given and none at {artifact}; baking the tiny demo artifact there "
               "(random weights: plumbing only)", file=sys.stderr)
-        _need_training()
-        from training.bake import bake_demo
-
-        bake_demo(artifact)
+        resolve("training.commands:bake_demo")(artifact)
     if args.ray:  # the same app as N Ray Serve replicas (the `ray` extra)
         from service.server.ray_serve import serve_forever
 
@@ -201,7 +84,7 @@ def _detect_summary(body: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_detect(args: argparse.Namespace) -> int:
+def detect(args: argparse.Namespace) -> int:
     try:
         from service.client import DapoClient, DapoClientError
     except ImportError as e:  # pragma: no cover - depends on the install
@@ -225,98 +108,18 @@ def cmd_detect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dapo", description="DAPO zero-shot industrial inspection")
-    sub = p.add_subparsers(dest="command", required=True)
+def serve_arguments(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--artifact")
+    s.add_argument("--backend", choices=["onnxruntime", "torch"])
+    s.add_argument("--host")
+    s.add_argument("--port", type=int)
+    s.add_argument("--ray", action="store_true", help="scale out with Ray Serve (pip install 'dapo-inspect[ray]')")
+    s.add_argument("--replicas", default=1, type=lambda v: v if v == "auto" else int(v),
+                   help="with --ray: replica count, or 'auto' for Serve's autoscaler (default 1)")
+    s.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica (0.5 packs two)")
 
-    b = sub.add_parser("bake", help="build a served artifact (text features + exported encoder + manifest)")
-    b.add_argument("--demo", action="store_true", help="tiny random-weight artifact (no downloads, seconds)")
-    b.add_argument("--checkpoint", help="learned checkpoint folder (dapo train output)")
-    b.add_argument("--prompts", choices=["learned", "handcrafted"], default="learned")
-    b.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
-    b.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
-    b.add_argument("--image-size", type=int, default=518)
-    b.add_argument("--vocab", help="defect words: comma list or @file (default: the checkpoint's)")
-    b.add_argument("--add-defect", help="extra defect words appended to the vocabulary (zero-shot, no retraining)")
-    b.add_argument("--products", help="JSON file {product: {defect_types, image_threshold, pixel_threshold}}")
-    b.add_argument("--image-threshold", type=float, default=0.5)
-    b.add_argument("--sigma", type=float, default=0.0, help="Gaussian sigma on the anomaly map (0 = off)")
-    b.add_argument("--image-score", choices=["global", "global_max"], default="global",
-                   help="global: DAPO's image score; global_max: mean with the anomaly map's max")
-    b.add_argument("--out", help="artifact folder (default for --demo: model_artifacts/demo)")
-    b.add_argument("--name")
-    b.add_argument("--version", default="0.1.0")
-    b.add_argument("--force", action="store_true", help="replace an existing artifact folder")
-    b.add_argument("--fp16", action="store_true",
-                   help="also write encoder_fp16.onnx (fp16 compute, fp32 inputs/outputs) for ONNX Runtime on a GPU "
-                        "(DAPO_PRECISION=fp16); checked against the fp32 model with fp16 tolerances")
-    b.set_defaults(func=cmd_bake)
 
-    from training.provision import AUTO, NONE, RECIPES, describe_recipes  # no torch
-
-    a = sub.add_parser("ensure-artifact", help="verify an artifact folder; build it from its recipe if missing",
-                       description="Leave a verified artifact at FOLDER: a present one is sha256-verified and "
-                                   "kept, a missing (or empty) one is built from its recipe, a corrupt one is "
-                                   f"refused. Recipes: {describe_recipes()}.")
-    a.add_argument("folder", metavar="FOLDER")
-    a.add_argument("--recipe", default=AUTO, choices=[AUTO, NONE, *RECIPES],
-                   help="auto (default): the recipe named like FOLDER, if any; none: only verify")
-    a.add_argument("--force", action="store_true", help="rebuild from the recipe even if present or corrupt")
-    a.set_defaults(func=cmd_ensure_artifact)
-
-    t = sub.add_parser("train", help="learn DAPO prompts and adapters (CLIP frozen)")
-    _data_args(t)
-    t.add_argument("--out", default="runs/dapo", help="run folder: epoch_<k>/ and last/ checkpoints")
-    t.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
-    t.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
-    t.add_argument("--image-size", type=int, default=518)
-    t.add_argument("--taps", help="tapped blocks, 1-based, comma list (default: quarters of the depth)")
-    t.add_argument("--text-mode", choices=["fixed", "reference"], default="fixed")
-    t.add_argument("--vocab", help="defect words (default: those in the data)")
-    t.add_argument("--epochs", type=int, default=5)
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--seed", type=int, default=42)
-    t.add_argument("--device", default="auto")
-    t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    t.add_argument("--workers", type=int, default=0)
-    t.add_argument("--max-steps", type=int)
-    t.add_argument("--resume", action="store_true", help="continue from <out>/last")
-    t.add_argument("--quiet", action="store_true")
-    t.set_defaults(func=cmd_train)
-
-    e = sub.add_parser("eval", help="paper metrics of an artifact on a data set (through the serving code)")
-    e.add_argument("--artifact", required=True)
-    _data_args(e)
-    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
-    e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
-    e.add_argument("--image-score", choices=["global", "global_max"], help="override the manifest's image score")
-    e.add_argument("--json", help="write the full result as JSON")
-    e.add_argument("--csv", help="write the per-category table as CSV")
-    e.add_argument("--quiet", action="store_true")
-    e.set_defaults(func=cmd_eval)
-
-    c = sub.add_parser("calibrate", help="per-product thresholds from good parts, into the manifest")
-    c.add_argument("--artifact", required=True)
-    _data_args(c)
-    c.add_argument("--image-quantile", type=float, default=0.99)
-    c.add_argument("--pixel-quantile", type=float, default=0.999)
-    c.set_defaults(func=cmd_calibrate)
-
-    from training.synth import add_synth_arguments  # numpy + Pillow only
-
-    y = add_synth_arguments(sub.add_parser("synth", help="seeded synthetic defect data set (custom layout)"))
-    y.set_defaults(func=cmd_synth)
-
-    from service.bench import add_arguments as add_bench_arguments
-
-    k = sub.add_parser("bench", help="speed: bare encoder sweep, /detect vs encoder ratio, load (JSON)")
-    add_bench_arguments(k)
-    k.set_defaults(func=cmd_bench)
-
-    d = sub.add_parser("detect", help="send images to a running service's /detect and print the answer")
+def detect_arguments(d: argparse.ArgumentParser) -> None:
     d.add_argument("files", nargs="+", metavar="FILE", help="image files")
     d.add_argument("--url", default=os.environ.get("DAPO_URL", "http://127.0.0.1:8000"),
                    help="service base URL (default: $DAPO_URL or http://127.0.0.1:8000)")
@@ -332,24 +135,53 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--retries", type=int, default=3, help="retries on connection errors, 429/503 and 5xx")
     d.add_argument("--out", help="also write the full JSON answer to this file")
     d.add_argument("--summary", action="store_true", help="print a short table instead of the JSON")
-    d.set_defaults(func=cmd_detect)
 
-    s = sub.add_parser("serve", help="run the HTTP service on an artifact (bakes the demo if none)")
-    s.add_argument("--artifact")
-    s.add_argument("--backend", choices=["onnxruntime", "torch"])
-    s.add_argument("--host")
-    s.add_argument("--port", type=int)
-    s.add_argument("--ray", action="store_true", help="scale out with Ray Serve (pip install 'dapo-inspect[ray]')")
-    s.add_argument("--replicas", default=1, type=lambda v: v if v == "auto" else int(v),
-                   help="with --ray: replica count, or 'auto' for Serve's autoscaler (default 1)")
-    s.add_argument("--gpus-per-replica", type=float, default=0.0, help="with --ray: GPUs per replica (0.5 packs two)")
-    s.set_defaults(func=cmd_serve)
+
+_T = "training.commands"
+COMMANDS: dict[str, Command] = {
+    "bake": Command("build a served artifact (text features + exported encoder + manifest)",
+                    f"{_T}:bake_arguments", f"{_T}:bake"),
+    "train": Command("learn DAPO prompts and adapters (CLIP frozen)", f"{_T}:train_arguments", f"{_T}:train"),
+    "eval": Command("paper metrics of an artifact on a data set (through the serving code)",
+                    f"{_T}:eval_arguments", f"{_T}:evaluate"),
+    "calibrate": Command("per-product thresholds from good parts, into the manifest",
+                         f"{_T}:calibrate_arguments", f"{_T}:calibrate"),
+    "synth": Command("seeded synthetic defect data set (custom layout)", f"{_T}:synth_arguments", f"{_T}:synth"),
+    "ensure-artifact": Command("verify an artifact folder; build it from its recipe (baseline, demo) if missing",
+                               "training.provision:add_arguments", "training.provision:main"),
+    "bench": Command("speed: bare encoder sweep, /detect vs encoder ratio, load (JSON)",
+                     "service.bench:add_arguments", "service.bench:run"),
+    "detect": Command("send images to a running service's /detect and print the answer",
+                      "service.cli:detect_arguments", "service.cli:detect"),
+    "serve": Command("run the HTTP service on an artifact (bakes the demo if none)",
+                     "service.cli:serve_arguments", "service.cli:serve"),
+}
+
+
+def build_parser(load: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; `load` names the subcommands whose arguments are added (None = all of them).
+    Only those subcommands' modules are imported."""
+    p = argparse.ArgumentParser(prog="dapo", description="DAPO zero-shot industrial inspection")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        sp = sub.add_parser(name, help=command.help, description=command.help)
+        if load is None or name in load:
+            resolve(command.arguments)(sp)
+        sp.set_defaults(run_ref=command.run)
     return p
 
 
+def chosen_command(argv: Sequence[str]) -> str | None:
+    """The subcommand argv names (its first word that is not an option), if it is one."""
+    first = next((a for a in argv if not a.startswith("-")), None)
+    return first if first in COMMANDS else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else argv
+    command = chosen_command(argv)
+    args = build_parser([command] if command else []).parse_args(argv)
+    return resolve(args.run_ref)(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -35,7 +35,7 @@ DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 # Import names of what the serving images do NOT install (train and dev extras): the image's
 # command must run with all of them missing.
 NOT_IN_SERVING_IMAGES = ["torch", "torchvision", "open_clip", "onnx", "onnxscript", "sklearn", "tqdm",
-                         "httpx", "pytest", "hypothesis"]
+                         "httpx", "pytest", "hypothesis", "training"]
 
 
 # --- Dockerfile parsing ---------------------------------------------------------------------
@@ -243,7 +243,7 @@ def test_compose_init_builds_or_verifies_what_the_service_mounts(name):
     from service.cli import build_parser
 
     args = build_parser().parse_args(init["command"])
-    assert args.func.__name__ == "cmd_ensure_artifact" and (args.recipe, args.force) == ("auto", False)
+    assert args.run_ref == "training.provision:main" and (args.recipe, args.force) == ("auto", False)
     # the folder init writes (through its /models mount) is the one the service mounts
     host_models, mode = mounts(init)["/models"]
     assert mode == "rw"
@@ -316,6 +316,8 @@ def test_dockerfile_layers_user_and_dependencies(dockerfile, tmp_path):
 def test_serving_images_declare_their_command_and_health():
     for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
         path = ROOT / "docker" / name
+        sources = [src for k, rest in instructions(path) if k == "COPY" for src in rest.split()[:-1]]
+        assert "service/" in sources and not any(src.startswith("training") for src in sources), sources
         assert exec_form(path, "ENTRYPOINT") == ["dapo", "serve"]
         env = image_env(path)
         assert env["DAPO_HOST"] == "0.0.0.0" and env["DAPO_ARTIFACT"] == "/models/artifact"
@@ -339,8 +341,9 @@ def image_process_env(tmp_path: Path, **overrides: str) -> dict[str, str]:
             f"raise ModuleNotFoundError('{name} is not installed in the serving image', name='{name}')\n")
     env = image_env(ROOT / "docker" / "Dockerfile.cpu")
     scripts = sysconfig.get_path("scripts")
+    # the blockers first (they hide training/ too, which the image lacks), then this checkout's code
     return {"PATH": f"{scripts}:{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path),
-            "PYTHONPATH": str(blockers), **env, **overrides}
+            "PYTHONPATH": f"{blockers}:{ROOT}", **env, **overrides}
 
 
 def test_cpu_image_command_serves_the_demo_artifact_and_stops_cleanly(demo_artifact, tmp_path):
@@ -401,3 +404,13 @@ def test_cpu_image_command_without_a_mounted_artifact_fails_fast_without_baking(
     proc = subprocess.run(argv, cwd=tmp_path, env=env, check=False, capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
     assert "manifest.json missing" in proc.stderr and "training extra" not in proc.stderr
+
+
+def test_serving_image_refuses_training_subcommands_with_a_clear_message(tmp_path):
+    """The serving image has no training/: `dapo bake` says so instead of a traceback."""
+    env = image_process_env(tmp_path)
+    proc = subprocess.run(["dapo", "bake", "--demo", "--out", str(tmp_path / "a")], cwd=tmp_path, env=env,
+                          check=False, capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "needs the `training` package" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a").exists()

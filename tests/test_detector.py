@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import json
 import shutil
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -64,9 +63,9 @@ def test_policy_overrides_change_the_score_mode_and_smoothing(detector):
     pil = [Image.open(io.BytesIO(images()[1][1])).convert("RGB")]
     base = detector.policy()
     plain = detector.predict(pil, base)[0].scores
-    fused = detector.predict(pil, replace(base, image_score="global_max"))[0].scores
+    fused = detector.predict(pil, detector.policy(image_score="global_max"))[0].scores
     assert fused.anomaly_score == pytest.approx(0.5 * (plain.anomaly_score + float(plain.anomaly_map.max())))
-    smoothed = detector.predict(pil, replace(base, gaussian_sigma=2.0))[0].scores
+    smoothed = detector.predict(pil, detector.policy(gaussian_sigma=2.0))[0].scores
     assert smoothed.anomaly_map.max() < plain.anomaly_map.max()  # a Gaussian lowers a peak
     assert smoothed.anomaly_score == plain.anomaly_score  # global mode ignores the map
 

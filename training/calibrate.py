@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.artifact import Product, load_manifest, write_manifest
+from service.runtime.artifact import Product, write_manifest
+from service.runtime.detector import Detector, RuntimeOptions
 from training.data import Sample
 from training.evaluate import run_artifact
 
@@ -27,8 +28,9 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
         raise ValueError(f"calibration takes good parts only; {bad[0]} is labelled defective")
     if not good:
         raise ValueError("no good images to calibrate on")
-    collected = run_artifact(artifact, good, backend=backend, use_products=True, progress=progress)
-    manifest = load_manifest(artifact)
+    detector = Detector.load(artifact, RuntimeOptions(backend=backend))
+    collected = run_artifact(detector, good, use_products=True, progress=progress)
+    manifest = detector.manifest.model_copy(deep=True)
     table = {}
     for product, c in sorted(collected.items()):
         image_thr = float(np.quantile(np.array(c.scores), image_quantile, method="higher"))

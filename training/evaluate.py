@@ -1,7 +1,10 @@
 """`dapo eval`: the paper's metrics, measured on a baked artifact through the serving code.
 
-Images go through the artifact's backend (ONNX Runtime by default) and the service's scoring
-policy (product filter, smoothing), so what is measured is what is served. Metrics are
+Images go through the runtime's `Detector` (the artifact's backend, ONNX Runtime by default, and
+the service's scoring policy: product filter, smoothing, image-score mode), so what is measured
+is what is served. The data set's own loader reads images and ground-truth masks together; it
+preprocesses with `service.runtime.imaging.preprocess` and the artifact's constants, as the
+Detector does. Metrics are
 computed per category (product) and averaged, as the paper reports them:
 image AUROC / AP / max-F1, pixel AUROC, AUPRO (FPR <= 0.3), and multi-type pixel macro
 AUROC / AP / F1 with per-defect-type values.
@@ -18,10 +21,8 @@ import numpy as np
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service.runtime.artifact import load_manifest
-from service.runtime.backends import create_backend
-from service.runtime.scoring import image_score as score_image
-from service.runtime.scoring import policy, smooth
+from service.runtime.detector import Detector, RuntimeOptions
+from service.runtime.scoring import Policy
 from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
 from training.metrics import binary_metrics, mean_over, multitype_pixel_metrics
 
@@ -44,29 +45,36 @@ class _Collector:
             self.probs.append(probs.astype(np.float16))
 
 
-def run_artifact(artifact: str | Path, samples: list[Sample], backend: str = "onnxruntime", batch_size: int = 16,
-                 sigma: float | None = None, use_products: bool = True, progress: bool = True,
+def run_artifact(artifact: str | Path | Detector, samples: list[Sample], backend: str = "onnxruntime",
+                 batch_size: int = 16, sigma: float | None = None, use_products: bool = True, progress: bool = True,
                  image_score: str | None = None) -> dict[str, _Collector]:
-    folder = Path(artifact)
-    manifest = load_manifest(folder)
-    engine = create_backend(folder, manifest, backend=backend)
+    """Per product, the scores and model-size maps of every sample (`sigma` and `image_score`
+    override the manifest's; `use_products` False lets every vocabulary type compete)."""
+    detector = artifact if isinstance(artifact, Detector) else Detector.load(artifact, RuntimeOptions(backend=backend))
+    manifest = detector.manifest
     samples = with_vocabulary(samples, Vocabulary(manifest.defect_names))  # unknown words raise, naming the image
     dataset = AnomalyDataset(samples, size=manifest.image_size, mean=manifest.mean, std=manifest.std)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    sigma = manifest.gaussian_sigma if sigma is None else sigma
-    mode = manifest.image_score if image_score is None else image_score
+    policies: dict[str, Policy] = {}
+
+    def policy_for(product: str) -> Policy:
+        if product not in policies:
+            known = use_products and product in manifest.products
+            policies[product] = detector.policy(product if known else None, gaussian_sigma=sigma,
+                                                image_score=image_score)
+        return policies[product]
+
     per_product: dict[str, _Collector] = defaultdict(_Collector)
     index = 0
     for pixels, class_mask, labels, has_mask in tqdm(loader, desc="eval", disable=not progress, leave=False):
         batch = samples[index:index + len(labels)]
         index += len(labels)
-        allowed = np.stack([policy(manifest, s.product if use_products and s.product in manifest.products
-                                   else None).allowed for s in batch])
-        out = engine.run(pixels.numpy(), allowed, class_probs=True)
+        allowed = np.stack([policy_for(s.product).allowed for s in batch])
+        out = detector.infer(pixels.numpy(), allowed, class_probs=True)
         for i, s in enumerate(batch):
-            amap = smooth(out.anomaly_map[i], sigma)
-            per_product[s.product].add(int(labels[i]), score_image(out.anomaly_score[i], amap, mode),
-                                       bool(has_mask[i]), class_mask[i].numpy(), amap, out.class_probs[i])
+            scores = detector.score(out.item(i), policy_for(s.product))
+            per_product[s.product].add(int(labels[i]), scores.anomaly_score, bool(has_mask[i]),
+                                       class_mask[i].numpy(), scores.anomaly_map, scores.class_probs)
     return per_product
 
 
@@ -84,8 +92,9 @@ def metrics_for(c: _Collector, class_names: list[str]) -> dict:
 
 def evaluate(artifact: str | Path, samples: list[Sample], **kwargs) -> dict:
     """{'per_product': {p: metrics}, 'mean': {metric: value}, 'per_type': {word: mean metrics}}."""
-    class_names = load_manifest(artifact, verify=False).class_names
-    collected = run_artifact(artifact, samples, **kwargs)
+    detector = Detector.load(artifact, RuntimeOptions(backend=kwargs.pop("backend", "onnxruntime")))
+    class_names = detector.class_names
+    collected = run_artifact(detector, samples, **kwargs)
     per_product = {p: metrics_for(c, class_names) for p, c in sorted(collected.items())}
     per_type: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     for res in per_product.values():

@@ -18,12 +18,15 @@ weights, disk full, Ctrl-C) leaves nothing at the target. The real backbone's we
 fetched *first*, before a ViT-L is instantiated, so a node without network fails within seconds
 with a message that says what to do.
 
-torch / OpenCLIP are imported only when something must be built.
+torch / OpenCLIP are imported only when something must be built; `add_arguments` / `main` are
+what `service.cli`'s command table runs for `dapo ensure-artifact`.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -181,3 +184,27 @@ def ensure(folder: str | Path, recipe: str = AUTO, force: bool = False) -> Outco
 def describe_recipes() -> str:
     return "; ".join(f"{r.name}: {r.summary}" for r in RECIPES.values())
 
+
+# --- `dapo ensure-artifact` (service.cli's command table names these) -------------------------
+def add_arguments(a: argparse.ArgumentParser) -> None:
+    a.description = ("Leave a verified artifact at FOLDER: a present one is sha256-verified and kept, a missing "
+                     f"(or empty) one is built from its recipe, a corrupt one is refused. Recipes: {describe_recipes()}.")
+    a.add_argument("folder", metavar="FOLDER")
+    a.add_argument("--recipe", default=AUTO, choices=[AUTO, NONE, *RECIPES],
+                   help="auto (default): the recipe named like FOLDER, if any; none: only verify")
+    a.add_argument("--force", action="store_true", help="rebuild from the recipe even if present or corrupt")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Compose's one-shot `init`: one JSON line on success; a message and status 1 otherwise."""
+    try:
+        outcome = ensure(args.folder, recipe=args.recipe, force=args.force)
+    except ProvisionError as e:
+        print(f"dapo ensure-artifact: {e}", file=sys.stderr)
+        return 1
+    except ImportError as e:  # only a build needs torch; a present artifact is only verified
+        print(f"dapo ensure-artifact: building needs the training extra ({e.name} missing): "
+              "pip install 'dapo-inspect[train,cpu]' (or run it in the train image)", file=sys.stderr)
+        return 1
+    print(outcome.to_json())
+    return 0

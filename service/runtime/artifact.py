@@ -28,6 +28,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+DEMO_ARTIFACT = Path("model_artifacts/demo")  # where `dapo bake --demo` writes and `dapo serve` looks
 
 
 class ArtifactError(RuntimeError):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -150,9 +150,14 @@ class Detector:
 
     # --- stages -------------------------------------------------------------------------
     def policy(self, product: str | None = None, defect_types: list[str] | None = None,
-               threshold: float | None = None) -> scoring.Policy:
-        """The call's scoring policy (raises ScoringError for unknown names or a bad threshold)."""
-        return scoring.policy(self.manifest, product, defect_types, threshold)
+               threshold: float | None = None, *, gaussian_sigma: float | None = None,
+               image_score: str | None = None) -> scoring.Policy:
+        """The call's scoring policy (raises ScoringError for unknown names or a bad threshold).
+        `gaussian_sigma` / `image_score` override the manifest's (evaluation studies only)."""
+        resolved = scoring.policy(self.manifest, product, defect_types, threshold)
+        overrides = {k: v for k, v in {"gaussian_sigma": gaussian_sigma, "image_score": image_score}.items()
+                     if v is not None}
+        return replace(resolved, **overrides) if overrides else resolved
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """An RGB image -> the encoder's (3, S, S) input with this artifact's constants."""

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.runtime.artifact import DEMO_ARTIFACT
+
 
 def _split_list(value: object) -> object:
     """Turn "a, b" or '["a","b"]' into ["a", "b"]; leave lists (and None) alone."""
@@ -33,7 +35,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DAPO_", extra="ignore")
 
     # --- model -------------------------------------------------------------------------
-    artifact: Path = Path("model_artifacts/demo")
+    artifact: Path = DEMO_ARTIFACT
     backend: Literal["onnxruntime", "torch"] = "onnxruntime"
     # Execution providers in preference order (e.g. TensorRT,CUDA,CPU); None = backend's choice.
     providers: Annotated[list[str] | None, NoDecode] = None

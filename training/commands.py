@@ -1,0 +1,220 @@
+"""The training half of `dapo`: bake, train, eval, calibrate, synth (arguments and runners).
+
+`service.cli` names these functions in its command table and imports this module only when one
+of these subcommands runs, so `dapo serve` / `dapo detect` never load `training/`. Module level
+imports stay light (argparse, json, pathlib): the argument adders run before we know whether
+torch is installed; each runner imports what it needs and says which extra to install.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from service.runtime.artifact import DEMO_ARTIFACT
+
+
+def need_training() -> None:
+    """Exit with the install line when torch / OpenCLIP are missing (the `train` extra)."""
+    try:
+        import open_clip  # noqa: F401
+        import torch  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on the install
+        sys.exit(f"dapo: this subcommand needs the training extra ({e.name} missing): "
+                 "pip install 'dapo-inspect[train,cpu]'")
+
+
+def words(value: str) -> list[str]:
+    """A comma list, or @file with one word per line."""
+    if value.startswith("@"):
+        return [w.strip() for w in Path(value[1:]).read_text().splitlines() if w.strip()]
+    return [w.strip() for w in value.split(",") if w.strip()]
+
+
+# --- bake -----------------------------------------------------------------------------------
+def bake_arguments(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--demo", action="store_true", help="tiny random-weight artifact (no downloads, seconds)")
+    b.add_argument("--checkpoint", help="learned checkpoint folder (dapo train output)")
+    b.add_argument("--prompts", choices=["learned", "handcrafted"], default="learned")
+    b.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
+    b.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
+    b.add_argument("--image-size", type=int, default=518)
+    b.add_argument("--vocab", help="defect words: comma list or @file (default: the checkpoint's)")
+    b.add_argument("--add-defect", help="extra defect words appended to the vocabulary (zero-shot, no retraining)")
+    b.add_argument("--products", help="JSON file {product: {defect_types, image_threshold, pixel_threshold}}")
+    b.add_argument("--image-threshold", type=float, default=0.5)
+    b.add_argument("--sigma", type=float, default=0.0, help="Gaussian sigma on the anomaly map (0 = off)")
+    b.add_argument("--image-score", choices=["global", "global_max"], default="global",
+                   help="global: DAPO's image score; global_max: mean with the anomaly map's max")
+    b.add_argument("--out", help=f"artifact folder (default for --demo: {DEMO_ARTIFACT})")
+    b.add_argument("--name")
+    b.add_argument("--version", default="0.1.0")
+    b.add_argument("--force", action="store_true", help="replace an existing artifact folder")
+    b.add_argument("--fp16", action="store_true",
+                   help="also write encoder_fp16.onnx (fp16 compute, fp32 inputs/outputs) for ONNX Runtime on a GPU "
+                        "(DAPO_PRECISION=fp16); checked against the fp32 model with fp16 tolerances")
+
+
+def bake(args: argparse.Namespace) -> int:
+    need_training()
+    from service.runtime.artifact import Product
+    from training import bake as B
+
+    if args.demo:
+        report = B.bake_demo(args.out or DEMO_ARTIFACT, overwrite=True, fp16=args.fp16)
+    else:
+        products = {k: Product(**v) for k, v in json.loads(Path(args.products).read_text()).items()} \
+            if args.products else {}
+        if args.checkpoint:
+            from training.checkpoint import load_checkpoint
+
+            model, meta = load_checkpoint(args.checkpoint)
+            vocab = words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
+            vocab += [w for w in words(args.add_defect or "") if w not in vocab]
+            prompts = "learned"
+        else:
+            if args.prompts != "handcrafted":
+                sys.exit("dapo bake: give --checkpoint DIR (learned prompts), --prompts handcrafted, or --demo")
+            from training.backbone import BackboneSpec
+            from training.model import DapoConfig, DapoModel
+
+            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
+            model = DapoModel(DapoConfig(backbone=spec))
+            vocab = words(args.vocab or ",".join(B.DEMO_VOCAB))
+            prompts = "handcrafted"
+        if not args.out:
+            sys.exit("dapo bake: --out DIR is required")
+        report = B.bake(model, vocab, args.out, name=args.name or Path(args.out).name, version=args.version,
+                        prompts=prompts, products=products, image_threshold=args.image_threshold,
+                        gaussian_sigma=args.sigma, image_score=args.image_score, overwrite=args.force,
+                        provenance={"checkpoint": str(args.checkpoint) if args.checkpoint else None}, fp16=args.fp16)
+    v, v16 = report.manifest.verification, report.manifest.verification_fp16
+    fp16 = {} if v16 is None else {"fp16_max_abs_diff": max(v16.max_abs_diff.values()),
+                                   "fp16_type_map_mismatch": v16.type_map_mismatch_fraction,
+                                   "fp16_type_map_flips_at_ties": v16.type_map_flips_at_ties,
+                                   "fp16_tolerance": v16.tolerance}
+    print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
+                      "bytes": report.sizes, "classes": report.manifest.class_names,
+                      "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
+                      "tolerance": v.tolerance, **fp16}, indent=2))
+    return 0
+
+
+def bake_demo(folder: Path) -> None:
+    """The tiny demo artifact at `folder` (what `dapo serve` bakes when none is given)."""
+    need_training()
+    from training.bake import bake_demo as _bake_demo
+
+    _bake_demo(folder)
+
+
+# --- data -----------------------------------------------------------------------------------
+def load_samples(layout: str, root: str, split: str | None):
+    """Samples of a data set by layout name; `synth` reads a `dapo synth` folder's splits.json."""
+    if layout == "synth":
+        from training.synth import load_split
+
+        return load_split(root, split or "train")
+    from training.data import load_dataset
+
+    return load_dataset(layout, root, **({"split": split} if split and layout != "folder" else {}))
+
+
+def data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="data set root folder")
+    p.add_argument("--layout", default="folder",
+                   help="mvtec, visa, mpdd, mad, realiad, meta_json, folder (custom) or synth")
+    p.add_argument("--split", help="split name (data-set specific; synth: train, test_shift, test_zeroshot)")
+
+
+# --- train ----------------------------------------------------------------------------------
+def train_arguments(t: argparse.ArgumentParser) -> None:
+    data_arguments(t)
+    t.add_argument("--out", default="runs/dapo", help="run folder: epoch_<k>/ and last/ checkpoints")
+    t.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
+    t.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
+    t.add_argument("--image-size", type=int, default=518)
+    t.add_argument("--taps", help="tapped blocks, 1-based, comma list (default: quarters of the depth)")
+    t.add_argument("--text-mode", choices=["fixed", "reference"], default="fixed")
+    t.add_argument("--vocab", help="defect words (default: those in the data)")
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    t.add_argument("--workers", type=int, default=0)
+    t.add_argument("--max-steps", type=int)
+    t.add_argument("--resume", action="store_true", help="continue from <out>/last")
+    t.add_argument("--quiet", action="store_true")
+
+
+def train(args: argparse.Namespace) -> int:
+    need_training()
+    from training.data import Vocabulary, vocabulary_from_samples, with_vocabulary
+    from training.train import config_from_args, train as run_training
+
+    samples = load_samples(args.layout, args.data, args.split or ("train" if args.layout == "synth" else None))
+    vocab = Vocabulary(words(args.vocab)) if args.vocab else vocabulary_from_samples(samples)
+    samples = with_vocabulary(samples, vocab)
+    last = run_training(samples, vocab, config_from_args(args), resume=args.resume, progress=not args.quiet)
+    print(json.dumps({"checkpoint": str(last), "vocabulary": list(vocab.words), "images": len(samples)}))
+    return 0
+
+
+# --- eval -----------------------------------------------------------------------------------
+def eval_arguments(e: argparse.ArgumentParser) -> None:
+    e.add_argument("--artifact", required=True)
+    data_arguments(e)
+    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
+    e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
+    e.add_argument("--image-score", choices=["global", "global_max"], help="override the manifest's image score")
+    e.add_argument("--json", help="write the full result as JSON")
+    e.add_argument("--csv", help="write the per-category table as CSV")
+    e.add_argument("--quiet", action="store_true")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    need_training()
+    from training.evaluate import evaluate as run_eval
+    from training.evaluate import format_table, write_reports
+
+    samples = load_samples(args.layout, args.data, args.split)
+    result = run_eval(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
+                      use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score)
+    print(format_table(result))
+    write_reports(result, args.json, args.csv)
+    return 0
+
+
+# --- calibrate ------------------------------------------------------------------------------
+def calibrate_arguments(c: argparse.ArgumentParser) -> None:
+    c.add_argument("--artifact", required=True)
+    data_arguments(c)
+    c.add_argument("--image-quantile", type=float, default=0.99)
+    c.add_argument("--pixel-quantile", type=float, default=0.999)
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    need_training()
+    from training.calibrate import calibrate as run_calibration
+
+    samples = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0]
+    print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile), indent=2))
+    return 0
+
+
+# --- synth ----------------------------------------------------------------------------------
+def synth_arguments(p: argparse.ArgumentParser) -> None:
+    from training.synth import add_synth_arguments  # numpy + Pillow only
+
+    add_synth_arguments(p)
+
+
+def synth(args: argparse.Namespace) -> int:
+    from training.synth import synth_main
+
+    return synth_main(args)
