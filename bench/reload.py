@@ -16,6 +16,8 @@ the requests that overlapped a swap (from the POST until the old model was relea
 the steady state's p50/p99/max, every status seen (anything but 200 is a failure), and RSS
 after warm-up, after each swap and its growth. Artifacts A and B, when not given, are baked into
 a temporary folder from the same backbone with two seeds (needs the `train` extra).
+`--control S` runs the same schedule and traffic with a pause of S seconds instead of each
+reload: RSS growth there is what traffic alone does (allocator, caches), to compare against.
 """
 from __future__ import annotations
 
@@ -140,7 +142,13 @@ def run(args: argparse.Namespace) -> dict:
             steady_to = time.monotonic()
             swaps, rss = [], [round(rss_start, 1)]
             for i in range(args.swaps):
-                swaps.append(swap(server.url, key, b if i % 2 == 0 else a))
+                if args.control:  # same traffic and cadence, no reload: what RSS does without swaps
+                    t0 = time.monotonic()
+                    time.sleep(args.control)
+                    swaps.append({"start": t0, "switched": time.monotonic(), "released": time.monotonic(),
+                                  "report": {"seconds": 0.0}})
+                else:
+                    swaps.append(swap(server.url, key, b if i % 2 == 0 else a))
                 rss.append(round(rss_kib(server.pid) / 1024, 1))
                 time.sleep(args.gap)
             clients.stop()
@@ -152,6 +160,7 @@ def run(args: argparse.Namespace) -> dict:
     for *_, status, _ in answers:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     return {
+        "mode": f"control (no reload, {args.control} s pauses)" if args.control else "swaps",
         "artifacts": [str(a), str(b)], "backbone": args.backbone or "demo (dapo-tiny)",
         "concurrency": args.concurrency, "requests": len(answers), "status_counts": statuses,
         "failed": sum(n for s, n in statuses.items() if s != "200"),
@@ -176,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=3.0, help="seconds of traffic before measuring")
     p.add_argument("--steady", type=float, default=10.0, help="seconds of traffic without swaps")
     p.add_argument("--gap", type=float, default=2.0, help="seconds of traffic between swaps")
+    p.add_argument("--control", type=float, default=0.0, metavar="S",
+                   help="control run: instead of each swap wait S seconds (about a swap's duration), same traffic")
     p.add_argument("--json", help="also write the report here")
     args = p.parse_args(argv)
     if bool(args.artifact_a) != bool(args.artifact_b):

@@ -169,7 +169,8 @@ def test_compose_gpu_service():
     devices = dapo["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     m = mounts(dapo)
-    assert m["/models/artifact"] == (str(ROOT / "model_artifacts" / "baseline"), "ro")  # the real backbone
+    assert m["/models"] == (str(ROOT / "model_artifacts"), "ro")  # every artifact: reload can pick another
+    assert dapo["environment"]["DAPO_ARTIFACT"] == "/models/baseline"  # the real backbone by default
     assert m["/cache/trt"][0] in config["volumes"]  # a named volume keeps the TensorRT engines
     assert dapo["restart"] == "unless-stopped"
     assert "/readyz" in " ".join(dapo["healthcheck"]["test"])
@@ -187,7 +188,7 @@ def test_compose_gpu_service():
                             DAPO_MAX_BATCH_SIZE="16", DAPO_MAX_QUEUE_DELAY_MS="2.5")
     assert config["services"]["bake"]["command"][-2:] == ["--out", "/models/mvtec-v2"]  # bake writes what dapo serves
     dapo = config["services"]["dapo"]
-    assert mounts(dapo)["/models/artifact"] == (str(ROOT / "model_artifacts" / "mvtec-v2"), "ro")
+    assert dapo["environment"]["DAPO_ARTIFACT"] == "/models/mvtec-v2"
     keys_dir = mounts(dapo)["/run/secrets/dapo"]
     assert keys_dir[1] == "ro"
     env = dapo["environment"]
@@ -200,7 +201,8 @@ def test_compose_cpu_and_bake_services():
     config = compose_config(["bake", "cpu"])
     cpu = config["services"]["dapo-cpu"]
     assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu" and "deploy" not in cpu
-    assert mounts(cpu)["/models/artifact"] == (str(ROOT / "model_artifacts" / "baseline"), "ro")
+    assert mounts(cpu)["/models"] == (str(ROOT / "model_artifacts"), "ro")
+    assert cpu["environment"]["DAPO_ARTIFACT"] == "/models/baseline"
     assert cpu["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
     settings_from(cpu["environment"])
 
@@ -244,15 +246,17 @@ def test_compose_init_builds_or_verifies_what_the_service_mounts(name):
 
     args = build_parser().parse_args(init["command"])
     assert args.run_ref == "training.provision:main" and (args.recipe, args.force) == ("auto", False)
-    # the folder init writes (through its /models mount) is the one the service mounts
+    # the folder init writes (through its /models mount) is the one the services serve
     host_models, mode = mounts(init)["/models"]
     assert mode == "rw"
     written = Path(host_models) / Path(args.folder).relative_to("/models")
-    served = services["dapo"]["volumes"][0]
-    assert served["type"] == "bind" and served["target"] == "/models/artifact" and served["read_only"]
-    assert Path(served["source"]) == written == ROOT / "model_artifacts" / name
-    # long syntax: compose v2 does not create a missing source as an empty folder
-    assert all(m.get("type") == "bind" for s in ("dapo", "dapo-cpu") for m in services[s]["volumes"][:1])
+    assert written == ROOT / "model_artifacts" / name
+    for service in ("dapo", "dapo-cpu"):
+        models = services[service]["volumes"][0]
+        # long syntax: compose v2 does not create a missing source as an empty folder
+        assert models["type"] == "bind" and models["target"] == "/models" and models["read_only"]
+        served = Path(models["source"]) / Path(services[service]["environment"]["DAPO_ARTIFACT"]).relative_to("/models")
+        assert served == written
     from training.provision import RECIPES, recipe_for
 
     assert (recipe_for(Path(args.folder)) is not None) == (name in RECIPES)  # baseline and demo are built
