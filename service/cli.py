@@ -149,6 +149,8 @@ COMMANDS: dict[str, Command] = {
     "calibrate": Command("per-product thresholds from good parts, into the manifest",
                          f"{_T}:calibrate_arguments", f"{_T}:calibrate"),
     "synth": Command("seeded synthetic defect data set (custom layout)", f"{_T}:synth_arguments", f"{_T}:synth"),
+    "ensure-artifact": Command("verify an artifact folder; build it from its recipe (baseline, demo) if missing",
+                               "training.provision:add_arguments", "training.provision:main"),
     "bench": Command("speed: bare encoder sweep, /detect vs encoder ratio, load (JSON)",
                      "service.bench:add_arguments", "service.bench:run"),
     "detect": Command("send images to a running service's /detect and print the answer",

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+RELOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 
 class Metrics:
@@ -35,6 +36,20 @@ class Metrics:
         self.images = Counter("dapo_images_processed_total", "Images that went through the backend", registry=r)
         self.queue_depth = Gauge("dapo_queue_depth", "Images waiting for a batch", registry=r)
         self.in_flight = Gauge("dapo_requests_in_flight", "HTTP requests being served", registry=r)
+        # model lifecycle (hot swap: service.server.reload)
+        self.reloads = Counter("dapo_model_reloads_total", "Model reloads by result (ok, failed)", ["result"],
+                               registry=r)
+        self.reload_seconds = Histogram("dapo_model_reload_duration_seconds",
+                                        "Load + verify + warm-up time of a reload, by result", ["result"],
+                                        buckets=RELOAD_BUCKETS, registry=r)
+        self.reload_last_failed = Gauge("dapo_model_reload_last_failed",
+                                        "1 when the latest reload failed (the previous model still serves)",
+                                        registry=r)
+        self.model_info = Gauge("dapo_model_info", "The serving model (value 1)",
+                                ["name", "version", "artifact_sha256"], registry=r)
+        self.models_loaded = Gauge("dapo_models_loaded",
+                                   "Models in memory: 1, or 2 while a replaced one finishes its requests",
+                                   registry=r)
 
     # --- batcher hooks (service.server.batching.BatchObserver) ---------------------------------
     def observe_batch(self, size: int, inference_s: float) -> None:
@@ -52,6 +67,17 @@ class Metrics:
     def observe_request(self, endpoint: str, method: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, method, str(status)).inc()
         self.latency.labels(endpoint, str(status)).observe(seconds)
+
+    # --- model lifecycle -----------------------------------------------------------------
+    def observe_reload(self, result: str, seconds: float) -> None:
+        self.reloads.labels(result).inc()
+        self.reload_seconds.labels(result).observe(seconds)
+        self.reload_last_failed.set(1 if result == "failed" else 0)
+
+    def set_model(self, ref: dict[str, str]) -> None:
+        """dapo_model_info names the serving model only (the replaced one's series is dropped)."""
+        self.model_info.clear()
+        self.model_info.labels(ref["name"], ref["version"], ref["artifact_sha256"]).set(1)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""

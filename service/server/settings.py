@@ -83,6 +83,10 @@ class Settings(BaseSettings):
     # --- security -----------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     api_keys_file: Path | None = None
+    # keys for POST /v1/model/reload (same X-API-Key header); none = reload over HTTP is off
+    # (SIGHUP still reloads). Kept apart from api_keys: a line client cannot swap the model.
+    admin_keys: Annotated[list[SecretStr], NoDecode] = []
+    admin_keys_file: Path | None = None
     idempotency_ttl_s: float = Field(default=600.0, gt=0)
     idempotency_max_entries: int = Field(default=1024, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = []  # empty = CORS off
@@ -100,7 +104,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     graceful_timeout_s: float = Field(default=30.0, gt=0)  # uvicorn's wait for in-flight requests
 
-    @field_validator("providers", "api_keys", "cors_origins", "quality_stations", mode="before")
+    @field_validator("providers", "api_keys", "admin_keys", "cors_origins", "quality_stations", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split_list(value)
@@ -110,7 +114,7 @@ class Settings(BaseSettings):
     def _empty_providers_is_auto(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
-    @field_validator("api_keys_file", "trt_cache_dir", "device", "ort_io_binding", "cpu_threads", mode="before")
+    @field_validator("api_keys_file", "admin_keys_file", "trt_cache_dir", "device", "ort_io_binding", "cpu_threads", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`DAPO_API_KEYS_FILE=` (empty) means no file, not the current directory."""
