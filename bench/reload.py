@@ -41,7 +41,7 @@ from service.server.local_server import Server, rss_kib
 
 def bake_pair(work: Path, backbone: str | None, image_size: int) -> tuple[Path, Path]:
     """Two artifacts of one architecture with different random weights (seeds 42 and 7)."""
-    from training.bake import DEMO_VOCAB, bake, bake_demo
+    from training.bake import DEMO_VOCAB, BakeOptions, bake, bake_demo
 
     if backbone is None:
         return (bake_demo(work / "a", seed=42, version="0.1.0").folder,
@@ -53,8 +53,9 @@ def bake_pair(work: Path, backbone: str | None, image_size: int) -> tuple[Path, 
     for name, seed, version in (("a", 42, "0.1.0"), ("b", 7, "0.2.0")):
         spec = BackboneSpec(name=backbone, pretrained=None, image_size=image_size, seed=seed)
         model = DapoModel(DapoConfig(backbone=spec, seed=seed))
-        out.append(bake(model, list(DEMO_VOCAB), work / name, name=f"bench-{Path(backbone).stem}", version=version,
-                        provenance={"kind": "bench", "weights": "random", "seed": seed}).folder)
+        out.append(bake(model, list(DEMO_VOCAB), work / name, BakeOptions(
+            name=f"bench-{Path(backbone).stem}", version=version,
+            provenance={"kind": "bench", "weights": "random", "seed": seed})).folder)
     return out[0], out[1]
 
 

@@ -91,13 +91,14 @@ def _offline_advice(backbone: str, pretrained: str, error: Exception) -> str:
 def _build_baseline(out: Path) -> object:
     fetch_weights(BASELINE_BACKBONE, BASELINE_PRETRAINED)  # first: the step an offline node fails
     from training.backbone import BackboneSpec
-    from training.bake import DEMO_VOCAB, bake
+    from training.bake import DEMO_VOCAB, BakeOptions, bake
     from training.model import DapoConfig, DapoModel
 
     spec = BackboneSpec(name=BASELINE_BACKBONE, pretrained=BASELINE_PRETRAINED, image_size=BASELINE_IMAGE_SIZE)
-    return bake(DapoModel(DapoConfig(backbone=spec)), list(DEMO_VOCAB), out, name=out.name, prompts="handcrafted",
-                description="Training-free baseline: handcrafted prompts on OpenAI CLIP ViT-L/14@336 at 518 px.",
-                provenance={"kind": "baseline", "recipe": "ensure-artifact"}, overwrite=True)
+    return bake(DapoModel(DapoConfig(backbone=spec)), list(DEMO_VOCAB), out, BakeOptions(
+        name=out.name, prompts="handcrafted",
+        description="Training-free baseline: handcrafted prompts on OpenAI CLIP ViT-L/14@336 at 518 px.",
+        provenance={"kind": "baseline", "recipe": "ensure-artifact"}, overwrite=True))
 
 
 RECIPES: dict[str, Recipe] = {
