@@ -25,6 +25,7 @@ import service
 from service.runtime.artifact import Manifest, load_manifest
 from service.runtime.backends.base import Backend
 from service.server.batching import MicroBatcher
+from service.server.feedback_routes import router as feedback_router
 from service.server.errors import envelope, install_handlers, request_id_of
 from service.server.logs import configure_logging
 from service.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -67,6 +68,7 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     state.batcher = MicroBatcher(state.backend, settings.max_batch_size, settings.max_queue_delay_ms,
                                  settings.max_queue_size, settings.workers, observer=state.metrics)
     await state.batcher.start()
+    await asyncio.to_thread(state.loop.start)  # sinks, samples, feedback (a receiver may be down: it queues)
     state.ready = True
     log.info("ready", extra={"artifact": str(settings.artifact), "model": manifest.name,
                              "version": manifest.version, "backend": state.backend.name,
@@ -79,6 +81,7 @@ async def stop(state: ServiceState) -> None:
     state.ready = False
     if state.batcher is not None:
         await state.batcher.stop()
+    await asyncio.to_thread(state.loop.stop)  # after the last answer: drain the sinks (bounded)
     if state.cpu_pool is not None:
         state.cpu_pool.shutdown(wait=True)
         state.cpu_pool = None
@@ -111,6 +114,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                               "regions and masks for uploaded images.")
     app.state.service = state
     app.include_router(router)
+    app.include_router(feedback_router)  # POST /v1/feedback
     app.include_router(ui_router)  # the operator page at / and /ui (static, same API)
     install_handlers(app, settings.retry_after_s)
 

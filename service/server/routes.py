@@ -175,7 +175,9 @@ async def _detect(request: Request, state: ServiceState, principal: str, mask_fo
     async def produce() -> StoredResponse:
         results = await pipeline.detect(state, uploads, policy, options, echo)
         body = {"request_id": request_id, "model": model_ref(state), "results": results}
-        return StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
+        stored = StoredResponse(200, json.dumps(body, separators=(",", ":")).encode("utf-8"))
+        state.loop.after_detect(request_id, body["model"], uploads, results, echo)  # sinks, samples, feedback
+        return stored
 
     if key is None:
         stored, replayed = await produce(), False

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
 from service.server.batching import MicroBatcher
+from service.server.loop import LineLoop
 from service.server.metrics import Metrics
 from service.server.security import ApiKeys, IdempotencyStore
 from service.server.settings import Settings
@@ -32,6 +33,7 @@ class ServiceState:
     metrics: Metrics
     api_keys: ApiKeys
     idempotency: IdempotencyStore
+    loop: LineLoop  # sinks, samples, feedback: what happens after an answer
     manifest: Manifest | None = None
     backend: Backend | None = None
     batcher: MicroBatcher | None = None
@@ -41,9 +43,11 @@ class ServiceState:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> "ServiceState":
+        metrics = Metrics()
         return cls(
             settings=settings,
-            metrics=Metrics(),
+            metrics=metrics,
+            loop=LineLoop(settings, metrics.loop),
             api_keys=ApiKeys.from_settings(settings.api_keys, settings.api_keys_file),
             idempotency=IdempotencyStore(settings.idempotency_ttl_s, settings.idempotency_max_entries),
         )
