@@ -6,6 +6,7 @@ real plant broker). `stop()` / `start()` restart it on the same port.
 """
 from __future__ import annotations
 
+import getpass
 import json
 import shutil
 import socket
@@ -47,7 +48,9 @@ class Mosquitto:
         self.folder, self.port = Path(folder), port or free_port()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.conf = self.folder / "mosquitto.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence true",
+        # `user`: mosquitto started as root drops to user "mosquitto", which cannot read the
+        # test's private temp folder; stay the user who runs the tests
+        lines = [f"user {getpass.getuser()}", f"listener {self.port} 127.0.0.1", "persistence true",
                  f"persistence_location {self.folder}/", f"log_dest file {self.folder}/mosquitto.log",
                  *(extra or ["allow_anonymous true"])]
         self.conf.write_text("\n".join(lines) + "\n")

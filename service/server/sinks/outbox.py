@@ -171,6 +171,7 @@ class Outbox:
                 self._count_drop()
             else:
                 self._queue.appendleft(message)
+            self._depth.set(len(self._queue))
 
     def _run(self) -> None:
         bucket = TokenBucket(self.options.rate_per_s, self.options.burst)
