@@ -66,7 +66,7 @@ class LineLoop:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.outboxes or self.samples or self.recent)
+        return bool(self.outboxes) or self.samples is not None or self.recent is not None
 
     def start(self) -> None:
         """Build and start what the settings configure (blocking I/O: call it off the event loop).
