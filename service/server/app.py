@@ -29,6 +29,7 @@ from service.runtime.artifact import MANIFEST, load_manifest, sha256_file
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.server.batching import MicroBatcher
+from service.server.feedback_routes import router as feedback_router
 from service.server.errors import envelope, install_handlers, request_id_of
 from service.server.logs import configure_logging
 from service.server.metrics import Metrics
@@ -113,6 +114,7 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     state.model = model
     state.metrics.set_model(model.ref())
     state.reloader = make_reloader(state)
+    await asyncio.to_thread(state.loop.start)  # sinks, samples, feedback (a receiver may be down: it queues)
     state.ready = True
     detector = model.detector
     log.info("ready", extra={"artifact": str(settings.artifact), "model": detector.name,
@@ -128,6 +130,7 @@ async def stop(state: ServiceState) -> None:
         await state.reloader.close()  # replaced models finish their requests and close
     if state.model is not None:
         await close_model(state.model, state.metrics)
+    await asyncio.to_thread(state.loop.stop)  # after the last answer: drain the sinks (bounded)
     if state.cpu_pool is not None:
         state.cpu_pool.shutdown(wait=True)
         state.cpu_pool = None
@@ -162,6 +165,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                               "regions and masks for uploaded images.")
     app.state.service = state
     app.include_router(router)
+    app.include_router(feedback_router)  # POST /v1/feedback
     app.include_router(ui_router)  # the operator page at / and /ui (static, same API)
     install_handlers(app, settings.retry_after_s)
 

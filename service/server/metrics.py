@@ -50,6 +50,7 @@ class Metrics:
         self.models_loaded = Gauge("dapo_models_loaded",
                                    "Models in memory: 1, or 2 while a replaced one finishes its requests",
                                    registry=r)
+        self.loop = LoopMetrics(r)  # sinks, kept samples, operator feedback
 
     # --- batcher hooks (service.server.batching.BatchObserver) ---------------------------------
     def observe_batch(self, size: int, inference_s: float) -> None:
@@ -82,3 +83,34 @@ class Metrics:
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""
         return generate_latest(self.registry)
+
+
+class LoopMetrics:
+    """What happens after an answer: result sinks, samples kept by policy, operator feedback.
+
+    Label values are bounded: `sink` is mqtt or webhook, `rule` a rule kind, `reason` an errno
+    name, `product` a product of the manifest (others are counted as "other").
+    """
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self.sink_delivered = Counter("dapo_sink_delivered_total", "Results a sink confirmed (PUBACK, HTTP 2xx)",
+                                      ["sink"], registry=r)
+        self.sink_dropped = Counter("dapo_sink_dropped_total",
+                                    "Results dropped (the oldest) because a sink's queue was full", ["sink"], registry=r)
+        self.sink_rejected = Counter("dapo_sink_rejected_total",
+                                     "Results the receiver refused for good (HTTP 4xx other than 408/425/429)",
+                                     ["sink"], registry=r)
+        self.sink_retries = Counter("dapo_sink_retries_total", "Delivery attempts that failed and were retried",
+                                    ["sink"], registry=r)
+        self.sink_queue = Gauge("dapo_sink_queue_depth", "Results waiting in a sink's queue", ["sink"], registry=r)
+        self.sink_up = Gauge("dapo_sink_up", "1 while the sink's last delivery attempt succeeded", ["sink"], registry=r)
+        self.samples_written = Counter("dapo_samples_written_total", "Samples written, by rule (or feedback)",
+                                       ["rule"], registry=r)
+        self.samples_deleted = Counter("dapo_samples_deleted_total", "Samples deleted by cap or retention",
+                                       ["reason"], registry=r)
+        self.samples_dropped = Counter("dapo_samples_dropped_total",
+                                       "Samples not written because the writer's queue was full", registry=r)
+        self.samples_errors = Counter("dapo_samples_errors_total", "Sample writes that failed (disk full, permission)",
+                                      ["reason"], registry=r)
+        self.feedback = Counter("dapo_feedback_total", "Operator feedback on answers, by product and verdict",
+                                ["product", "verdict"], registry=r)

@@ -191,7 +191,9 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
         results = await pipeline.detect(state, model, uploads, policy, options, echo)
         state.quality.observe(model.manifest, results, echo)
         body = {"request_id": request_id, "model": model.ref(), "results": results}
-        return StoredResponse(200, encode_json(body))
+        stored = StoredResponse(200, encode_json(body))
+        state.loop.after_detect(request_id, body["model"], uploads, results, echo)  # sinks, samples, feedback
+        return stored
 
     if key is None:
         stored, replayed = await produce(), False

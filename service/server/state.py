@@ -22,6 +22,7 @@ from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, ImageLimits
 from service.server.batching import MicroBatcher
+from service.server.loop import LineLoop
 from service.server.metrics import Metrics
 from service.server.quality import QualityMetrics, QualityOptions
 from service.server.auth import ApiKeys
@@ -117,6 +118,7 @@ class ServiceState:
     admin_keys: ApiKeys  # POST /v1/model/reload; none configured = reload over HTTP off
     idempotency: IdempotencyStore
     quality: QualityMetrics  # the line's quality metrics, in metrics.registry
+    loop: LineLoop  # sinks, samples, feedback: what happens after an answer
     model: LoadedModel | None = None  # replaced as a whole, never edited in place
     reloader: Reloader | None = None  # hot swaps (service.server.reload), set by the lifespan
     cpu_pool: ThreadPoolExecutor | None = None  # decode / preprocess / postprocess threads
@@ -129,6 +131,7 @@ class ServiceState:
         return cls(
             settings=settings,
             metrics=metrics,
+            loop=LineLoop(settings, metrics.loop),
             api_keys=ApiKeys.from_settings(settings.api_keys, settings.api_keys_file),
             admin_keys=ApiKeys.from_settings(settings.admin_keys, settings.admin_keys_file),
             idempotency=IdempotencyStore(settings.idempotency_ttl_s, settings.idempotency_max_entries),
