@@ -2,7 +2,10 @@
 
 This is what the torch backend runs, without `training/` or OpenCLIP: a standard CLIP ViT
 (pre-norm blocks, GELU or QuickGELU, token pooling) with deep visual prompts, adapters and the
-scoring head. Weights come from safetensors only (no pickle). `ScoringHead` is also what
+scoring head. The OpenCLIP ViT options it reproduces are exactly those `EncoderOptions` names
+(LayerScale, no LayerNorm before the blocks, the LayerNorm eps, the MLP width); bake refuses to
+write `encoder.safetensors` for a tower with any other option (`training.export.
+torch_export_supported`), so nothing is served wrong. Weights come from safetensors only (no pickle). `ScoringHead` is also what
 `training/export.py` puts at the end of the ONNX graph, so both backends score with one code.
 
 Attention uses `F.scaled_dot_product_attention`, which picks flash / memory-efficient kernels
@@ -10,9 +13,24 @@ on a GPU; the module runs in fp32, fp16 or bf16.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+DEFAULT_NORM_EPS = 1e-5  # torch's and OpenCLIP's LayerNorm default
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """The OpenCLIP ViT options beyond plain CLIP that the encoder reproduces (manifest fields)."""
+
+    act: str = "gelu"  # "gelu" (exact, erf) or "quick_gelu"
+    layer_scale: bool = False  # OpenCLIP ls_init_value: x + gamma * f(x) in both residual branches
+    ln_pre: bool = True  # False = OpenCLIP no_ln_pre (e.g. DINOv2)
+    norm_eps: float = DEFAULT_NORM_EPS  # every LayerNorm of the tower
+    mlp_width: int | None = None  # None = 4 * width
 
 
 class ScoringHead(nn.Module):
@@ -60,36 +78,54 @@ class _Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, act: str):
+class _LayerScale(nn.Module):
+    """OpenCLIP's LayerScale: a learned per-channel gain (parameter name `gamma`)."""
+
+    def __init__(self, width: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = _Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)})
-        self.quick = act == "quick_gelu"
+        self.gamma = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        return x * self.gamma.to(x.dtype)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int, opts: EncoderOptions):
+        super().__init__()
+        if opts.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"activation {opts.act!r} is not in the torch encoder (gelu, quick_gelu)")
+        mlp = opts.mlp_width or 4 * width
+        self.ln_1 = nn.LayerNorm(width, eps=opts.norm_eps)
+        self.attn = _Attention(width, heads)
+        self.ls_1 = _LayerScale(width) if opts.layer_scale else nn.Identity()
+        self.ln_2 = nn.LayerNorm(width, eps=opts.norm_eps)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, mlp), "c_proj": nn.Linear(mlp, width)})
+        self.ls_2 = _LayerScale(width) if opts.layer_scale else nn.Identity()
+        self.quick = opts.act == "quick_gelu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x)))
         h = self.mlp["c_fc"](self.ln_2(x))
         h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
-        return x + self.mlp["c_proj"](h)
+        return x + self.ls_2(self.mlp["c_proj"](h))
 
 
 class DapoImageEncoder(nn.Module):
     """ViT + deep visual prompts + adapters + scoring head; parameter names match the bake."""
 
     def __init__(self, *, width: int, layers: int, heads: int, patch_size: int, image_size: int, embed_dim: int,
-                 taps: list[int], prompt_tokens: int, alpha: float, act: str, text_features: torch.Tensor,
-                 abnormal: torch.Tensor, temperature: float):
+                 taps: list[int], prompt_tokens: int, alpha: float, text_features: torch.Tensor,
+                 abnormal: torch.Tensor, temperature: float, act: str = "gelu", layer_scale: bool = False,
+                 ln_pre: bool = True, norm_eps: float = DEFAULT_NORM_EPS, mlp_width: int | None = None):
         super().__init__()
+        opts = EncoderOptions(act=act, layer_scale=layer_scale, ln_pre=ln_pre, norm_eps=norm_eps, mlp_width=mlp_width)
         grid = image_size // patch_size
         self.conv1 = nn.Conv2d(3, width, patch_size, patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(_Block(width, heads, act) for _ in range(layers))
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width, eps=norm_eps) if ln_pre else nn.Identity()
+        self.blocks = nn.ModuleList(_Block(width, heads, opts) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width, eps=norm_eps)
         self.proj = nn.Parameter(torch.empty(width, embed_dim))
         self.prompt_tokens = nn.Parameter(torch.empty(layers, prompt_tokens, width))
         self.adapters = nn.ModuleList(nn.Linear(width, embed_dim) for _ in taps)
@@ -130,8 +166,15 @@ def state_dict_for_export(visual: nn.Module, prompt_tokens: torch.Tensor, adapte
 
 def load_encoder(weights_path: str, config: dict, device: str = "cpu", dtype: torch.dtype = torch.float32) -> DapoImageEncoder:
     """Build DapoImageEncoder from manifest geometry and load `encoder.safetensors` (strict)."""
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
+    if not Path(weights_path).is_file():
+        raise FileNotFoundError(
+            f"{weights_path}: this artifact has no torch encoder. Bake writes none for a vision tower the torch "
+            "encoder cannot reproduce (the manifest's provenance.torch_backend says why); serve it with the "
+            "onnxruntime backend (DAPO_BACKEND=onnxruntime)")
     sd = load_file(weights_path, device="cpu")
     model = DapoImageEncoder(text_features=sd.pop("head.text"), abnormal=sd.pop("head.abnormal"), **config)
     missing, unexpected = model.load_state_dict(sd, strict=False)
