@@ -262,7 +262,7 @@ def _t(a: np.ndarray) -> torch.Tensor:
 def input_fold(conv_weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(conv1 weight for CLIP-normalised input, the per-channel constant it leaves out);
     see the module docstring."""
-    from training.backbone import OPENAI_MEAN, OPENAI_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 
     m_c, s_c = np.asarray(OPENAI_MEAN), np.asarray(OPENAI_STD)
     m_i, s_i = np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD)
@@ -406,7 +406,7 @@ def openclip_intermediates(visual, pixels_clip: torch.Tensor) -> dict[str, torch
 
 
 def _to_clip_normalised(pixels_imagenet: np.ndarray) -> torch.Tensor:
-    from training.backbone import OPENAI_MEAN, OPENAI_STD
+    from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_MEAN, OPENAI_DATASET_STD as OPENAI_STD
 
     def per_channel(v):
         return np.asarray(v, dtype=np.float64)[None, :, None, None]
