@@ -15,6 +15,8 @@ Each probe is fitted on the training split and scored (AUROC) on it, on new imag
 products (another seed) and on the held-out texture family.
 
     python bench/feature_probe.py --backbones dapo-tiny:112,dapo-tiny-wide:128 [--out runs/probe]
+    python bench/feature_probe.py --backbones runs/dinov2/dinov2-vit-s14.json:112 \
+        --pretrained runs/dinov2/dinov2-vit-s14.safetensors      # DINOv2 (dapo convert-dinov2)
 
 Prints JSON. The probes are scikit-learn pipelines (standardise, then class-balanced logistic
 regression with a fixed C).
@@ -74,12 +76,13 @@ def _fit(x: np.ndarray, y: np.ndarray) -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=0.1, class_weight="balanced")).fit(x, y)
 
 
-def probe(name: str, size: int, sets: dict[str, list]) -> dict:
+def probe(name: str, size: int, sets: dict[str, list], pretrained: str | None = None) -> dict:
     torch.manual_seed(0)
-    model = DapoModel(DapoConfig(backbone=BackboneSpec(name=name, pretrained=None, image_size=size, seed=0))).eval()
+    spec = BackboneSpec(name=name, pretrained=pretrained, image_size=size, seed=0)
+    model = DapoModel(DapoConfig(backbone=spec)).eval()
     data = {k: features(model, v, size) for k, v in sets.items()}
     g_tr, p_tr, f_tr, y_tr = data["train"]
-    out: dict = {"backbone": name, "image_size": size, "width": model.geometry["width"],
+    out: dict = {"backbone": name, "pretrained": pretrained, "image_size": size, "width": model.geometry["width"],
                  "grid": model.geometry["grid"], "taps": list(model.config.taps)}
     clf = _fit(g_tr.numpy(), y_tr)
     out["global"] = {k: round(float(roc_auc_score(d[3], clf.decision_function(d[0].numpy()))), 3) for k, d in data.items()}
@@ -99,6 +102,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backbones", default="dapo-tiny:112,dapo-tiny-wide:128", help="name:size,...")
     ap.add_argument("--out", default="runs/feature_probe", help="where the synthetic data is written")
+    ap.add_argument("--pretrained", default="", help="weights file for every listed backbone ('' = random init)")
     ap.add_argument("--n-per-class", type=int, default=10)
     ap.add_argument("--holdout-texture", default="fabric", help="as in bench/learning_demo.py")
     args = ap.parse_args()
@@ -111,7 +115,7 @@ def main() -> None:
     results = []
     for spec in args.backbones.split(","):
         name, _, size = spec.partition(":")
-        results.append(probe(name, int(size or 128), sets))
+        results.append(probe(name, int(size or 128), sets, args.pretrained or None))
     print(json.dumps(results, indent=2))
 
 

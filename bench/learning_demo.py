@@ -12,8 +12,15 @@ the vocabulary at bake time only).
 
     python bench/learning_demo.py --out runs/learning_demo [--epochs 3] [--image-size 128]
 
-Prints one JSON object with every figure. The backbone is random: absolute numbers say
+Prints one JSON object with every figure. The default backbone is random: absolute numbers say
 nothing about CLIP; the point is trained vs untrained on the same backbone.
+
+On pretrained features (DINOv2 ViT-S/14 converted by `dapo convert-dinov2`, issue #14):
+
+    python bench/learning_demo.py --out runs/ld_dinov2 --backbone runs/dinov2/dinov2-vit-s14.json \
+        --pretrained runs/dinov2/dinov2-vit-s14.safetensors --image-size 112 --epochs 3
+
+`--eval-only` re-evaluates the checkpoints a previous run left under --out.
 """
 from __future__ import annotations
 
@@ -40,7 +47,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--image-size", type=int, default=128)
     ap.add_argument("--n-per-class", type=int, default=10)
-    ap.add_argument("--backbone", default=TINY_WIDE, help="OpenCLIP config name (random weights)")
+    ap.add_argument("--backbone", default=TINY_WIDE, help="OpenCLIP config name or config JSON path")
+    ap.add_argument("--pretrained", default="", help="weights file or OpenCLIP tag ('' = random init)")
+    ap.add_argument("--eval-only", action="store_true", help="reuse the checkpoints of a previous run under --out")
     ap.add_argument("--holdout-texture", default="fabric",
                     help="texture family kept out of training (the distribution-shift set)")
     args = ap.parse_args()
@@ -53,14 +62,19 @@ def main() -> None:
     train_samples = load_split(out / "synth_train", "train")
     train_words = sorted({s.defect for s in train_samples if s.defect})
     vocab = Vocabulary(train_words)
-    model_cfg = DapoConfig(backbone=BackboneSpec(name=args.backbone, pretrained=None, image_size=args.image_size, seed=0))
+    spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size, seed=0)
+    model_cfg = DapoConfig(backbone=spec)
     cfg = TrainConfig(out=str(out / "run"), epochs=args.epochs, model=model_cfg)
 
-    untrained = save_checkpoint(DapoModel(DapoConfig.from_dict(model_cfg.to_dict())), out / "untrained",
-                                vocabulary=train_words)
-    t1 = time.perf_counter()
-    last = train(with_vocabulary(train_samples, vocab), vocab, cfg, progress=False)
-    train_s = time.perf_counter() - t1
+    if args.eval_only:
+        untrained, last = out / "untrained", out / "run" / "last"
+        train_s = sum(h["seconds"] for h in json.loads((last / "config.json").read_text())["history"])
+    else:
+        untrained = save_checkpoint(DapoModel(DapoConfig.from_dict(model_cfg.to_dict())), out / "untrained",
+                                    vocabulary=train_words)
+        t1 = time.perf_counter()
+        last = train(with_vocabulary(train_samples, vocab), vocab, cfg, progress=False)
+        train_s = time.perf_counter() - t1
 
     sets = {
         "heldout_images": [s for s in load_split(out / "synth_heldout", "train")],
@@ -69,6 +83,7 @@ def main() -> None:
     }
     report = {"train_images": len(train_samples), "train_words": train_words, "heldout_word": info["holdout_defect"],
               "heldout_texture": info["holdout_product"], "epochs": args.epochs, "image_size": args.image_size, "backbone": args.backbone,
+              "pretrained": args.pretrained or None,
               "train_seconds": round(train_s, 1), "steps_per_second": None, "results": {}}
     meta = json.loads((Path(last) / "config.json").read_text())
     steps = sum(1 for _ in range(0, len(train_samples), cfg.batch_size)) * args.epochs

@@ -19,6 +19,14 @@ def demo_artifact(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def demo_artifact_v2(tmp_path_factory) -> Path:
+    """A second demo version: other random weights (seed 7), so other scores, version 0.2.0."""
+    from training.bake import bake_demo
+
+    return bake_demo(tmp_path_factory.mktemp("artifacts") / "demo-v2", seed=7, version="0.2.0").folder
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     from training.bake import demo_model
 

@@ -157,7 +157,7 @@ def test_pixel_statistics_come_from_the_backbone(tmp_path):
     cfg = {**open_clip.get_model_preprocess_cfg(model.clip), "mean": siglip["mean"], "std": siglip["std"]}
     open_clip.set_model_preprocess_cfg(model.clip, cfg)
     assert model.normalisation == (tuple(siglip["mean"]), tuple(siglip["std"]))
-    bake(model, ["scratch"], tmp_path / "a", name="a")
+    bake(model, ["scratch"], tmp_path / "a", BakeOptions(name="a"))
     m = load_manifest(tmp_path / "a")
     assert tuple(m.mean) == tuple(m.std) == (0.5, 0.5, 0.5)
 

@@ -171,7 +171,8 @@ def test_compose_gpu_service():
     devices = dapo["deploy"]["resources"]["reservations"]["devices"]
     assert devices and devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     m = mounts(dapo)
-    assert m["/models/artifact"] == (str(ROOT / "model_artifacts" / "demo"), "ro")
+    assert m["/models"] == (str(ROOT / "model_artifacts"), "ro")  # every artifact: reload can pick another
+    assert dapo["environment"]["DAPO_ARTIFACT"] == "/models/baseline"  # the real backbone by default
     assert m["/cache/trt"][0] in config["volumes"]  # a named volume keeps the TensorRT engines
     assert dapo["restart"] == "unless-stopped"
     assert "/readyz" in " ".join(dapo["healthcheck"]["test"])
@@ -191,7 +192,7 @@ def test_compose_gpu_service():
                             DAPO_MAX_BATCH_SIZE="16", DAPO_MAX_QUEUE_DELAY_MS="2.5")
     assert config["services"]["bake"]["command"][-2:] == ["--out", "/models/mvtec-v2"]  # bake writes what dapo serves
     dapo = config["services"]["dapo"]
-    assert mounts(dapo)["/models/artifact"] == (str(ROOT / "model_artifacts" / "mvtec-v2"), "ro")
+    assert dapo["environment"]["DAPO_ARTIFACT"] == "/models/mvtec-v2"
     keys_dir = mounts(dapo)["/run/secrets/dapo"]
     assert keys_dir[1] == "ro"
     env = dapo["environment"]
@@ -204,7 +205,9 @@ def test_compose_cpu_and_bake_services():
     config = compose_config(["bake", "cpu"])
     cpu = config["services"]["dapo-cpu"]
     assert cpu["build"]["dockerfile"] == "docker/Dockerfile.cpu" and "deploy" not in cpu
-    assert mounts(cpu)["/models/artifact"] == (str(ROOT / "model_artifacts" / "demo"), "ro")
+    assert mounts(cpu)["/models"] == (str(ROOT / "model_artifacts"), "ro")
+    assert cpu["environment"]["DAPO_ARTIFACT"] == "/models/baseline"
+    assert cpu["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
     settings_from(cpu["environment"])
 
     bake = config["services"]["bake"]
@@ -227,6 +230,41 @@ def test_compose_cpu_and_bake_services():
     assert args.out == "/models/baseline"
     train_env = image_env(ROOT / "docker" / "Dockerfile.train")
     assert all(train_env[k].startswith("/cache") for k in ("HF_HOME", "XDG_CACHE_HOME", "TORCH_HOME"))
+
+
+@needs_compose
+@pytest.mark.parametrize("name", ["baseline", "demo", "mvtec-v2"])
+def test_compose_init_builds_or_verifies_what_the_service_mounts(name):
+    """`compose up` on a fresh node: the one-shot init runs `dapo ensure-artifact` on exactly the
+    folder the service mounts, in the image that has torch, and the service waits for it."""
+    env = {} if name == "baseline" else {"DAPO_ARTIFACT_NAME": name}
+    services = compose_config(["cpu"], **env)["services"]
+    init = services["init"]
+    assert "profiles" not in init  # part of a plain `docker compose up`
+    assert init["build"]["dockerfile"] == "docker/Dockerfile.train"  # baking needs torch
+    assert exec_form(ROOT / "docker" / "Dockerfile.train", "ENTRYPOINT") == ["dapo"]
+    assert init.get("restart", "no") == "no"
+    for service in ("dapo", "dapo-cpu"):
+        assert services[service]["depends_on"] == {"init": {"condition": "service_completed_successfully"}}
+    from service.cli import build_parser
+
+    args = build_parser().parse_args(init["command"])
+    assert args.run_ref == "training.provision:main" and (args.recipe, args.force) == ("auto", False)
+    # the folder init writes (through its /models mount) is the one the services serve
+    host_models, mode = mounts(init)["/models"]
+    assert mode == "rw"
+    written = Path(host_models) / Path(args.folder).relative_to("/models")
+    assert written == ROOT / "model_artifacts" / name
+    for service in ("dapo", "dapo-cpu"):
+        models = services[service]["volumes"][0]
+        # long syntax: compose v2 does not create a missing source as an empty folder
+        assert models["type"] == "bind" and models["target"] == "/models" and models["read_only"]
+        served = Path(models["source"]) / Path(services[service]["environment"]["DAPO_ARTIFACT"]).relative_to("/models")
+        assert served == written
+    from training.provision import RECIPES, recipe_for
+
+    assert (recipe_for(Path(args.folder)) is not None) == (name in RECIPES)  # baseline and demo are built
+    assert mounts(init)["/cache"][0] in compose_config(["cpu"], **env)["volumes"]  # weights kept
 
 
 # --- Dockerfiles -------------------------------------------------------------------------

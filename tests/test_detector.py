@@ -39,7 +39,7 @@ def test_predict_renders_the_recorded_detect_fields(detector, product):
     for got, want in zip(results, recorded):
         want = {k: v for k, v in want.items() if k not in ("filename", "product")}
         assert json.dumps(got.fields, sort_keys=True) == json.dumps(want, sort_keys=True)
-        assert got.is_anomalous == want["is_anomalous"]
+        assert got.scores.is_anomalous == want["is_anomalous"]
         assert (got.width, got.height) == (want["width"], want["height"])
 
 
@@ -53,10 +53,10 @@ def test_scores_match_the_bare_backend(detector, demo_artifact):
                                                class_probs=True)
     for i, r in enumerate(results):
         assert r.fields is None
-        assert r.anomaly_score == pytest.approx(float(raw.anomaly_score[i]), abs=1e-6)  # "global", no smoothing
+        assert r.scores.anomaly_score == pytest.approx(float(raw.anomaly_score[i]), abs=1e-6)  # "global", no smoothing
         np.testing.assert_allclose(r.scores.anomaly_map, raw.anomaly_map[i], atol=1e-6)
         np.testing.assert_allclose(r.scores.class_probs, raw.class_probs[i], atol=1e-6)
-        assert r.is_anomalous == (r.anomaly_score >= m.image_threshold)
+        assert r.scores.is_anomalous == (r.scores.anomaly_score >= m.image_threshold)
 
 
 def test_policy_overrides_change_the_score_mode_and_smoothing(detector):
@@ -110,4 +110,4 @@ def test_torch_backend_gives_the_same_scores(detector, demo_artifact):
     torch_detector = Detector.load(demo_artifact, RuntimeOptions(backend="torch", device="cpu"))
     assert torch_detector.backend.name == "torch"
     for a, b in zip(detector.predict(pil), torch_detector.predict(pil)):
-        assert a.anomaly_score == pytest.approx(b.anomaly_score, abs=1e-4)
+        assert a.scores.anomaly_score == pytest.approx(b.scores.anomaly_score, abs=1e-4)

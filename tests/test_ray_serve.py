@@ -12,6 +12,8 @@ Ray's own start-up).
 from __future__ import annotations
 
 import io
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -153,3 +155,73 @@ def test_cli_flags():
     args = build_parser().parse_args(["serve", "--ray", "--replicas", "2"])
     assert args.replicas == 2
     assert build_parser().parse_args(["serve"]).ray is False
+
+
+class Traffic:
+    """Clients posting one fixed image to /detect back to back until stopped, recording every
+    answer (status, model version, score, replica) with its completion time."""
+
+    def __init__(self, url: str, image: bytes, clients: int = 2):
+        self.url, self.image, self.clients = url, image, clients
+        self.answers: list[tuple[float, int, str | None, float | None, str | None]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+
+    def _loop(self) -> None:
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                try:
+                    r = client.post(f"{self.url}/detect?mask_format=none",
+                                    files={"image": ("part.png", self.image, "image/png")})
+                except httpx.HTTPError as e:  # a dropped connection is a failed request too
+                    self.answers.append((time.monotonic(), 0, None, None, repr(e)))
+                    continue
+                ok = r.status_code == 200
+                body = r.json() if ok else None
+                self.answers.append((time.monotonic(), r.status_code,
+                                     body["model"]["version"] if ok else r.text[:300],
+                                     body["results"][0]["anomaly_score"] if ok else None,
+                                     r.headers.get(REPLICA_HEADER)))
+
+    def __enter__(self) -> "Traffic":
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=60)
+
+
+def reference_score(settings: Settings, image: bytes) -> tuple[str, float]:
+    with TestClient(create_app(settings, configure_logs=False)) as client:
+        body = client.post("/detect?mask_format=none", files={"image": ("part.png", image, "image/png")}).json()
+    return body["model"]["version"], body["results"][0]["anomaly_score"]
+
+
+def test_rolling_update_to_a_new_artifact_fails_no_request(ray_url, settings, demo_artifact_v2):
+    """`serve.run` with a new artifact replaces the replicas one at a time (a new one is started
+    and ready before the last old one stops); under continuous /detect traffic no request fails,
+    each answer's score is the one its named version computes, and once the update has returned
+    only the new version answers. Last in this module: it leaves version 0.2.0 deployed."""
+    image = image_bytes(99)
+    v2 = settings.model_copy(update={"artifact": demo_artifact_v2})
+    expected = dict([reference_score(settings, image), reference_score(v2, image)])
+    assert len(expected) == 2 and len(set(expected.values())) == 2  # two versions, two different scores
+
+    with Traffic(ray_url, image) as traffic:
+        time.sleep(1.0)  # answers from the serving version first
+        serve.run(build_app(v2, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
+        updated = time.monotonic()
+        time.sleep(1.5)
+    answers = traffic.answers
+    failed = [a for a in answers if a[1] != 200]
+    assert not failed, failed[:5]
+    for _, _, version, score, _ in answers:
+        assert score == pytest.approx(expected[version], abs=1e-6), version  # never a mix of models
+    assert answers[0][2] == "0.1.0"
+    after = {a[2] for a in answers if a[0] > updated + 0.5}
+    assert after == {"0.2.0"}
+    replicas = {a[4] for a in answers}
+    assert len(replicas) >= 3, replicas  # old replicas were replaced by new ones

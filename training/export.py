@@ -161,19 +161,60 @@ def encoder_geometry(model: DapoModel) -> EncoderGeometry:
     return EncoderGeometry(width=g["width"], layers=g["layers"], heads=g["heads"], patch_size=g["patch_size"],
                            image_size=g["image_size"], embed_dim=g["embed_dim"], taps=list(model.config.taps),
                            prompt_tokens=model.config.visual_deep_tokens, alpha=model.config.alpha, act=g["act"],
+                           layer_scale=g["layer_scale"], ln_pre=g["ln_pre"], norm_eps=g["norm_eps"],
+                           mlp_width=g["mlp_width"],
                            temperature=model.config.temperature)
 
 
-def torch_export_supported(model: DapoModel) -> str | None:
-    """Why the plain-PyTorch encoder cannot represent this backbone, or None if it can."""
-    visual = model.clip.visual
-    block = visual.transformer.resblocks[0]
+def _norm_problem(name: str, norm: nn.Module, eps: float) -> str | None:
+    if type(norm).__name__ not in ("LayerNorm", "LayerNormFp32") or not isinstance(norm, nn.LayerNorm):
+        return f"{name} is {type(norm).__name__}, not a LayerNorm"
+    if not norm.elementwise_affine or norm.bias is None:
+        return f"{name} is a LayerNorm without weight and bias"
+    if norm.eps != eps:
+        return f"{name} has LayerNorm eps {norm.eps}, the tower's other norms {eps} (one eps per tower)"
+    return None
+
+
+def _block_problem(i: int, block: nn.Module, layer_scale: bool, eps: float) -> str | None:
     if type(block).__name__ != "ResidualAttentionBlock":
         return f"block type {type(block).__name__} (custom attention) is not in the torch encoder"
-    if not isinstance(block.ls_1, nn.Identity):
-        return "LayerScale blocks are not in the torch encoder"
+    if hasattr(block, "ln_1_kv") or not isinstance(block.attn, nn.MultiheadAttention) or not block.attn.batch_first \
+            or block.attn.in_proj_bias is None or block.attn.bias_k is not None:
+        return f"block {i}: attention other than batch-first self-attention with biases"
+    act = block.mlp.gelu
+    if type(act).__name__ != "QuickGELU" and not (type(act) is nn.GELU and act.approximate == "none"):
+        return f"block {i}: activation {act!r} (the torch encoder has exact GELU and QuickGELU)"
+    for side in ("ls_1", "ls_2"):
+        ls = getattr(block, side)
+        if isinstance(ls, nn.Identity) == layer_scale or (layer_scale and type(ls).__name__ != "LayerScale"):
+            return f"block {i}: {side} is {type(ls).__name__}, the other blocks' LayerScale is {layer_scale}"
+    for name in ("ln_1", "ln_2"):
+        if problem := _norm_problem(f"block {i} {name}", getattr(block, name), eps):
+            return problem
+    return None
+
+
+def torch_export_supported(model: DapoModel) -> str | None:
+    """Why the service's plain-PyTorch encoder cannot reproduce this tower, or None if it can.
+
+    The encoder reproduces plain CLIP plus `EncoderOptions` (LayerScale, no ln_pre, one
+    LayerNorm eps, any MLP width, exact GELU or QuickGELU); every other OpenCLIP ViT option is
+    named here, and bake then writes no `encoder.safetensors` (ONNX Runtime serves the
+    artifact; the torch backend refuses it) instead of serving a different computation."""
+    visual = model.clip.visual
+    g = model.geometry
     if visual.pool_type != "tok" or visual.final_ln_after_pool:
-        return f"pool type {visual.pool_type!r} is not in the torch encoder"
-    if not isinstance(visual.ln_pre, nn.LayerNorm):
-        return "towers without ln_pre are not in the torch encoder"
+        return f"pool type {visual.pool_type!r} (final_ln_after_pool={visual.final_ln_after_pool}) is not in the torch encoder"
+    if visual.proj is None or visual.conv1.bias is not None:
+        return "a tower without projection or with a patch-embedding bias is not in the torch encoder"
+    if visual.image_size[0] != visual.image_size[1] or visual.patch_size[0] != visual.patch_size[1]:
+        return f"non-square image {visual.image_size} / patch {visual.patch_size} is not in the torch encoder"
+    if g["ln_pre"] and (problem := _norm_problem("ln_pre", visual.ln_pre, g["norm_eps"])):
+        return problem
+    if problem := _norm_problem("ln_post", visual.ln_post, g["norm_eps"]):
+        return problem
+    for i, block in enumerate(visual.transformer.resblocks):
+        if problem := _block_problem(i, block, g["layer_scale"], g["norm_eps"]):
+            return problem
     return None

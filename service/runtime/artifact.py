@@ -84,6 +84,12 @@ class BackboneInfo(BaseModel):
     heads: int
     embed_dim: int
     act: Literal["gelu", "quick_gelu"] = "gelu"
+    # OpenCLIP ViT options beyond plain CLIP (service.backends.torch_model.EncoderOptions);
+    # the defaults are plain CLIP's, so manifests written before these fields read the same
+    layer_scale: bool = False
+    ln_pre: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    mlp_width: int | None = Field(None, gt=0)
 
 
 class EncoderGeometry(BaseModel):
@@ -105,6 +111,11 @@ class EncoderGeometry(BaseModel):
     alpha: float = Field(ge=0.0, le=1.0)  # weight of the previous layer's prompt-slot outputs
     act: Literal["gelu", "quick_gelu"] = "gelu"
     temperature: float = Field(gt=0)
+    # OpenCLIP ViT options beyond plain CLIP (defaults: plain CLIP's)
+    layer_scale: bool = False
+    ln_pre: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    mlp_width: int | None = Field(None, gt=0)
 
     @property
     def grid(self) -> int:
@@ -192,6 +203,7 @@ class Manifest(BaseModel):
         return EncoderGeometry(width=b.width, layers=b.layers, heads=b.heads, patch_size=b.patch_size,
                                image_size=self.image_size, embed_dim=b.embed_dim, taps=self.tapped_layers,
                                prompt_tokens=self.visual_prompt_tokens, alpha=self.prompt_alpha, act=b.act,
+                               layer_scale=b.layer_scale, ln_pre=b.ln_pre, norm_eps=b.norm_eps, mlp_width=b.mlp_width,
                                temperature=self.temperature)
 
     @property

@@ -106,14 +106,6 @@ class Result:
     fields: dict[str, Any] | None = None  # the /detect result fields (postprocess), if rendered
     timing_ms: dict[str, float] = field(default_factory=dict)
 
-    @property
-    def anomaly_score(self) -> float:
-        return self.scores.anomaly_score
-
-    @property
-    def is_anomalous(self) -> bool:
-        return self.scores.is_anomalous
-
 
 def ms_since(t0: float) -> float:
     return round((time.perf_counter() - t0) * 1000.0, 3)
@@ -127,6 +119,7 @@ class Detector:
         self.manifest = manifest
         self.backend = backend
         self.folder = folder
+        self.name, self.version = manifest.name, manifest.version  # the artifact's identity
 
     @classmethod
     def load(cls, folder: str | Path, options: RuntimeOptions | None = None) -> "Detector":
@@ -135,15 +128,6 @@ class Detector:
         folder = Path(folder)
         manifest = load_manifest(folder, verify=options.verify)
         return cls(manifest, build_backend(folder, manifest, options), folder)
-
-    # --- identity -----------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.manifest.name
-
-    @property
-    def version(self) -> str:
-        return self.manifest.version
 
     @property
     def class_names(self) -> list[str]:

@@ -4,6 +4,8 @@ Lifespan, in order: verify and read the artifact (sha256 of every file, in a thr
 Detector with its backend, run a warm-up batch (first-call costs such as CUDA context,
 TensorRT engine build or ORT graph optimisation are paid before traffic), start the batcher,
 then report ready. `open_model` / `close_model` are that load and that drain for one model.
+Later, `POST /v1/model/reload` or SIGHUP open another model the same way beside the serving
+one and swap it in (service.server.reload).
 On shutdown: stop reporting ready, let the batcher finish what is queued or running, release
 the threads. Uvicorn itself lets in-flight requests finish before running the shutdown half.
 """
@@ -11,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,14 +25,16 @@ from fastapi.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 
 import service
-from service.runtime.artifact import load_manifest
+from service.runtime.artifact import MANIFEST, load_manifest, sha256_file
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.server.batching import MicroBatcher
+from service.server.feedback_routes import router as feedback_router
 from service.server.errors import envelope, install_handlers, request_id_of
 from service.server.logs import configure_logging
 from service.server.metrics import Metrics
 from service.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
+from service.server.reload import Reloader
 from service.server.routes import router
 from service.server.ui import router as ui_router
 from service.server.settings import Settings
@@ -57,20 +62,47 @@ def load_detector(settings: Settings, backend: Backend | None = None) -> Detecto
 
 
 async def open_model(settings: Settings, metrics: Metrics, backend: Backend | None = None) -> LoadedModel:
-    """Load, warm up and start one model: everything it needs before it may take a request."""
+    """Load, warm up and start one model: everything it needs before it may take a request.
+    Used at start-up and, beside the serving model, by a hot reload (service.server.reload)."""
     detector = await asyncio.to_thread(load_detector, settings, backend)
+    manifest_sha256 = await asyncio.to_thread(sha256_file, Path(settings.artifact) / MANIFEST)
     if settings.warmup:
         await asyncio.to_thread(detector.warm_up, sorted({1, settings.max_batch_size}))
     batcher = MicroBatcher(detector.infer, max_batch_size=settings.max_batch_size,
                            max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
                            workers=settings.workers, observer=metrics)
     await batcher.start()
-    return LoadedModel(detector, batcher)
+    metrics.models_loaded.inc()
+    return LoadedModel(detector, batcher, Path(settings.artifact), manifest_sha256)
 
 
-async def close_model(model: LoadedModel) -> None:
+async def close_model(model: LoadedModel, metrics: Metrics) -> None:
     """Finish what the model's batcher has queued or running, then release its threads."""
     await model.batcher.stop()
+    metrics.models_loaded.dec()
+
+
+def make_reloader(state: ServiceState) -> Reloader:
+    """Reloads build models exactly as start-up does, from the same settings but the artifact."""
+    async def open_artifact(artifact: Path) -> LoadedModel:
+        return await open_model(state.settings.model_copy(update={"artifact": artifact}), state.metrics)
+
+    async def close(model: LoadedModel) -> None:
+        await close_model(model, state.metrics)
+
+    return Reloader(state, open_artifact, close)
+
+
+def watch_sighup(reloader: Reloader) -> Callable[[], None]:
+    """SIGHUP reloads the configured artifact (the Unix daemon convention). Only where the
+    event loop runs in the main thread (`dapo serve`); returns how to stop watching."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reloader.reload_in_background, "sighup")
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError) as e:  # thread, Windows
+        log.debug("SIGHUP reload not available here: %s", e)
+        return lambda: None
+    return lambda: loop.remove_signal_handler(signal.SIGHUP)
 
 
 async def start(state: ServiceState, backend: Backend | None) -> None:
@@ -80,18 +112,25 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     model = await open_model(settings, state.metrics, backend)
     state.cpu_pool = ThreadPoolExecutor(cpu_workers(settings.cpu_threads), thread_name_prefix="dapo-cpu")
     state.model = model
+    state.metrics.set_model(model.ref())
+    state.reloader = make_reloader(state)
+    await asyncio.to_thread(state.loop.start)  # sinks, samples, feedback (a receiver may be down: it queues)
     state.ready = True
-    log.info("ready", extra={"artifact": str(settings.artifact), "model": model.manifest.name,
-                             "version": model.manifest.version, "backend": model.backend.name,
-                             "provider": model.backend.provider,
+    detector = model.detector
+    log.info("ready", extra={"artifact": str(settings.artifact), "model": detector.name,
+                             "version": detector.version, "backend": detector.backend.name,
+                             "provider": detector.backend.provider,
                              "startup_s": round(time.perf_counter() - t0, 3)})
 
 
 async def stop(state: ServiceState) -> None:
     """Graceful: not ready any more, drain the batcher, release threads."""
     state.ready = False
+    if state.reloader is not None:
+        await state.reloader.close()  # replaced models finish their requests and close
     if state.model is not None:
-        await close_model(state.model)
+        await close_model(state.model, state.metrics)
+    await asyncio.to_thread(state.loop.stop)  # after the last answer: drain the sinks (bounded)
     if state.cpu_pool is not None:
         state.cpu_pool.shutdown(wait=True)
         state.cpu_pool = None
@@ -114,9 +153,11 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
             log.error("cannot start: %s", e, extra={"artifact": str(settings.artifact),
                                                    "error_type": type(e).__name__})
             raise
+        unwatch = watch_sighup(state.reloader)
         try:
             yield
         finally:
+            unwatch()
             await stop(state)
 
     app = FastAPI(title="dapo-inspect", version=service.__version__, lifespan=lifespan,
@@ -124,6 +165,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
                               "regions and masks for uploaded images.")
     app.state.service = state
     app.include_router(router)
+    app.include_router(feedback_router)  # POST /v1/feedback
     app.include_router(ui_router)  # the operator page at / and /ui (static, same API)
     install_handlers(app, settings.retry_after_s)
 

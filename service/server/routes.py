@@ -8,6 +8,7 @@ still documented in OpenAPI through `openapi_extra`.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -20,7 +21,9 @@ from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
 from service.server import pipeline
 from service.server.errors import ApiError
-from service.server.schemas import DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse
+from service.server.reload import ReloadFailed, ReloadInProgress
+from service.server.schemas import (DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse, ReloadRequest,
+                                    ReloadResponse)
 from service.server.idempotency import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
 from service.server.state import LoadedModel, ServiceState
 
@@ -150,6 +153,7 @@ async def detect(
     principal = authenticate(state, x_api_key)
     model = require_ready(state)  # this request's model, to the end, whatever swaps meanwhile
     admit(state)  # before the body is read: overload is refused at once, not after decoding
+    model.usage.acquire()  # a swapped-out model is closed only after its last request
     try:
         settings = state.settings
         options = postprocess.RenderOptions(
@@ -157,6 +161,7 @@ async def detect(
             settings.heatmap_max_side if heatmap_max_side is None else heatmap_max_side)
         return await _detect(request, state, model, principal, options, threshold, defect_types, idempotency_key)
     finally:
+        model.usage.release()
         state.inflight -= 1
 
 
@@ -186,7 +191,9 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
         results = await pipeline.detect(state, model, uploads, policy, options, echo)
         state.quality.observe(model.manifest, results, echo)
         body = {"request_id": request_id, "model": model.ref(), "results": results}
-        return StoredResponse(200, encode_json(body))
+        stored = StoredResponse(200, encode_json(body))
+        state.loop.after_detect(request_id, body["model"], uploads, results, echo)  # sinks, samples, feedback
+        return stored
 
     if key is None:
         stored, replayed = await produce(), False
@@ -207,7 +214,7 @@ async def livez() -> dict[str, str]:
 @router.get("/readyz", summary="Artifact loaded, warm-up done, backend usable",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
-    backend = require_ready(service_of(request)).backend
+    backend = require_ready(service_of(request)).detector.backend
     return JSONResponse({"status": "ready", "backend": backend.name, "provider": backend.provider})
 
 
@@ -219,7 +226,7 @@ async def model_info(request: Request, x_api_key: Annotated[str | None, Header()
     model = state.model
     if model is None:
         model = require_ready(state)
-    m, backend, s = model.manifest, model.backend, state.settings
+    m, backend, s = model.detector.manifest, model.detector.backend, state.settings
     products = {name: scoring.product_settings(m, name).model_dump() for name in m.products}
     return JSONResponse({
         **model.ref(),
@@ -233,6 +240,8 @@ async def model_info(request: Request, x_api_key: Annotated[str | None, Header()
         "gaussian_sigma": m.gaussian_sigma,
         "products": products,
         "verification_passed": m.verification.passed if m.verification is not None else None,
+        "artifact": str(model.artifact),
+        "reload": state.reloader.last.to_dict() if state.reloader and state.reloader.last else None,
         "auth_enabled": state.api_keys.enabled,
         "limits": {"max_body_bytes": s.max_body_bytes, "max_files": s.max_files, "max_pixels": s.max_pixels,
                    "max_side": s.max_side},
@@ -248,3 +257,30 @@ async def metrics(request: Request) -> Response:
     if model is not None:
         state.metrics.set_queue_depth(model.batcher.depth)
     return Response(state.metrics.render(), media_type=state.metrics.content_type)
+
+
+@router.post("/v1/model/reload", summary="Load an artifact beside the serving model and switch to it",
+             responses={200: {"model": ReloadResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
+                        409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                        500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
+async def reload_model(request: Request, body: ReloadRequest | None = None,
+                       x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+    """Admin only. Verifies, loads and warms the artifact beside the serving model, then switches;
+    on failure the serving model is unchanged and the error says why (see service.server.reload)."""
+    state = service_of(request)
+    if not state.admin_keys.enabled:
+        raise ApiError(403, "forbidden", "reload over HTTP is off: no admin key is configured "
+                                         "(DAPO_ADMIN_KEYS or DAPO_ADMIN_KEYS_FILE); SIGHUP reloads the configured artifact")
+    if state.admin_keys.check(x_api_key) is None:
+        raise ApiError(401, "unauthorized", "missing or invalid admin key (X-API-Key)", {"WWW-Authenticate": "ApiKey"})
+    require_ready(state)
+    assert state.reloader is not None
+    try:
+        report = await state.reloader.reload(Path(body.artifact) if body and body.artifact else None, "http")
+    except ReloadInProgress as e:
+        raise ApiError(409, "reload_in_progress", str(e)) from e
+    except ReloadFailed as e:
+        if e.invalid_artifact:
+            raise ApiError(422, "invalid_artifact", e.report.error or "") from e
+        raise ApiError(500, "reload_failed", e.report.error or "") from e
+    return JSONResponse(report.to_dict())

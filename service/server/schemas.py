@@ -19,6 +19,8 @@ class ModelRef(_Strict):
     name: str
     version: str
     backbone: str
+    artifact_sha256: str = Field(description="sha256 of the artifact's manifest.json (which lists every file's "
+                                             "sha256): the exact model that computed this answer")
 
 
 class DefectType(_Strict):
@@ -105,3 +107,23 @@ DETECT_FORM_SCHEMA = {
         "recipe_id": {"type": "string"},
     },
 }
+
+
+class ReloadResponse(_Strict):
+    """POST /v1/model/reload's answer (also /v1/model's `reload`, there with any status)."""
+
+    status: Literal["in_progress", "ok", "failed"]
+    source: str = Field(description="http or sighup")
+    artifact: str
+    started: str
+    seconds: float | None = Field(description="load + sha256 verification + warm-up, until the switch")
+    model: ModelRef | None = Field(description="the model now serving")
+    previous: ModelRef | None = Field(description="the model it replaced (released after its last request)")
+    error: str | None
+
+
+class ReloadRequest(_Strict):
+    """Body of POST /v1/model/reload (optional): which artifact folder to load."""
+
+    artifact: str | None = Field(default=None, min_length=1, max_length=4096,
+                                 description="artifact folder on the server; default: the configured one")

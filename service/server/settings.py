@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.runtime.artifact import DEMO_ARTIFACT
+from service.server.samples_policy import SampleRule
 
 
 def _split_list(value: object) -> object:
@@ -80,9 +81,48 @@ class Settings(BaseSettings):
     # threads for decode / preprocess / postprocess; None = one per CPU available to the process
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
+    # --- closing the loop with the line (service.server.loop): sinks, samples, feedback ----
+    # MQTT result sink (the `sinks` extra): mqtt://host:1883 or mqtts://host:8883 (TLS); unset = off
+    mqtt_url: str | None = None
+    mqtt_topic: str = "dapo/{station_id}/{product}/result"  # placeholders: echo fields, verdict
+    mqtt_status_topic: str = "dapo/status/{client_id}"  # retained "online"; "offline" is the last will
+    mqtt_client_id: str | None = None  # None = dapo-<hostname>
+    mqtt_username: str | None = None
+    mqtt_password: SecretStr | None = None
+    mqtt_password_file: Path | None = None
+    mqtt_ca_file: Path | None = None  # mqtts: CA bundle (None = the system's)
+    mqtt_cert_file: Path | None = None  # mqtts: client certificate (mutual TLS)
+    mqtt_key_file: Path | None = None
+    mqtt_keepalive_s: int = Field(default=30, ge=5, le=3600)
+    mqtt_reconnect_max_s: int = Field(default=30, ge=1, le=3600)
+    mqtt_queue_size: int = Field(default=1000, ge=1)  # results waiting; beyond it the oldest is dropped
+    mqtt_rate_per_s: float = Field(default=100.0, gt=0)
+    # Webhook result sink (the `sinks` extra): HTTP POST of the same JSON; unset = off
+    webhook_url: str | None = None
+    webhook_secret: SecretStr | None = None  # HMAC-SHA256 key for X-Dapo-Signature-256
+    webhook_secret_file: Path | None = None
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_queue_size: int = Field(default=1000, ge=1)
+    webhook_rate_per_s: float = Field(default=20.0, gt=0)
+    sink_backoff_initial_s: float = Field(default=0.5, gt=0)  # retry delay doubles up to the max
+    sink_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Samples kept by policy: {product or "*": [{kind, n, band, cap, retention}]}, as JSON or a
+    # path to a JSON file; written under samples_dir/<kind>/ in the `folder` layout
+    samples_dir: Path | None = None
+    samples_policy: Annotated[dict[str, list[SampleRule]], NoDecode] = {}
+    samples_queue_size: int = Field(default=256, ge=1)
+    # Operator feedback (POST /v1/feedback): a SQLAlchemy URL or a SQLite file path; unset = off
+    feedback_db: str | None = None
+    feedback_window_s: float = Field(default=3600.0, gt=0)  # how long an answer can get feedback
+    feedback_ring_mb: float = Field(default=256.0, gt=0)  # memory for the images kept that long
+
     # --- security -----------------------------------------------------------------------
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     api_keys_file: Path | None = None
+    # keys for POST /v1/model/reload (same X-API-Key header); none = reload over HTTP is off
+    # (SIGHUP still reloads). Kept apart from api_keys: a line client cannot swap the model.
+    admin_keys: Annotated[list[SecretStr], NoDecode] = []
+    admin_keys_file: Path | None = None
     idempotency_ttl_s: float = Field(default=600.0, gt=0)
     idempotency_max_entries: int = Field(default=1024, ge=1)
     cors_origins: Annotated[list[str], NoDecode] = []  # empty = CORS off
@@ -100,7 +140,7 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=1, le=65535)
     graceful_timeout_s: float = Field(default=30.0, gt=0)  # uvicorn's wait for in-flight requests
 
-    @field_validator("providers", "api_keys", "cors_origins", "quality_stations", mode="before")
+    @field_validator("providers", "api_keys", "admin_keys", "cors_origins", "quality_stations", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         return _split_list(value)
@@ -110,11 +150,27 @@ class Settings(BaseSettings):
     def _empty_providers_is_auto(cls, value: list[str] | None) -> list[str] | None:
         return value or None
 
-    @field_validator("api_keys_file", "trt_cache_dir", "device", "ort_io_binding", "cpu_threads", mode="before")
+    @field_validator("api_keys_file", "admin_keys_file", "trt_cache_dir", "device", "ort_io_binding", "cpu_threads",
+                     "mqtt_url", "mqtt_client_id", "mqtt_username", "mqtt_password", "mqtt_password_file",
+                     "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", "webhook_url", "webhook_secret",
+                     "webhook_secret_file", "samples_dir", "feedback_db", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`DAPO_API_KEYS_FILE=` (empty) means no file, not the current directory."""
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("samples_policy", mode="before")
+    @classmethod
+    def _policy_json_or_file(cls, value: object) -> object:
+        """Inline JSON (`{"*": [...]}`) or the path of a JSON file holding it."""
+        if isinstance(value, Path):
+            value = str(value)
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        if not text:
+            return {}
+        return json.loads(text if text.startswith("{") else Path(text).read_text(encoding="utf-8"))
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -10,21 +10,27 @@ the old model or wholly by the new one.
 """
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, ImageLimits
 from service.server.batching import MicroBatcher
+from service.server.loop import LineLoop
 from service.server.metrics import Metrics
 from service.server.quality import QualityMetrics, QualityOptions
 from service.server.auth import ApiKeys
 from service.server.idempotency import IdempotencyStore
 from service.server.settings import Settings
+
+if TYPE_CHECKING:  # reload.py builds on this module
+    from service.server.reload import Reloader
 
 
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -54,12 +60,40 @@ def cpu_workers(configured: int | None = None) -> int:
     return configured if configured is not None else available_cpus()
 
 
+class Usage:
+    """How many requests hold a model (event loop only, so a plain counter); `idle()` returns
+    once none does. A swapped-out model is closed only then, so a request that started on it
+    finishes on it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def acquire(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def release(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        await self._idle.wait()
+
+
 @dataclass(frozen=True)
 class LoadedModel:
-    """The model being served: the artifact's Detector and the batcher that feeds its `infer`."""
+    """The model being served: the artifact's Detector and the batcher that feeds its `infer`,
+    where it was loaded from, and the sha256 of its manifest.json (which lists every file's
+    sha256, so it names the exact files; name and version are only what the bake was told)."""
 
     detector: Detector
     batcher: MicroBatcher
+    artifact: Path
+    artifact_sha256: str
+    usage: Usage = field(default_factory=Usage, compare=False, repr=False)
 
     @property
     def manifest(self) -> Manifest:
@@ -71,8 +105,9 @@ class LoadedModel:
 
     def ref(self) -> dict[str, str]:
         """How answers name the model that produced them."""
-        m = self.manifest
-        return {"name": m.name, "version": m.version, "backbone": m.backbone.name}
+        m = self.detector.manifest
+        return {"name": m.name, "version": m.version, "backbone": m.backbone.name,
+                "artifact_sha256": self.artifact_sha256}
 
 
 @dataclass
@@ -80,9 +115,12 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     api_keys: ApiKeys
+    admin_keys: ApiKeys  # POST /v1/model/reload; none configured = reload over HTTP off
     idempotency: IdempotencyStore
     quality: QualityMetrics  # the line's quality metrics, in metrics.registry
+    loop: LineLoop  # sinks, samples, feedback: what happens after an answer
     model: LoadedModel | None = None  # replaced as a whole, never edited in place
+    reloader: Reloader | None = None  # hot swaps (service.server.reload), set by the lifespan
     cpu_pool: ThreadPoolExecutor | None = None  # decode / preprocess / postprocess threads
     ready: bool = False
     inflight: int = 0  # /detect requests admitted and not yet answered (event-loop only)
@@ -93,7 +131,9 @@ class ServiceState:
         return cls(
             settings=settings,
             metrics=metrics,
+            loop=LineLoop(settings, metrics.loop),
             api_keys=ApiKeys.from_settings(settings.api_keys, settings.api_keys_file),
+            admin_keys=ApiKeys.from_settings(settings.admin_keys, settings.admin_keys_file),
             idempotency=IdempotencyStore(settings.idempotency_ttl_s, settings.idempotency_max_entries),
             quality=QualityMetrics(metrics.registry, QualityOptions.from_settings(settings)),
         )

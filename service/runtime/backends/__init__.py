@@ -23,10 +23,10 @@ def create_backend(folder: Path, manifest: Manifest, backend: str = "onnxruntime
     if backend == "onnxruntime":
         from service.runtime.backends.ort_backend import OrtBackend, TensorRtOptions
 
-        trt = TensorRtOptions(cache_dir=trt_cache_dir, max_batch=max_batch_size, image_size=manifest.image_size,
-                              num_classes=len(manifest.class_names))
-        return OrtBackend(folder / onnx_encoder_file(manifest, precision, folder), providers=providers,
-                          io_binding=io_binding, precision=precision, trt=trt)
+        onnx_file = onnx_encoder_file(manifest, precision, folder)
+        trt = TensorRtOptions(cache_dir=engine_cache_dir(trt_cache_dir, manifest, onnx_file), max_batch=max_batch_size,
+                              image_size=manifest.image_size, num_classes=len(manifest.class_names))
+        return OrtBackend(folder / onnx_file, providers=providers, io_binding=io_binding, precision=precision, trt=trt)
     if backend == "torch":
         from service.runtime.backends.torch_backend import TorchBackend
 
@@ -47,3 +47,18 @@ def onnx_encoder_file(manifest: Manifest, precision: str, folder: Path | None = 
                             f"(precision {precision} with the onnxruntime backend needs one); "
                             "re-bake it with `dapo bake ... --fp16`, or serve precision fp32")
     return name
+
+
+def engine_cache_dir(root: str | None, manifest: Manifest, onnx_file: str) -> str | None:
+    """One TensorRT engine-cache folder per ONNX graph *content* under `root`.
+
+    ONNX Runtime's TensorRT EP names a cached engine after the model file's name and the graph's
+    input/node names, not its weights, and reuses any engine whose name matches. Two bakes of
+    the same architecture (a new defect word, a re-trained prompt) served from the same path
+    (compose mounts every artifact at /models/artifact/encoder.onnx) would therefore share
+    engines, and the second would run the first one's weights. Keyed by the file's sha256 from
+    the (verified) manifest, each graph gets its own engines; a hot reload builds the new ones
+    while the old ones keep serving."""
+    if not root:
+        return None
+    return str(Path(root) / f"{Path(onnx_file).stem}-{manifest.files[onnx_file].sha256[:16]}")

@@ -2,13 +2,18 @@
 
 This is what the torch backend runs, without `training/` or OpenCLIP: a standard CLIP ViT
 (pre-norm blocks, GELU or QuickGELU, token pooling) with deep visual prompts, adapters and the
-scoring head. Weights come from safetensors only (no pickle). `ScoringHead` is also what
+scoring head. The OpenCLIP ViT options it reproduces are exactly those `EncoderOptions` names
+(LayerScale, no LayerNorm before the blocks, the LayerNorm eps, the MLP width); bake refuses to
+write `encoder.safetensors` for a tower with any other option (`training.export.
+torch_export_supported`), so nothing is served wrong. Weights come from safetensors only (no pickle). `ScoringHead` is also what
 `training/export.py` puts at the end of the ONNX graph, so both backends score with one code.
 
 Attention uses `F.scaled_dot_product_attention`, which picks flash / memory-efficient kernels
 on a GPU; the module runs in fp32, fp16 or bf16.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +31,20 @@ def similarity_logits(features: torch.Tensor, text: torch.Tensor, inv_tau: float
 def patch_class_probs(patches: list[torch.Tensor], text: torch.Tensor, inv_tau: float) -> torch.Tensor:
     """(L, B, N, C): per tapped layer, each patch's softmax over the C classes. Shared as above."""
     return torch.stack([torch.softmax(similarity_logits(p, text, inv_tau), dim=-1) for p in patches])
+
+
+DEFAULT_NORM_EPS = EncoderGeometry.model_fields["norm_eps"].default
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    """The OpenCLIP ViT options beyond plain CLIP that the encoder reproduces (manifest fields)."""
+
+    act: str = "gelu"  # "gelu" (exact, erf) or "quick_gelu"
+    layer_scale: bool = False  # OpenCLIP ls_init_value: x + gamma * f(x) in both residual branches
+    ln_pre: bool = True  # False = OpenCLIP no_ln_pre (e.g. DINOv2)
+    norm_eps: float = DEFAULT_NORM_EPS  # every LayerNorm of the tower
+    mlp_width: int | None = None  # None = 4 * width
 
 
 class ScoringHead(nn.Module):
@@ -73,20 +92,36 @@ class _Attention(nn.Module):
         return self.out_proj(y.transpose(1, 2).reshape(b, n, w))
 
 
-class _Block(nn.Module):
-    def __init__(self, width: int, heads: int, act: str):
+class _LayerScale(nn.Module):
+    """OpenCLIP's LayerScale: a learned per-channel gain (parameter name `gamma`)."""
+
+    def __init__(self, width: int):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(width)
-        self.attn = _Attention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, 4 * width), "c_proj": nn.Linear(4 * width, width)})
-        self.quick = act == "quick_gelu"
+        self.gamma = nn.Parameter(torch.ones(width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+        return x * self.gamma.to(x.dtype)
+
+
+class _Block(nn.Module):
+    def __init__(self, width: int, heads: int, opts: EncoderOptions):
+        super().__init__()
+        if opts.act not in ("gelu", "quick_gelu"):
+            raise ValueError(f"activation {opts.act!r} is not in the torch encoder (gelu, quick_gelu)")
+        mlp = opts.mlp_width or 4 * width
+        self.ln_1 = nn.LayerNorm(width, eps=opts.norm_eps)
+        self.attn = _Attention(width, heads)
+        self.ls_1 = _LayerScale(width) if opts.layer_scale else nn.Identity()
+        self.ln_2 = nn.LayerNorm(width, eps=opts.norm_eps)
+        self.mlp = nn.ModuleDict({"c_fc": nn.Linear(width, mlp), "c_proj": nn.Linear(mlp, width)})
+        self.ls_2 = _LayerScale(width) if opts.layer_scale else nn.Identity()
+        self.quick = opts.act == "quick_gelu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls_1(self.attn(self.ln_1(x)))
         h = self.mlp["c_fc"](self.ln_2(x))
         h = h * torch.sigmoid(1.702 * h) if self.quick else F.gelu(h)
-        return x + self.mlp["c_proj"](h)
+        return x + self.ls_2(self.mlp["c_proj"](h))
 
 
 class DapoImageEncoder(nn.Module):
@@ -95,13 +130,15 @@ class DapoImageEncoder(nn.Module):
     def __init__(self, geometry: EncoderGeometry, text_features: torch.Tensor, abnormal: torch.Tensor):
         super().__init__()
         g = geometry
+        opts = EncoderOptions(act=g.act, layer_scale=g.layer_scale, ln_pre=g.ln_pre, norm_eps=g.norm_eps,
+                              mlp_width=g.mlp_width)
         width, grid = g.width, g.grid
         self.conv1 = nn.Conv2d(3, width, g.patch_size, g.patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, width))
-        self.ln_pre = nn.LayerNorm(width)
-        self.blocks = nn.ModuleList(_Block(width, g.heads, g.act) for _ in range(g.layers))
-        self.ln_post = nn.LayerNorm(width)
+        self.ln_pre = nn.LayerNorm(width, eps=g.norm_eps) if g.ln_pre else nn.Identity()
+        self.blocks = nn.ModuleList(_Block(width, g.heads, opts) for _ in range(g.layers))
+        self.ln_post = nn.LayerNorm(width, eps=g.norm_eps)
         self.proj = nn.Parameter(torch.empty(width, g.embed_dim))
         self.prompt_tokens = nn.Parameter(torch.empty(g.layers, g.prompt_tokens, width))
         self.adapters = nn.ModuleList(nn.Linear(width, g.embed_dim) for _ in g.taps)
@@ -143,8 +180,15 @@ def state_dict_for_export(visual: nn.Module, prompt_tokens: torch.Tensor, adapte
 def load_encoder(weights_path: str, geometry: EncoderGeometry, device: str = "cpu",
                  dtype: torch.dtype = torch.float32) -> DapoImageEncoder:
     """Build DapoImageEncoder from the manifest's geometry and load `encoder.safetensors` (strict)."""
+    from pathlib import Path
+
     from safetensors.torch import load_file
 
+    if not Path(weights_path).is_file():
+        raise FileNotFoundError(
+            f"{weights_path}: this artifact has no torch encoder. Bake writes none for a vision tower the torch "
+            "encoder cannot reproduce (the manifest's provenance.torch_backend says why); serve it with the "
+            "onnxruntime backend (DAPO_BACKEND=onnxruntime)")
     sd = load_file(weights_path, device="cpu")
     model = DapoImageEncoder(geometry, text_features=sd.pop("head.text"), abnormal=sd.pop("head.abnormal"))
     missing, unexpected = model.load_state_dict(sd, strict=False)

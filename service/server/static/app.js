@@ -1,5 +1,5 @@
 // dapo-inspect operator page: plain JS, no build step, no third-party code.
-// Talks to the public API only (v1/model, detect); every URL is relative to the page.
+// Talks to the public API only (v1/model, detect, v1/feedback); every URL is relative to the page.
 "use strict";
 
 (function () {
@@ -13,9 +13,12 @@
     overlay: $("overlay"), boxes: $("boxes"), showBoxes: $("show-boxes"), heatmap: $("heatmap"), mask: $("mask"),
     defects: $("defects").tBodies[0], defectsEmpty: $("defects-empty"),
     regions: $("regions").tBodies[0], regionsEmpty: $("regions-empty"), timing: $("timing"),
+    feedback: $("feedback"), fbCorrect: $("fb-correct"), fbWrong: $("fb-wrong"), fbType: $("fb-type"),
+    fbDefect: $("fb-defect"), fbStatus: $("fb-status"),
   };
   let currentFile = null;
   let lastResult = null;
+  let model = null; // the /v1/model answer: defect types per product for the feedback buttons
   let sequence = 0; // only the latest request's answer is shown
 
   // ---- helpers -----------------------------------------------------------------------
@@ -93,6 +96,7 @@
       return;
     }
     const m = await response.json();
+    model = m;
     clearError();
     els.modelInfo.textContent = m.name + " " + m.version + " · " + m.backbone + " · " +
       m.backend.name + " (" + m.backend.provider + ") · threshold " + fmt(m.image_threshold);
@@ -185,6 +189,7 @@
     });
     els.regionsEmpty.hidden = r.regions.length > 0;
 
+    resetFeedback(r);
     setImage(els.heatmap, r.heatmap_png);
     setImage(els.mask, r.mask && r.mask.png);
     const t = r.timing_ms || {};
@@ -196,6 +201,62 @@
     els.overlay.onload = () => { drawBoxes(); setState("done", ""); };
     els.overlay.onerror = () => { showError("render_error", "the overlay image could not be decoded", requestId); setState("error", ""); };
     els.overlay.src = "data:image/png;base64," + r.overlay_png;
+  }
+
+  // ---- operator feedback ------------------------------------------------------------------
+  // Three buttons under the result: Correct; Wrong call (a false positive when the answer was
+  // anomalous, a missed defect otherwise, whose true type comes from the select); Wrong type
+  // (anomalous answers only; the true type from the select). POST v1/feedback with the
+  // request id, so the service keeps the image as a labelled sample.
+  function defectTypes() {
+    if (!model) return [];
+    const p = model.products && model.products[els.product.value];
+    return p ? p.defect_types : (model.vocabulary || []).map((v) => v.name).filter((n) => n !== "normal");
+  }
+
+  function resetFeedback(r) {
+    const bad = !!r.is_anomalous;
+    const top = r.defect_types.length ? r.defect_types[0].name : "";
+    els.feedback.dataset.state = "";
+    els.fbStatus.textContent = "";
+    els.fbWrong.textContent = bad ? "Wrong call: part is good" : "Wrong call: part is defective";
+    els.fbWrong.dataset.verdict = bad ? "false_positive" : "false_negative";
+    els.fbType.hidden = !bad;
+    const types = defectTypes();
+    els.fbDefect.replaceChildren(...types.map((t) => new Option(t, t)));
+    const other = types.find((t) => t !== top);
+    if (bad && other) els.fbDefect.value = other;
+    [els.fbCorrect, els.fbWrong, els.fbType, els.fbDefect].forEach((b) => { b.disabled = false; });
+  }
+
+  async function sendFeedback(verdict) {
+    const body = { request_id: els.result.dataset.requestId, index: 0, verdict: verdict };
+    if (verdict === "false_negative" || verdict === "wrong_type") body.defect_type = els.fbDefect.value;
+    const buttons = [els.fbCorrect, els.fbWrong, els.fbType, els.fbDefect];
+    buttons.forEach((b) => { b.disabled = true; });
+    els.feedback.dataset.state = "sending";
+    els.fbStatus.textContent = "sending…";
+    let response;
+    try {
+      response = await fetch("v1/feedback", { method: "POST", body: JSON.stringify(body),
+                                              headers: Object.assign({ "Content-Type": "application/json" }, headers()) });
+    } catch (e) {
+      els.feedback.dataset.state = "error";
+      els.fbStatus.textContent = "cannot reach the service: " + e.message;
+      buttons.forEach((b) => { b.disabled = false; });
+      return;
+    }
+    if (response.ok) {
+      const out = await response.json();
+      els.feedback.dataset.state = "sent";
+      els.feedback.dataset.verdict = out.verdict;
+      els.fbStatus.textContent = "recorded: " + out.label + (out.sample ? " (image kept as a labelled sample)" : "");
+      return;
+    }
+    const err = await apiError(response);
+    els.feedback.dataset.state = "error";
+    els.fbStatus.textContent = err.code + ": " + err.message;
+    if (response.status !== 409 && response.status !== 410) buttons.forEach((b) => { b.disabled = false; });
   }
 
   function setImage(img, b64) {
@@ -254,6 +315,9 @@
   });
   els.apiKey.addEventListener("keydown", (e) => { if (e.key === "Enter") els.saveKey.click(); });
   els.inspect.addEventListener("click", inspect);
+  els.fbCorrect.addEventListener("click", () => sendFeedback("correct"));
+  els.fbWrong.addEventListener("click", () => sendFeedback(els.fbWrong.dataset.verdict));
+  els.fbType.addEventListener("click", () => sendFeedback("wrong_type"));
   els.product.addEventListener("change", () => { if (currentFile) inspect(); });
   els.showBoxes.addEventListener("change", drawBoxes);
   window.addEventListener("resize", drawBoxes);

@@ -1,0 +1,87 @@
+"""An answered /detect request, as everything after the answer sees it (sinks, samples, feedback).
+
+Built once per request on the event loop from objects the request already holds (no copies of
+image bytes or results), then shared read-only by the worker threads; anything costly (JSON,
+mask decoding, file writes) happens in those threads.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from typing import Any, Protocol
+
+# Result fields that carry images: kept out of sink messages and sample sidecars
+IMAGE_FIELDS = frozenset({"mask", "heatmap_png", "overlay_png"})
+
+
+class UploadLike(Protocol):
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Answer:
+    request_id: str
+    model: dict[str, str]
+    files: tuple[tuple[str, bytes], ...]  # (filename, original bytes) in upload order
+    results: tuple[dict[str, Any], ...]
+    echo: dict[str, str]
+    inspected_at: float = field(default_factory=time.time)  # wall clock, seconds
+
+    @classmethod
+    def of(cls, request_id: str, model: dict[str, str], uploads: Sequence[UploadLike],
+           results: Sequence[dict[str, Any]], echo: dict[str, str]) -> "Answer":
+        return cls(request_id, model, tuple((u.filename, u.data) for u in uploads), tuple(results), dict(echo))
+
+    @property
+    def product(self) -> str | None:
+        return self.echo.get("product")
+
+    @property
+    def nbytes(self) -> int:
+        return sum(len(data) for _, data in self.files)
+
+
+def dedupe_key(request_id: str, index: int) -> str:
+    """The at-least-once key of one image's result: receivers drop a key they have seen."""
+    return f"{request_id}:{index}"
+
+
+def public_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The /detect result without masks and images (what sinks publish, what sidecars keep)."""
+    return {k: v for k, v in result.items() if k not in IMAGE_FIELDS}
+
+
+def iso_utc(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class ResultMessage:
+    """One image's result for the sinks; the JSON body is made once, in whichever worker asks first."""
+
+    __slots__ = ("answer", "index", "__dict__")
+
+    def __init__(self, answer: Answer, index: int):
+        self.answer = answer
+        self.index = index
+
+    @property
+    def key(self) -> str:
+        return dedupe_key(self.answer.request_id, self.index)
+
+    @property
+    def result(self) -> dict[str, Any]:
+        return self.answer.results[self.index]
+
+    def document(self) -> dict[str, Any]:
+        a = self.answer
+        return {"id": self.key, "request_id": a.request_id, "index": self.index, "model": a.model,
+                "inspected_at": iso_utc(a.inspected_at), "result": public_result(self.result)}
+
+    @cached_property
+    def body(self) -> bytes:
+        return json.dumps(self.document(), separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,163 @@
+"""Operator feedback: "this call was wrong", against a request id, turned into a labelled sample.
+
+A verdict names the truth about one image of a recent answer:
+
+| verdict          | the answer was | the truth (sample folder)        | mask written               |
+|------------------|----------------|----------------------------------|----------------------------|
+| correct          | OK             | good                             | -                          |
+| correct          | anomalous      | the model's top type (or given)  | the model's defect pixels  |
+| false_positive   | anomalous      | good                             | -                          |
+| false_negative   | OK             | defect_type (required)           | none (image label only)    |
+| wrong_type       | anomalous      | defect_type (required)           | the model's defect pixels  |
+
+A verdict that contradicts the answer (false_positive on an OK answer...) is refused (422), so
+the database never holds a label that cannot be true. The row goes to the feedback database
+(the unique (request_id, index) pair refuses duplicates: 409), then the image and its label go
+to `<samples_dir>/feedback/` in the `folder` layout; a failed write is counted and reported
+(`sample: null`), never loses the verdict.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from service.server.answers import Answer
+from service.server.errors import ApiError
+from service.runtime.feedback_store import DuplicateFeedback, FeedbackRecord, FeedbackStore
+from service.server.metrics import LoopMetrics
+from service.server.recent import Expired, RecentAnswers, UnknownRequest
+from service.server.samples import (FEEDBACK_ROOT, GOOD, ErrorCounter, Label, result_mask, sample_stem,
+                                    sidecar_of, write_sample)
+
+log = logging.getLogger("dapo.feedback")
+
+Verdict = Literal["correct", "false_positive", "false_negative", "wrong_type"]
+MAX_BODY_BYTES = 16 * 1024
+
+
+class FeedbackIn(BaseModel):
+    """POST /v1/feedback body."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str = Field(min_length=1, max_length=128, description="X-Request-ID of the /detect answer")
+    index: int = Field(default=0, ge=0, description="which image of that request (upload order)")
+    verdict: Verdict
+    defect_type: str | None = Field(default=None, min_length=1, max_length=64,
+                                    description="the true type (false_negative, wrong_type)")
+    note: str | None = Field(default=None, max_length=1000)
+
+
+class FeedbackOut(BaseModel):
+    id: int
+    request_id: str
+    index: int
+    verdict: Verdict
+    label: str = Field(description='the truth this verdict implies: "good" or a defect type')
+    sample: str | None = Field(description="the labelled image written in the folder layout (null: not written)")
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_feedback", message)
+
+
+def truth_label(body: FeedbackIn, result: dict[str, Any], vocabulary: list[str]) -> Label:
+    """The label a verdict gives this result; 422 when the verdict contradicts the answer."""
+    if body.defect_type is not None and body.defect_type not in vocabulary:
+        raise invalid(f"defect_type {body.defect_type!r} is not in the model's vocabulary {vocabulary}")
+    anomalous = bool(result["is_anomalous"])
+    top = (result.get("defect_types") or [{}])[0].get("name")
+    verdict = body.verdict
+    if verdict in ("false_positive", "wrong_type") and not anomalous:
+        raise invalid(f"{verdict}: the answer was not anomalous (use false_negative or correct)")
+    if verdict == "false_negative" and anomalous:
+        raise invalid("false_negative: the answer was anomalous (use false_positive, wrong_type or correct)")
+    if verdict in ("false_negative", "wrong_type") and body.defect_type is None:
+        raise invalid(f"{verdict} needs defect_type: the true type (one of {vocabulary})")
+    if verdict == "false_positive" or (verdict == "correct" and not anomalous):
+        return Label(GOOD)
+    if verdict == "false_negative":
+        return Label(body.defect_type)  # type: ignore[arg-type]
+    if verdict == "wrong_type":
+        if body.defect_type == top:
+            raise invalid(f"wrong_type: {top!r} is the type the model answered")
+        return Label(body.defect_type, result_mask(result))  # type: ignore[arg-type]
+    # correct and anomalous: the model's type
+    if top is None and body.defect_type is None:
+        raise invalid("correct: the answer named no defect type; give defect_type")
+    if top is not None and body.defect_type not in (None, top):
+        raise invalid(f"correct: the model answered {top!r}, not {body.defect_type!r} (use wrong_type)")
+    return Label(top or body.defect_type, result_mask(result))  # type: ignore[arg-type]
+
+
+class FeedbackDesk:
+    """Takes verdicts: checks them against the recent answer, stores them, writes the sample."""
+
+    def __init__(self, store: FeedbackStore, recent: RecentAnswers, samples_dir: Path | None, metrics: LoopMetrics):
+        self.store, self.recent, self.metrics = store, recent, metrics
+        self.root = Path(samples_dir) / FEEDBACK_ROOT if samples_dir is not None else None
+        self._errors = ErrorCounter(metrics)
+
+    def answer_for(self, body: FeedbackIn) -> Answer:
+        try:
+            answer = self.recent.get(body.request_id)
+        except Expired:
+            raise ApiError(410, "feedback_expired", f"request {body.request_id} is older than the feedback "
+                           "window (or was evicted to bound memory); its image is no longer kept") from None
+        except UnknownRequest:
+            raise ApiError(404, "unknown_request", f"no answer with request id {body.request_id} "
+                           "(since this service started)") from None
+        if body.index >= len(answer.results):
+            raise invalid(f"index {body.index} out of range: request {body.request_id} had "
+                          f"{len(answer.results)} image(s)")
+        return answer
+
+    async def submit(self, body: FeedbackIn, principal: str, vocabulary: list[str],
+                     known_products: set[str]) -> FeedbackOut:
+        answer = self.answer_for(body)
+        result = answer.results[body.index]
+        label = truth_label(body, result, vocabulary)
+        record = FeedbackRecord(
+            request_id=answer.request_id, image_index=body.index, verdict=body.verdict, label=label.name,
+            defect_type=body.defect_type, note=body.note, product=answer.product,
+            part_id=answer.echo.get("part_id"), station_id=answer.echo.get("station_id"),
+            recipe_id=answer.echo.get("recipe_id"), filename=answer.files[body.index][0],
+            model_name=answer.model.get("name"), model_version=answer.model.get("version"),
+            anomaly_score=result["anomaly_score"], threshold=result["threshold"],
+            is_anomalous=bool(result["is_anomalous"]),
+            predicted_type=(result.get("defect_types") or [{}])[0].get("name"), principal=principal)
+        try:
+            row_id, sample = await asyncio.to_thread(self._record, record, answer, label)
+        except DuplicateFeedback:
+            raise ApiError(409, "duplicate_feedback", f"image {body.index} of request {body.request_id} "
+                           "already has feedback") from None
+        product = answer.product if answer.product in known_products else ("none" if answer.product is None
+                                                                            else "other")
+        self.metrics.feedback.labels(product, body.verdict).inc()
+        return FeedbackOut(id=row_id, request_id=answer.request_id, index=body.index, verdict=body.verdict,
+                           label=label.name, sample=sample)
+
+    def _record(self, record: FeedbackRecord, answer: Answer, label: Label) -> tuple[int, str | None]:
+        """(worker thread) The row first (it decides duplicates), then the labelled sample."""
+        row_id = self.store.add(record)
+        if self.root is None:
+            return row_id, None
+        index = record.image_index
+        sidecar = sidecar_of(answer, index, "operator",
+                            feedback={"id": row_id, "verdict": record.verdict, "defect_type": record.defect_type,
+                                      "note": record.note})
+        try:
+            files = write_sample(self.root, answer.product, label, sample_stem(answer, index),
+                                 answer.files[index][1], sidecar)
+        except OSError as e:
+            self._errors.failed(e, f"feedback sample under {self.root}")
+            return row_id, None
+        self._errors.succeeded()
+        self.metrics.samples_written.labels(FEEDBACK_ROOT).inc()
+        image = str(files[0].resolve())
+        self.store.set_sample(row_id, image)
+        return row_id, image

@@ -1,0 +1,122 @@
+"""Closing the loop with the line: what happens after /detect has answered.
+
+`LineLoop.after_detect` is the one call the /detect route makes: it builds an `Answer` from
+what the request already holds and hands it to the parts that are configured, each of which
+only queues (microseconds; the work is done by their own threads):
+
+- result sinks (MQTT, webhook): service.server.sinks, one bounded outbox each;
+- samples kept by policy: service.server.samples;
+- the recent-answers ring that operator feedback needs: service.server.recent / feedback.
+
+Nothing here can fail a request: a bug in a hook is logged and the answer goes out regardless.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from service.server.answers import Answer, ResultMessage, UploadLike
+from service.server.feedback import FeedbackDesk
+from service.server.metrics import LoopMetrics
+from service.server.recent import RecentAnswers
+from service.server.samples import SampleKeeper
+from service.server.samples_policy import SamplePolicy
+from service.server.settings import Settings
+from service.server.sinks.outbox import Outbox, OutboxOptions
+
+log = logging.getLogger("dapo.loop")
+
+
+def _extra_missing(setting: str, e: ImportError) -> RuntimeError:
+    return RuntimeError(f"{setting} is set but {e.name} is not installed: pip install 'dapo-inspect[sinks]'")
+
+
+def build_outboxes(settings: Settings, metrics: LoopMetrics) -> list[Outbox]:
+    """One outbox per configured sink (transports imported only when configured)."""
+    s = settings
+    outboxes = []
+    if s.mqtt_url:
+        try:
+            from service.server.sinks.mqtt import MqttOptions, MqttTransport
+        except ImportError as e:
+            raise _extra_missing("DAPO_MQTT_URL", e) from e
+        outboxes.append(Outbox(MqttTransport(MqttOptions.from_settings(s)),
+                               OutboxOptions(s.mqtt_queue_size, s.mqtt_rate_per_s, 1, s.sink_backoff_initial_s,
+                                             s.sink_backoff_max_s), metrics))
+    if s.webhook_url:
+        try:
+            from service.server.sinks.webhook import WebhookOptions, WebhookTransport
+        except ImportError as e:
+            raise _extra_missing("DAPO_WEBHOOK_URL", e) from e
+        outboxes.append(Outbox(WebhookTransport(WebhookOptions.from_settings(s)),
+                               OutboxOptions(s.webhook_queue_size, s.webhook_rate_per_s, 1, s.sink_backoff_initial_s,
+                                             s.sink_backoff_max_s), metrics))
+    return outboxes
+
+
+class LineLoop:
+    def __init__(self, settings: Settings, metrics: LoopMetrics):
+        self.settings, self.metrics = settings, metrics
+        self.outboxes: list[Outbox] = []
+        self.samples: SampleKeeper | None = None
+        self.recent: RecentAnswers | None = None
+        self.feedback: FeedbackDesk | None = None
+        self._failed_once = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.outboxes) or self.samples is not None or self.recent is not None
+
+    def start(self) -> None:
+        """Build and start what the settings configure (blocking I/O: call it off the event loop).
+        A sink whose receiver is down does not stop the start: it queues until it is back."""
+        s = self.settings
+        self.outboxes = build_outboxes(s, self.metrics)
+        policy = SamplePolicy(s.samples_policy)
+        if policy.enabled:
+            if s.samples_dir is None:
+                raise ValueError("DAPO_SAMPLES_POLICY is set but DAPO_SAMPLES_DIR is not: where should samples go?")
+            self.samples = SampleKeeper(s.samples_dir, policy, s.samples_queue_size, self.metrics)
+        if s.feedback_db:
+            from service.runtime.feedback_store import FeedbackStore
+
+            self.recent = RecentAnswers(s.feedback_window_s, int(s.feedback_ring_mb * 2**20))
+            self.feedback = FeedbackDesk(FeedbackStore(s.feedback_db), self.recent, s.samples_dir, self.metrics)
+        for outbox in self.outboxes:
+            outbox.start()
+        if self.samples is not None:
+            self.samples.start()
+        if self.enabled:
+            log.info("loop", extra={"sinks": [o.name for o in self.outboxes], "samples": self.samples is not None,
+                                    "feedback": self.feedback is not None})
+
+    def stop(self) -> None:
+        """Drain (bounded) and close; call after the last answer."""
+        for outbox in self.outboxes:
+            outbox.stop()
+        if self.samples is not None:
+            self.samples.stop()
+        if self.feedback is not None:
+            self.feedback.store.close()
+
+    def after_detect(self, request_id: str, model: dict[str, str], uploads: Sequence[UploadLike],
+                     results: Sequence[dict[str, Any]], echo: dict[str, str]) -> None:
+        """Queue the answer for the ring, the sample policy and every sink (event loop; never raises)."""
+        if not self.enabled:
+            return
+        try:
+            answer = Answer.of(request_id, model, uploads, results, echo)
+            if self.recent is not None:
+                self.recent.put(answer)
+            if self.samples is not None:
+                self.samples.offer(answer)
+            if self.outboxes:
+                messages = [ResultMessage(answer, i) for i in range(len(answer.results))]
+                for outbox in self.outboxes:
+                    for message in messages:
+                        outbox.offer(message)
+        except Exception:
+            if not self._failed_once:
+                self._failed_once = True
+                log.exception("after-answer hooks failed (the answer was sent; logged once)")

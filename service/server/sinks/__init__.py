@@ -1,0 +1,5 @@
+"""Result sinks: where each answer goes besides the HTTP caller (MQTT broker, webhook).
+
+`outbox` holds the bounded queue and worker every sink shares; `mqtt` and `webhook` are the
+transports (the `sinks` extra: paho-mqtt, httpx), imported only when configured.
+"""
