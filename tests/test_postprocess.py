@@ -260,3 +260,17 @@ def test_heatmap_and_overlay_are_capped_for_large_uploads():
     with pytest.raises(ValueError, match="expected 612x512"):
         postprocess(outputs(tmap, amap), policy(), w, h, NAMES,
                     RenderOptions(mask_format="none", overlay=True, view_max_side=1024), Image.new("RGB", (w, h)))
+
+
+def test_a_reduced_overlay_is_the_same_picture_whatever_the_deflate_strategy():
+    """Reduced overlays are deflated Huffman-only (photo content); the pixels are the blend."""
+    from service.runtime.postprocess import heatmap_u8, overlay
+
+    tmap, amap = sample_maps()
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (512, 612, 3), dtype=np.uint8))
+    res = postprocess(outputs(tmap, amap), policy(), 2448, 2048, NAMES,
+                      RenderOptions(mask_format="none", overlay=True, view_max_side=1024), image)
+    maps = model_maps(outputs(tmap, amap), policy(), 2448, 2048)
+    expected = overlay(image, heatmap_u8(maps.full_anomaly((612, 512))))
+    np.testing.assert_array_equal(np.asarray(decode_png(res["overlay_png"])), np.asarray(expected))

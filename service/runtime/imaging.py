@@ -33,16 +33,21 @@ of the IDCT, upsampling and colour-conversion work and the full-size resize that
 scale is the largest that keeps at least `SCALED_DECODE_MIN_RATIO` x S pixels on both sides, so
 the bicubic resize to S that follows still averages several decoded pixels per output pixel.
 Why 1.75 and not 1 (which is merely "still at least the model's size"): measured on photo-like
-5 and 20 MP JPEGs, the model input moves from a full decode by a mean 0.2-0.4 and at most ~5
-grey levels (of 255) at ratios >= 1.75, but by a mean 1-1.8 and up to 13 as the ratio nears 1,
-where the DCT reduction becomes the only low-pass filter. Images under that size (every upload
-smaller than about 2 x 1.75 x S per side, and all non-JPEG formats) are decoded exactly as
-before. An overlay gets its own decode at its view size (the original divided by a power of
-two, see `view_size`; straight from libjpeg for JPEGs), so the model's input never depends on
-whether an overlay was asked for; full resolution is decoded only for a full-size overlay. Measured against simplejpeg and PyTurboJPEG (the maintained
-libjpeg-turbo bindings), Pillow's draft decodes the same pixels within 5-10 % of their time,
-with no second decoder to harden against hostile bytes and no system library to match
-(PyTurboJPEG 2 needs libjpeg-turbo 3, which Debian 12 does not ship); see the README.
+5 and 20 MP JPEGs, the model input moves from a full decode by a mean 0.15-0.4 and at most
+~5 grey levels (of 255) at ratios >= 1.75, but by a mean 0.8-1.8 and up to 18 as the ratio
+nears 1, where the DCT reduction becomes the only low-pass filter (`bench/decode_scale.py`).
+JPEGs whose short side is under 2 x 1.75 x S, and all non-JPEG formats, decode exactly as
+before.
+
+An overlay is drawn at its view size (the original divided by a power of two, see
+`view_size`): reduced from the model's decode when that holds its pixels, else from a decode
+of its own (straight from libjpeg for JPEGs), so the model's input never depends on whether an
+overlay was asked for; full resolution is decoded only for a full-size overlay.
+
+Measured against simplejpeg and PyTurboJPEG (the maintained libjpeg-turbo bindings), Pillow's
+draft decodes the same pixels (within 2 grey levels) in at most ~10 % more time, with no second
+decoder to harden against hostile bytes and no system library to match (PyTurboJPEG 2 needs
+libjpeg-turbo 3, which Debian 12 does not ship); figures in the README.
 
 Training and evaluation read images through `load` as well (`training.data.common`), so the
 tensors the model is trained and calibrated on come from the same decode as those it serves.
