@@ -12,7 +12,7 @@ import sqlite3
 import pytest
 
 from loop_util import png
-from service.runtime.artifact import Product, load_manifest, write_manifest
+from service.runtime.artifact import load_manifest, write_manifest
 from service.server.app import create_app
 from service.server.local_server import serve_in_thread
 from service.server.settings import Settings
@@ -68,7 +68,7 @@ def browser(tmp_path_factory):
     driver.quit()
 
 
-def state(driver, element_id: str = None) -> str:
+def state(driver, element_id: str | None = None) -> str:
     el = driver.find_element(By.ID, element_id) if element_id else driver.find_element(By.TAG_NAME, "body")
     return el.get_attribute("data-state")
 

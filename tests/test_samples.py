@@ -166,5 +166,10 @@ def test_exif_rotated_upload_is_written_upright():
     data, ext = image_payload(buf.getvalue())
     with Image.open(io.BytesIO(data)) as img:
         assert (ext, img.format, img.size) == (".png", "PNG", (20, 40))
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 20), (10, 200, 10)).save(buf, "PNG", exif=exif)  # PNG's eXIf chunk
+    data, ext = image_payload(buf.getvalue())
+    with Image.open(io.BytesIO(data)) as img:
+        assert (ext, img.size) == (".png", (20, 40)) and data != buf.getvalue()
     plain = png(3)
     assert image_payload(plain) == (plain, ".png")  # no rotation: the upload's own bytes

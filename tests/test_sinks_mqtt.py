@@ -182,8 +182,8 @@ def test_tls_with_credentials_from_a_file(tmp_path):
                                 OutboxOptions(backoff_initial_s=0.05, backoff_max_s=0.1, drain_s=0.2), metrics.loop)
                 outbox.start()
                 outbox.offer(ResultMessage(answer, 0))
-                def value(name: str) -> float:
-                    return metrics.registry.get_sample_value(name, {"sink": "mqtt"}) or 0.0
+                def value(name: str, registry=metrics.registry) -> float:
+                    return registry.get_sample_value(name, {"sink": "mqtt"}) or 0.0
 
                 if delivered:
                     wait_until(lambda: value("dapo_sink_delivered_total") == 1)

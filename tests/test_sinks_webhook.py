@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from loop_util import detect, metric, png, wait_until, without_images
 
-pytest.importorskip("httpx", reason="httpx not installed (pip install 'dapo-inspect[sinks]')")
+pytest.importorskip("urllib3", reason="urllib3 not installed (pip install 'dapo-inspect[sinks]')")
 
 from service.server.answers import Answer, ResultMessage  # noqa: E402
 from service.server.app import create_app  # noqa: E402

@@ -153,7 +153,7 @@ class FeedbackDesk:
         try:
             files = write_sample(self.root, answer.product, label, sample_stem(answer, index),
                                  answer.files[index][1], sidecar)
-        except OSError as e:
+        except Exception as e:  # the verdict is stored; a sample that cannot be written is counted
             self._errors.failed(e, f"feedback sample under {self.root}")
             return row_id, None
         self._errors.succeeded()

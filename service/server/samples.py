@@ -116,13 +116,27 @@ def image_payload(data: bytes) -> tuple[bytes, str]:
     """The bytes to write and their extension: the upload itself unless EXIF rotates it."""
     with Image.open(io.BytesIO(data)) as img:
         ext = _EXTENSIONS.get(img.format or "")
-        if ext is not None and img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+        if ext is not None and orientation(img) == 1:
             return data, ext
         img.load()
         oriented = ImageOps.exif_transpose(img)
         buf = io.BytesIO()
         oriented.save(buf, "PNG")
         return buf.getvalue(), ".png"
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation, from the header only. A PNG's EXIF is read when its eXIf chunk
+    precedes the pixel data (where the PNG spec asks for it): PIL's getexif() on a PNG would
+    decode the whole image to look for a late one."""
+    if img.format == "PNG":
+        raw = img.info.get("exif")
+        if not raw:
+            return 1
+        exif = Image.Exif()
+        exif.load(raw)
+        return exif.get(_EXIF_ORIENTATION, 1)
+    return img.getexif().get(_EXIF_ORIENTATION, 1)
 
 
 def write_sample(root: Path, product: str | None, label: Label, stem: str, image: bytes,
@@ -165,14 +179,16 @@ def sidecar_of(answer: Answer, index: int, labelled_by: str, **extra: Any) -> di
 
 
 class ErrorCounter:
-    """Counts OSErrors by errno name; logs the first of a streak (until a write succeeds)."""
+    """Counts failed writes by errno name (or exception type); logs the first of a streak (until a
+    write succeeds)."""
 
     def __init__(self, metrics: LoopMetrics):
         self._metrics = metrics
         self._streak = False
 
-    def failed(self, e: OSError, what: str) -> None:
-        reason = errno.errorcode.get(e.errno or 0, type(e).__name__)
+    def failed(self, e: Exception, what: str) -> None:
+        code = e.errno if isinstance(e, OSError) else None
+        reason = errno.errorcode.get(code, type(e).__name__) if code else type(e).__name__
         self._metrics.samples_errors.labels(reason).inc()
         if not self._streak:
             self._streak = True
@@ -257,7 +273,7 @@ class SampleKeeper:
             files = write_sample(self.root / rule.kind, answer.product, model_label(answer.results[index]),
                                  sample_stem(answer, index), answer.files[index][1],
                                  sidecar_of(answer, index, "model", rule=rule.model_dump(mode="json")))
-        except OSError as e:
+        except Exception as e:  # OSError: disk full, permission; anything else must not stop the writer either
             self._errors.failed(e, f"sample under {self.root / rule.kind}")
             return
         self._errors.succeeded()

@@ -102,7 +102,7 @@ class Outbox:
         self._dropped = metrics.sink_dropped.labels(self.name)
         self._rejected = metrics.sink_rejected.labels(self.name)
         self._retries = metrics.sink_retries.labels(self.name)
-        self._depth = metrics.sink_queue.labels(self.name)
+        metrics.sink_queue.labels(self.name).set_function(lambda: len(self._queue))  # read at scrape time
         self._up = metrics.sink_up.labels(self.name)
         self._outage: _Outage | None = None
         self._overflowing = False
@@ -115,7 +115,6 @@ class Outbox:
                 self._queue.popleft()
                 self._count_drop()
             self._queue.append(message)
-            self._depth.set(len(self._queue))
             self._cond.notify()
 
     def _count_drop(self) -> None:  # holding the lock
@@ -159,7 +158,6 @@ class Outbox:
                 if self._stopping.is_set():
                     return None
                 self._cond.wait(1.0)
-            self._depth.set(len(self._queue) - 1)
             if len(self._queue) <= self.options.queue_size // 2:
                 self._overflowing = False
             return self._queue.popleft()
@@ -171,7 +169,6 @@ class Outbox:
                 self._count_drop()
             else:
                 self._queue.appendleft(message)
-            self._depth.set(len(self._queue))
 
     def _run(self) -> None:
         bucket = TokenBucket(self.options.rate_per_s, self.options.burst)
