@@ -267,7 +267,12 @@ def test_reload_needs_an_admin_key_and_says_why_it_fails(demo_artifact, tmp_path
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_artifact"
         assert "does not exist" in r.json()["error"]["message"]
         r = client.post("/v1/model/reload", headers={"X-API-Key": ADMIN}, json={"path": "x"})
-        assert r.status_code == 422  # unknown field, not silently the default
+        assert r.status_code == 422 and "path" in r.json()["error"]["message"]  # not silently the default
+        r = client.post("/v1/model/reload", headers={"X-API-Key": ADMIN, "Content-Type": "application/json"},
+                        content=b"{not json")
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_parameter"
+        r = client.post("/v1/model/reload", headers={"Content-Type": "application/json"}, content=b"{not json")
+        assert r.status_code == 401  # the key is checked before the body is read
         r = client.post("/v1/model/reload", headers={"X-API-Key": ADMIN})  # no body: the configured artifact
         assert r.status_code == 200 and r.json()["artifact"] == str(demo_artifact)
         assert r.json()["model"] == r.json()["previous"]  # same files, same identity

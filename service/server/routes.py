@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -262,21 +263,24 @@ async def metrics(request: Request) -> Response:
 @router.post("/v1/model/reload", summary="Load an artifact beside the serving model and switch to it",
              responses={200: {"model": ReloadResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
                         409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
-                        500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def reload_model(request: Request, body: ReloadRequest | None = None,
-                       x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+                        500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+             openapi_extra={"requestBody": {"required": False, "content": {
+                 "application/json": {"schema": ReloadRequest.model_json_schema()}}}})
+async def reload_model(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
     """Admin only. Verifies, loads and warms the artifact beside the serving model, then switches;
-    on failure the serving model is unchanged and the error says why (see service.server.reload)."""
+    on failure the serving model is unchanged and the error says why (see service.server.reload).
+    The body (optional JSON `{"artifact": "<folder>"}`) is read only after the key was checked."""
     state = service_of(request)
     if not state.admin_keys.enabled:
         raise ApiError(403, "forbidden", "reload over HTTP is off: no admin key is configured "
                                          "(DAPO_ADMIN_KEYS or DAPO_ADMIN_KEYS_FILE); SIGHUP reloads the configured artifact")
     if state.admin_keys.check(x_api_key) is None:
         raise ApiError(401, "unauthorized", "missing or invalid admin key (X-API-Key)", {"WWW-Authenticate": "ApiKey"})
+    body = await reload_body(request)
     require_ready(state)
     assert state.reloader is not None
     try:
-        report = await state.reloader.reload(Path(body.artifact) if body and body.artifact else None, "http")
+        report = await state.reloader.reload(Path(body.artifact) if body.artifact else None, "http")
     except ReloadInProgress as e:
         raise ApiError(409, "reload_in_progress", str(e)) from e
     except ReloadFailed as e:
@@ -284,3 +288,16 @@ async def reload_model(request: Request, body: ReloadRequest | None = None,
             raise ApiError(422, "invalid_artifact", e.report.error or "") from e
         raise ApiError(500, "reload_failed", e.report.error or "") from e
     return JSONResponse(report.to_dict())
+
+
+async def reload_body(request: Request) -> ReloadRequest:
+    """The optional JSON body; empty = the configured artifact; anything malformed -> 422."""
+    raw = await request.body()
+    if not raw.strip():
+        return ReloadRequest()
+    try:
+        return ReloadRequest.model_validate_json(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
+        raise ApiError(422, "invalid_parameter", f"reload body must be JSON {{\"artifact\": \"<folder>\"}}: "
+                                                 f"{problems}") from e
