@@ -87,6 +87,9 @@ MUTATIONS: list[Mutation] = [
     # --- postprocess ----------------------------------------------------------------------
     M("pp-nearest-half", "postprocess", "(2 * np.arange(n_out, dtype=np.int64) + 1) * n_in",
       "(2 * np.arange(n_out, dtype=np.int64)) * n_in", "nearest index without the half-pixel offset", from_issue=True),
+    M("pp-nearest-half-float", "postprocess", "return (2 * np.arange(n_out, dtype=np.int64) + 1) * n_in // (2 * n_out)",
+      "return np.minimum((np.arange(n_out) * (n_in / n_out)).astype(np.int64), n_in - 1)",
+      "the issue's exact seed: the old float formula without its + 0.5", from_issue=True),
     M("pp-bilinear-nearest", "postprocess", "self.height), Image.Resampling.BILINEAR)",
       "self.height), Image.Resampling.NEAREST)", "heatmap upsampled by nearest instead of bilinear"),
     M("pp-heat-floor", "postprocess", "np.rint(np.clip(anomaly, 0.0, 1.0) * 255.0)",
@@ -224,8 +227,8 @@ def run_pytest(tree: Path, targets: list[str], timeout: float, stop_first: bool 
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def failing_tests(output: str) -> list[str]:
-    return [line.split(" ")[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))][:5]
+def failing_tests(output: str, limit: int) -> list[str]:
+    return [line.split(" ")[1] for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))][:limit]
 
 
 def apply(tree: Path, m: Mutation) -> str | None:
@@ -240,7 +243,7 @@ def apply(tree: Path, m: Mutation) -> str | None:
     return text
 
 
-def run_one(tree: Path, m: Mutation, timeout: float, suite: bool) -> Outcome:
+def run_one(tree: Path, m: Mutation, timeout: float, suite: bool, stop_first: bool = True) -> Outcome:
     targets = ["tests"] if suite else existing(m.test_targets(), tree)
     t0 = time.perf_counter()
     original = apply(tree, m)
@@ -249,12 +252,13 @@ def run_one(tree: Path, m: Mutation, timeout: float, suite: bool) -> Outcome:
     try:
         if not targets:
             return Outcome(m.id, m.module, "survived", 0.0, m.from_issue, tests=targets)
-        code, output = run_pytest(tree, targets, timeout)
+        code, output = run_pytest(tree, targets, timeout, stop_first)
     finally:
         (tree / m.file).write_text(original)  # restored whatever happened
     seconds = round(time.perf_counter() - t0, 1)
     status = {None: "timeout", 0: "survived", 1: "killed"}.get(code, "error")
-    return Outcome(m.id, m.module, status, seconds, m.from_issue, failing_tests(output), targets)
+    return Outcome(m.id, m.module, status, seconds, m.from_issue, failing_tests(output, 5 if stop_first else 50),
+                   targets)
 
 
 def summarise(outcomes: list[Outcome]) -> dict:
@@ -281,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suite", action="store_true", help="run the whole test suite per mutation (slow)")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutation")
     ap.add_argument("--no-baseline", action="store_true", help="skip the unmutated run (it must pass)")
+    ap.add_argument("--all-failures", action="store_true", help="run every target test (no -x) and list all failures")
     ap.add_argument("--check", action="store_true", help="only check that every mutation applies")
     ap.add_argument("--json", help="write the outcomes and the summary here")
     args = ap.parse_args(argv)
@@ -309,9 +314,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
         outcomes = []
         for m in chosen:
-            o = run_one(tree, m, args.timeout, args.suite)
+            o = run_one(tree, m, args.timeout, args.suite, stop_first=not args.all_failures)
             outcomes.append(o)
-            print(f"{o.status:9s} {o.seconds:6.1f}s  {o.module:12s} {o.id:30s} {', '.join(o.failing[:2])}", flush=True)
+            shown = o.failing if args.all_failures else o.failing[:2]
+            print(f"{o.status:9s} {o.seconds:6.1f}s  {o.module:12s} {o.id:30s} {', '.join(shown)}", flush=True)
     summary = summarise(outcomes)
     print(json.dumps(summary, indent=2))
     if args.json:
