@@ -49,8 +49,9 @@ def test_the_profile_covers_batch_1_to_max_for_both_inputs_of_the_real_graph(dem
         assert isinstance(shape[0], str)  # the batch axis is the dynamic one
         assert lo[name][1:] == opt[name][1:] == hi[name][1:] == shape[1:]  # every fixed dim as in the graph
         assert (lo[name][0], opt[name][0], hi[name][0]) == (1, 16, 16)
-    assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"] == "/tmp/x"
-    assert opts["trt_timing_cache_path"] == "/tmp/x"
+    keyed = f"/tmp/x/encoder-{manifest.files['encoder.onnx'].sha256[:16]}"  # one folder per graph content
+    assert opts["trt_engine_cache_enable"] is True and opts["trt_engine_cache_path"] == keyed
+    assert opts["trt_timing_cache_path"] == keyed
 
 
 def test_no_cache_dir_means_no_cache_options_and_no_shapes_means_no_profile():
