@@ -89,7 +89,8 @@ def main() -> int:
     p.add_argument("--good", type=int, default=24)
     p.add_argument("--defective", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--start-threshold", type=float, default=0.2, help="the too-low threshold disc starts with")
+    p.add_argument("--start-threshold", type=float, default=0.09,
+                   help="the too-low threshold disc starts with (below most demo good scores, 0.09-0.11)")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="dapo-feedback-example-"))
     artifact = work / "artifact"
