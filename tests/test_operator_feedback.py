@@ -11,19 +11,14 @@ import sqlite3
 
 import pytest
 
+from browser_util import headless_chrome, skip_without_browser
 from loop_util import png
 from service.runtime.artifact import load_manifest, write_manifest
 from service.server.app import create_app
 from service.server.local_server import serve_in_thread
 from service.server.settings import Settings
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip("chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)",
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-from selenium.webdriver.chrome.service import Service  # noqa: E402
+skip_without_browser()
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
@@ -56,14 +51,7 @@ def server(artifact, db, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                 "--disable-background-networking", "--disable-component-update", "--window-size=1200,1400",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-fb-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = headless_chrome(tmp_path_factory.mktemp("chromium-fb-profile"))
     yield driver
     driver.quit()
 

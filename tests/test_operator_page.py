@@ -22,17 +22,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from browser_util import headless_chrome, skip_without_browser
 from service.server.app import create_app
 from service.server.local_server import serve_in_thread
 from service.server.settings import Settings
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
-if CHROMIUM is None or CHROMEDRIVER is None:
-    pytest.skip("chromium/chromedriver not installed (apt-get install -y chromium chromium-driver)",
-                allow_module_level=True)
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-from selenium.webdriver.chrome.service import Service
+skip_without_browser()
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
@@ -64,15 +59,7 @@ def server(demo_artifact):
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1200,1400",
-                 f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}"):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(30)
+    driver = headless_chrome(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 

@@ -11,22 +11,20 @@ Ray's own start-up).
 """
 from __future__ import annotations
 
-import io
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from PIL import Image
 
 serve = pytest.importorskip("ray.serve", reason="ray[serve] not installed (pip install 'dapo-inspect[ray]')")
 import ray
 
+from image_util import gradient_png
 from service.server.app import create_app
 from service.server.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
 from service.server.local_server import free_port, wait_ready
@@ -36,15 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 QUERY = "mask_format=rle&heatmap=true"
 
 
-def image_bytes(seed: int, w: int = 72, h: int = 56) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = np.zeros((h, w, 3), np.uint8)
-    img[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
-    img[..., 2] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
-    img[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 255, (h // 2 - h // 3, w // 2 - w // 4, 3))
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, "PNG")
-    return buf.getvalue()
+def image_bytes(seed: int) -> bytes:
+    return gradient_png(seed, 72, 56)
 
 
 def comparable(result: dict) -> dict:
@@ -106,13 +97,16 @@ def test_two_replicas_share_the_load_and_answer_like_one_process(ray_url, settin
 def test_each_replica_runs_the_app_lifespan(ray_url):
     # /readyz is 503 until the lifespan has loaded the artifact and warmed up; every replica
     # seen answering ready has therefore run it (ray mode adds the replica header to all routes)
+    # Serve's router may keep sending sequential calls to one idle replica, so ask in concurrent
+    # bursts (a busy replica makes it pick the other)
     seen = set()
-    for _ in range(40):
-        r = httpx.get(ray_url + "/readyz", timeout=5)
-        assert r.status_code == 200 and r.json()["status"] == "ready"
-        seen.add(r.headers[REPLICA_HEADER])
-        if len(seen) == 2:
-            break
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(10):
+            for r in pool.map(lambda _: httpx.get(ray_url + "/readyz", timeout=10), range(8)):
+                assert r.status_code == 200 and r.json()["status"] == "ready"
+                seen.add(r.headers[REPLICA_HEADER])
+            if len(seen) == 2:
+                break
     assert len(seen) == 2
     r = httpx.get(ray_url + "/v1/model", timeout=5)
     assert r.status_code == 200 and r.json()["backend"]["name"] == "onnxruntime"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import io
 import json
 import shutil
 import signal
@@ -20,12 +19,11 @@ import weakref
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from image_util import gradient_png
 from service.runtime.artifact import sha256_file
 from service.runtime.detector import Upload
 from service.runtime.postprocess import RenderOptions
@@ -40,14 +38,7 @@ QUERY = "mask_format=rle"
 
 
 def image(seed: int, w: int = 80, h: int = 60) -> bytes:
-    rng = np.random.default_rng(seed)
-    arr = np.zeros((h, w, 3), np.uint8)
-    arr[..., 0] = np.linspace(0, 255, w, dtype=np.uint8)[None]
-    arr[..., 2] = np.linspace(0, 255, h, dtype=np.uint8)[:, None]
-    arr[h // 3: h // 2, w // 4: w // 2] = rng.integers(0, 255, (h // 2 - h // 3, w // 2 - w // 4, 3))
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, "PNG")
-    return buf.getvalue()
+    return gradient_png(seed, w, h)
 
 
 IMAGES = [("a.png", image(1)), ("b.png", image(2, 50, 70))]  # two per request: a split would show
