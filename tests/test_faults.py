@@ -84,11 +84,20 @@ BREAKAGES = ["missing_folder", "missing_manifest", "missing_file", "truncated", 
              "invalid_schema", "garbage_encoder_rehashed"]
 
 
+@pytest.fixture(scope="module")
+def refusals(demo_artifact, tmp_path_factory) -> dict[str, tuple[str, subprocess.CompletedProcess]]:
+    """`dapo serve` on every broken copy, the processes run side by side (each is a whole
+    interpreter start, ~2.5 s): breakage -> (the file its error must name, the finished process)."""
+    root = tmp_path_factory.mktemp("broken")
+    names = {how: broken_copy(demo_artifact, root / f"art-{how}", how) for how in BREAKAGES}
+    with ThreadPoolExecutor(len(BREAKAGES)) as pool:
+        done = dict(zip(BREAKAGES, pool.map(lambda how: serve_and_fail(root / f"art-{how}"), BREAKAGES)))
+    return {how: (names[how], done[how]) for how in BREAKAGES}
+
+
 @pytest.mark.parametrize("how", BREAKAGES)
-def test_broken_artifact_refuses_to_start_naming_the_file(demo_artifact, tmp_path, how):
-    folder = tmp_path / f"art-{how}"
-    name = broken_copy(demo_artifact, folder, how)
-    result = serve_and_fail(folder)
+def test_broken_artifact_refuses_to_start_naming_the_file(refusals, how):
+    name, result = refusals[how]
     caught_by_cli = how in ("missing_folder", "missing_manifest")  # before uvicorn starts: 1; startup: 3
     assert result.returncode == (1 if caught_by_cli else 3), result.stderr[-2000:]
     assert name in result.stderr, result.stderr[-2000:]

@@ -21,17 +21,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.server.answers import Answer
 from service.server.errors import ApiError
-from service.runtime.feedback_store import DuplicateFeedback, FeedbackRecord, FeedbackStore
 from service.server.metrics import LoopMetrics
 from service.server.recent import Expired, RecentAnswers, UnknownRequest
 from service.server.samples import (FEEDBACK_ROOT, GOOD, ErrorCounter, Label, result_mask, sample_stem,
                                     sidecar_of, write_sample)
+
+if TYPE_CHECKING:  # SQLAlchemy (~0.3 s to import) loads only where feedback is configured
+    from service.runtime.feedback_store import FeedbackRecord, FeedbackStore
 
 log = logging.getLogger("dapo.feedback")
 
@@ -118,6 +120,8 @@ class FeedbackDesk:
 
     async def submit(self, body: FeedbackIn, principal: str, vocabulary: list[str],
                      known_products: set[str]) -> FeedbackOut:
+        from service.runtime.feedback_store import DuplicateFeedback, FeedbackRecord  # loaded with the store
+
         answer = self.answer_for(body)
         result = answer.results[body.index]
         label = truth_label(body, result, vocabulary)
