@@ -117,6 +117,9 @@ def deployment_options(settings: Settings, *, replicas: int | str = 1, num_gpus:
         "ray_actor_options": {"num_cpus": num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": max_ongoing_requests or settings.max_queue_size,
         "graceful_shutdown_timeout_s": settings.graceful_timeout_s,
+        # how often a stopping replica checks that its last request has finished (Serve's default,
+        # 2 s, adds up to 2 s per replica to every rolling update for no benefit)
+        "graceful_shutdown_wait_loop_s": 0.25,
         "health_check_period_s": 10,
     }
     if replicas == "auto":
