@@ -32,6 +32,11 @@ def _extra_missing(setting: str, e: ImportError) -> RuntimeError:
     return RuntimeError(f"{setting} is set but {e.name} is not installed: pip install 'dapo-inspect[sinks]'")
 
 
+def _queue_options(s: Settings, queue_size: int, rate_per_s: float) -> OutboxOptions:
+    """A sink's queue bound and rate, with the backoff all sinks share (one message in flight)."""
+    return OutboxOptions(queue_size, rate_per_s, 1, s.sink_backoff_initial_s, s.sink_backoff_max_s)
+
+
 def build_outboxes(settings: Settings, metrics: LoopMetrics) -> list[Outbox]:
     """One outbox per configured sink (transports imported only when configured)."""
     s = settings
@@ -41,17 +46,15 @@ def build_outboxes(settings: Settings, metrics: LoopMetrics) -> list[Outbox]:
             from service.server.sinks.mqtt import MqttOptions, MqttTransport
         except ImportError as e:
             raise _extra_missing("DAPO_MQTT_URL", e) from e
-        outboxes.append(Outbox(MqttTransport(MqttOptions.from_settings(s)),
-                               OutboxOptions(s.mqtt_queue_size, s.mqtt_rate_per_s, 1, s.sink_backoff_initial_s,
-                                             s.sink_backoff_max_s), metrics))
+        transport = MqttTransport(MqttOptions.from_settings(s))
+        outboxes.append(Outbox(transport, _queue_options(s, s.mqtt_queue_size, s.mqtt_rate_per_s), metrics))
     if s.webhook_url:
         try:
             from service.server.sinks.webhook import WebhookOptions, WebhookTransport
         except ImportError as e:
             raise _extra_missing("DAPO_WEBHOOK_URL", e) from e
-        outboxes.append(Outbox(WebhookTransport(WebhookOptions.from_settings(s)),
-                               OutboxOptions(s.webhook_queue_size, s.webhook_rate_per_s, 1, s.sink_backoff_initial_s,
-                                             s.sink_backoff_max_s), metrics))
+        transport = WebhookTransport(WebhookOptions.from_settings(s))
+        outboxes.append(Outbox(transport, _queue_options(s, s.webhook_queue_size, s.webhook_rate_per_s), metrics))
     return outboxes
 
 
