@@ -25,6 +25,7 @@ serve = pytest.importorskip("ray.serve", reason="ray[serve] not installed (pip i
 import ray
 
 from image_util import gradient_png
+from traffic_util import BackgroundClients
 from service.server.app import create_app
 from service.server.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
 from service.server.local_server import free_port, wait_ready
@@ -151,19 +152,18 @@ def test_cli_flags():
     assert build_parser().parse_args(["serve"]).ray is False
 
 
-class Traffic:
+class Traffic(BackgroundClients):
     """Clients posting one fixed image to /detect back to back until stopped, recording every
     answer (status, model version, score, replica) with its completion time."""
 
     def __init__(self, url: str, image: bytes, clients: int = 2):
-        self.url, self.image, self.clients = url, image, clients
+        self.url, self.image = url, image
         self.answers: list[tuple[float, int, str | None, float | None, str | None]] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._loop, daemon=True) for _ in range(clients)]
+        super().__init__(clients)
 
-    def _loop(self) -> None:
+    def client_loop(self, stop: threading.Event) -> None:
         with httpx.Client(timeout=60) as client:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 try:
                     r = client.post(f"{self.url}/detect?mask_format=none",
                                     files={"image": ("part.png", self.image, "image/png")})
@@ -176,16 +176,6 @@ class Traffic:
                                      body["model"]["version"] if ok else r.text[:300],
                                      body["results"][0]["anomaly_score"] if ok else None,
                                      r.headers.get(REPLICA_HEADER)))
-
-    def __enter__(self) -> "Traffic":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(timeout=60)
 
 
 def reference_score(settings: Settings, image: bytes) -> tuple[str, float]:

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from image_util import gradient_png
+from traffic_util import BackgroundClients
 from service.runtime.artifact import sha256_file
 from service.runtime.detector import Upload
 from service.runtime.postprocess import RenderOptions
@@ -93,18 +94,17 @@ def references(demo_artifact, demo_artifact_v2) -> dict[str, tuple[dict, list[di
     return refs
 
 
-class Load:
+class Load(BackgroundClients):
     """Client threads posting IMAGES back to back; every answer kept with its timing."""
 
     def __init__(self, url: str, clients: int = 3):
         self.url = url
         self.answers: list[tuple[float, float, int, dict | str]] = []  # (start, end, status, body)
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(clients)]
+        super().__init__(clients, join_timeout_s=30)
 
-    def _run(self) -> None:
+    def client_loop(self, stop: threading.Event) -> None:
         with httpx.Client(timeout=30, headers={"X-API-Key": LINE}) as client:
-            while not self._stop.is_set():
+            while not stop.is_set():
                 t0 = time.monotonic()
                 try:
                     r = client.post(f"{self.url}/detect?{QUERY}", files=files())
@@ -112,16 +112,6 @@ class Load:
                     self.answers.append((t0, time.monotonic(), r.status_code, body))
                 except httpx.HTTPError as e:
                     self.answers.append((t0, time.monotonic(), 0, repr(e)))
-
-    def __enter__(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(30)
 
 
 def test_five_swaps_under_load_no_failed_or_mixed_answer_and_a_corrupt_artifact_keeps_the_old(
