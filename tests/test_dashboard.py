@@ -158,6 +158,21 @@ class Prometheus:
             ["prometheus", f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address={self.url.removeprefix('http://')}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until /-/ready says 200: while it starts (TSDB, rules), Prometheus answers every API
+        call with a plain-text 503 "Service Unavailable", not a query result."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"prometheus exited: {Path(self.log.name).read_text()[-2000:]}"
+            try:
+                if httpx.get(f"{self.url}/-/ready", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"prometheus not ready after {timeout:.0f} s")
 
     def query(self, expr: str) -> list[dict]:
         r = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10)
