@@ -82,3 +82,13 @@ def wood_artifact(demo_artifact, textures, tmp_path_factory) -> Path:
     table = calibrate(folder, calib, drift_bins=DRIFT_BINS)
     assert table["wood"]["images"] == CALIBRATION_IMAGES
     return folder
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless Chrome per browser-test module (its modules skip first when Chrome is absent)."""
+    from browser_util import headless_chrome
+
+    driver = headless_chrome(tmp_path_factory.mktemp("chromium-profile"))
+    yield driver
+    driver.quit()

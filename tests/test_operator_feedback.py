@@ -11,7 +11,7 @@ import sqlite3
 
 import pytest
 
-from browser_util import headless_chrome, skip_without_browser
+from browser_util import skip_without_browser
 from loop_util import png
 from service.runtime.artifact import load_manifest, write_manifest
 from service.server.app import create_app
@@ -47,13 +47,6 @@ def server(artifact, db, tmp_path_factory):
                         samples_dir=tmp_path_factory.mktemp("ui-fb-samples"))
     with serve_in_thread(create_app(settings, configure_logs=False)) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = headless_chrome(tmp_path_factory.mktemp("chromium-fb-profile"))
-    yield driver
-    driver.quit()
 
 
 def state(driver, element_id: str | None = None) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser_util import headless_chrome, skip_without_browser
+from browser_util import skip_without_browser
 from service.server.app import create_app
 from service.server.local_server import serve_in_thread
 from service.server.settings import Settings
@@ -55,13 +55,6 @@ def server(demo_artifact):
     settings = Settings(artifact=demo_artifact, api_keys=API_KEY, max_queue_delay_ms=1.0)
     with serve_in_thread(create_app(settings, configure_logs=False)) as base:
         yield base
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    driver = headless_chrome(tmp_path_factory.mktemp("chromium-profile"))
-    yield driver
-    driver.quit()
 
 
 # --- helpers ---------------------------------------------------------------------------------
