@@ -84,7 +84,7 @@ class BackboneInfo(BaseModel):
     heads: int
     embed_dim: int
     act: Literal["gelu", "quick_gelu"] = "gelu"
-    # OpenCLIP ViT options beyond plain CLIP (service.backends.torch_model.EncoderOptions);
+    # OpenCLIP ViT options beyond plain CLIP (service.runtime.backends.torch_model.EncoderOptions);
     # the defaults are plain CLIP's, so manifests written before these fields read the same
     layer_scale: bool = False
     ln_pre: bool = True
