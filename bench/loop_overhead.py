@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from service.bench import test_images
+from service.runtime.detector import Upload
 from service.server.local_server import Server, free_port
 
 POLICY = {"*": [{"kind": "near_threshold", "band": 0.05}, {"kind": "every_nth", "n": 10}]}
@@ -106,7 +107,7 @@ def server_cpu_per_request(artifact: Path, env: dict[str, str], n: int, fmt: str
 
 def one_answer() -> tuple[list, list[dict]]:
     """A real 640x480 JPEG upload and a plausible result (what the hook gets from /detect)."""
-    uploads = [type("Upload", (), {"filename": "p.jpg", "data": test_images(1, 640, 480, fmt="JPEG")[0]})()]
+    uploads = [Upload("p.jpg", test_images(1, 640, 480, fmt="JPEG")[0])]
     results = [{"anomaly_score": 0.31, "is_anomalous": False, "threshold": 0.5, "defect_types": [], "regions": [],
                 "width": 640, "height": 480, "timing_ms": {"decode": 1.0}, "product": "x"}]
     return uploads, results

@@ -21,7 +21,6 @@ Loading uses `torch.load(weights_only=True)`: tensors and plain containers only,
 """
 from __future__ import annotations
 
-import hashlib
 import pickle
 import re
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from service.runtime.artifact import sha256_file
 from training.backbone import BackboneSpec, create_clip, default_taps, describe
 from training.checkpoint import load_learned, save_checkpoint
 from training.data.vocab import defect_words
@@ -75,14 +75,6 @@ class ImportOptions:
     backbone: BackboneSpec
     vocabulary: list[str]
     taps: list[int] | None = None  # 1-based; None = quarters of the vision depth, like training
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fail(path: Path, message: str) -> AuthorsCheckpointError:
@@ -163,7 +155,7 @@ def read_authors_checkpoint(path: str | Path) -> AuthorsCheckpoint:
 
     epoch = raw.get("epoch")
     return AuthorsCheckpoint(
-        path=path, sha256=sha256_of(path), epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
+        path=path, sha256=sha256_file(path), epoch=int(epoch) if isinstance(epoch, (int, float)) else None,
         normal=_tensor(pl, names["prompt_learner"], "learnable_normal_tokens", path),
         abnormal=_tensor(pl, names["prompt_learner"], "learnable_abnormal_tokens", path),
         layer_tokens=_numbered(layers, f"{names['prompt_learner']}.learnable_layer_tokens", path),

@@ -51,7 +51,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -354,7 +354,8 @@ def convert(onnx_path: Path, out_dir: Path, text: TextTowerSpec = TextTowerSpec(
     meta = PROVENANCE | {"text_tower": f"random, seed {text.seed}", "converter": "training/convert_dinov2.py",
                          "folded": "patch-embedding bias and ImageNet->CLIP input normalisation (see converter)"}
     save_file(sd, str(w_path), metadata={k: str(v) for k, v in meta.items()})
-    geometry = {k: v for k, v in asdict(g).items() if k not in ("tensors",)}
+    # not asdict(g): it would deep-copy every weight only to drop them
+    geometry = {f.name: getattr(g, f.name) for f in fields(g) if f.name != "tensors"}
     return ConvertResult(cfg_path, w_path, geometry)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from service.runtime.artifact import Manifest, load_manifest
+from service.runtime.scoring import product_settings
 from training.calibrate import calibrate
 from training.data import Sample
 from training.evaluate import run_artifact
@@ -40,11 +41,10 @@ class FeedbackImage:
 
 
 def thresholds(manifest: Manifest, product: str) -> tuple[float, float | None]:
-    """(image, pixel) thresholds in force for a product."""
-    p = manifest.products.get(product)
-    image = p.image_threshold if p is not None and p.image_threshold is not None else manifest.image_threshold
-    pixel = p.pixel_threshold if p is not None and p.pixel_threshold is not None else manifest.pixel_threshold
-    return image, pixel
+    """(image, pixel) thresholds in force for a product (the artifact's defaults for one it
+    does not list yet: calibration adds it)."""
+    s = product_settings(manifest, product if product in manifest.products else None)
+    return s.image_threshold, s.pixel_threshold
 
 
 def usable(images: list[FeedbackImage]) -> tuple[list[FeedbackImage], Counter]:
