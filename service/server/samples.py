@@ -310,10 +310,10 @@ class SampleKeeper:
     def _scan(self) -> None:
         """Rebuild the index of kept samples from their sidecars (oldest first per rule/product)."""
         for kind in sorted({r.kind for rules in self.policy.rules.values() for r in rules}):
+            base = (self.root / kind).resolve()
             for side in (self.root / kind).glob("*/*/*.json"):
                 try:
                     doc = json.loads(side.read_text(encoding="utf-8"))
-                    base = (self.root / kind).resolve()
                     files = [(base / f).resolve() for f in doc["files"]]
                     written = side.stat().st_mtime
                 except (OSError, ValueError, KeyError, TypeError):
