@@ -67,12 +67,17 @@ def invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_feedback", message)
 
 
+def predicted_type(result: dict[str, Any]) -> str | None:
+    """The model's top defect type for this result (None when it named none)."""
+    return (result.get("defect_types") or [{}])[0].get("name")
+
+
 def truth_label(body: FeedbackIn, result: dict[str, Any], vocabulary: list[str]) -> Label:
     """The label a verdict gives this result; 422 when the verdict contradicts the answer."""
     if body.defect_type is not None and body.defect_type not in vocabulary:
         raise invalid(f"defect_type {body.defect_type!r} is not in the model's vocabulary {vocabulary}")
     anomalous = bool(result["is_anomalous"])
-    top = (result.get("defect_types") or [{}])[0].get("name")
+    top = predicted_type(result)
     verdict = body.verdict
     if verdict in ("false_positive", "wrong_type") and not anomalous:
         raise invalid(f"{verdict}: the answer was not anomalous (use false_negative or correct)")
@@ -133,7 +138,7 @@ class FeedbackDesk:
             model_name=answer.model.get("name"), model_version=answer.model.get("version"),
             anomaly_score=result["anomaly_score"], threshold=result["threshold"],
             is_anomalous=bool(result["is_anomalous"]),
-            predicted_type=(result.get("defect_types") or [{}])[0].get("name"), principal=principal)
+            predicted_type=predicted_type(result), principal=principal)
         try:
             row_id, sample = await asyncio.to_thread(self._record, record, answer, label)
         except DuplicateFeedback:

@@ -23,38 +23,42 @@ from service.server.recent import RecentAnswers
 from service.server.samples import SampleKeeper
 from service.server.samples_policy import SamplePolicy
 from service.server.settings import Settings
-from service.server.sinks.outbox import Outbox, OutboxOptions
+from service.server.sinks.outbox import Outbox, OutboxOptions, Transport
 
 log = logging.getLogger("dapo.loop")
 
 
-def _extra_missing(setting: str, e: ImportError) -> RuntimeError:
-    return RuntimeError(f"{setting} is set but {e.name} is not installed: pip install 'dapo-inspect[sinks]'")
+def _mqtt(s: Settings) -> Transport:
+    from service.server.sinks.mqtt import MqttOptions, MqttTransport
+
+    return MqttTransport(MqttOptions.from_settings(s))
 
 
-def _queue_options(s: Settings, queue_size: int, rate_per_s: float) -> OutboxOptions:
-    """A sink's queue bound and rate, with the backoff all sinks share (one message in flight)."""
-    return OutboxOptions(queue_size, rate_per_s, 1, s.sink_backoff_initial_s, s.sink_backoff_max_s)
+def _webhook(s: Settings) -> Transport:
+    from service.server.sinks.webhook import WebhookOptions, WebhookTransport
+
+    return WebhookTransport(WebhookOptions.from_settings(s))
 
 
 def build_outboxes(settings: Settings, metrics: LoopMetrics) -> list[Outbox]:
     """One outbox per configured sink (transports imported only when configured)."""
     s = settings
+    sinks = (  # (the setting that turns it on, its value, the transport, the queue bound and rate)
+        ("DAPO_MQTT_URL", s.mqtt_url, _mqtt, s.mqtt_queue_size, s.mqtt_rate_per_s),
+        ("DAPO_WEBHOOK_URL", s.webhook_url, _webhook, s.webhook_queue_size, s.webhook_rate_per_s),
+    )
     outboxes = []
-    if s.mqtt_url:
+    for setting, url, make_transport, queue_size, rate_per_s in sinks:
+        if not url:
+            continue
         try:
-            from service.server.sinks.mqtt import MqttOptions, MqttTransport
-        except ImportError as e:
-            raise _extra_missing("DAPO_MQTT_URL", e) from e
-        transport = MqttTransport(MqttOptions.from_settings(s))
-        outboxes.append(Outbox(transport, _queue_options(s, s.mqtt_queue_size, s.mqtt_rate_per_s), metrics))
-    if s.webhook_url:
-        try:
-            from service.server.sinks.webhook import WebhookOptions, WebhookTransport
-        except ImportError as e:
-            raise _extra_missing("DAPO_WEBHOOK_URL", e) from e
-        transport = WebhookTransport(WebhookOptions.from_settings(s))
-        outboxes.append(Outbox(transport, _queue_options(s, s.webhook_queue_size, s.webhook_rate_per_s), metrics))
+            transport = make_transport(s)
+        except ImportError as e:  # the `sinks` extra
+            raise RuntimeError(f"{setting} is set but {e.name} is not installed: "
+                               "pip install 'dapo-inspect[sinks]'") from e
+        # one message in flight; the backoff is the same for every sink
+        options = OutboxOptions(queue_size, rate_per_s, 1, s.sink_backoff_initial_s, s.sink_backoff_max_s)
+        outboxes.append(Outbox(transport, options, metrics))
     return outboxes
 
 

@@ -280,15 +280,19 @@ class SampleKeeper:
         self.metrics.samples_written.labels(rule.kind).inc()
         kept = self._kept.setdefault(key, deque())
         kept.append(_Kept(time.time(), files))
-        while len(kept) > rule.cap:
-            self._delete(kept.popleft(), "cap")
-        self._expire(kept, rule)
+        self._trim(kept, rule)
 
     def _sweep(self) -> None:
         for key, kept in self._kept.items():
             rule = self._rules.get(key)
             if rule is not None:
                 self._expire(kept, rule)
+
+    def _trim(self, kept: deque[_Kept], rule: SampleRule) -> None:
+        """The newest `cap` samples, none older than `retention`."""
+        while len(kept) > rule.cap:
+            self._delete(kept.popleft(), "cap")
+        self._expire(kept, rule)
 
     def _expire(self, kept: deque[_Kept], rule: SampleRule) -> None:
         oldest_allowed = time.time() - rule.retention.total_seconds()
@@ -306,10 +310,10 @@ class SampleKeeper:
     def _scan(self) -> None:
         """Rebuild the index of kept samples from their sidecars (oldest first per rule/product)."""
         for kind in sorted({r.kind for rules in self.policy.rules.values() for r in rules}):
+            base = (self.root / kind).resolve()
             for side in (self.root / kind).glob("*/*/*.json"):
                 try:
                     doc = json.loads(side.read_text(encoding="utf-8"))
-                    base = (self.root / kind).resolve()
                     files = [(base / f).resolve() for f in doc["files"]]
                     written = side.stat().st_mtime
                 except (OSError, ValueError, KeyError, TypeError):
@@ -317,14 +321,12 @@ class SampleKeeper:
                 if not all(f.is_relative_to(base) for f in files):
                     continue  # never delete outside the samples folder
                 self._kept.setdefault((kind, side.parent.parent.name), deque()).append(_Kept(written, files))
-        for key, kept in self._kept.items():
-            self._kept[key] = deque(sorted(kept, key=lambda k: k.written))
+        for key, unsorted in self._kept.items():
+            kept = self._kept[key] = deque(sorted(unsorted, key=lambda k: k.written))
             rule = self._rule_for(key)
             if rule is not None:
                 self._rules[key] = rule
-                while len(self._kept[key]) > rule.cap:
-                    self._delete(self._kept[key].popleft(), "cap")
-                self._expire(self._kept[key], rule)
+                self._trim(kept, rule)
 
     def _rule_for(self, key: tuple[str, str]) -> SampleRule | None:
         kind, product_folder = key

@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from service.server.answers import ResultMessage
+from service.server.sinks import secret_from
 from service.server.sinks.outbox import DELIVERED, Outcome, Status
 
 log = logging.getLogger("dapo.sinks")
@@ -81,9 +82,7 @@ class MqttOptions:
         if url.username or url.password:
             raise ValueError("DAPO_MQTT_URL must not carry credentials: use DAPO_MQTT_USERNAME and "
                              "DAPO_MQTT_PASSWORD or DAPO_MQTT_PASSWORD_FILE")
-        password = s.mqtt_password.get_secret_value() if s.mqtt_password is not None else None
-        if s.mqtt_password_file is not None:
-            password = Path(s.mqtt_password_file).read_text(encoding="utf-8").strip()
+        password = secret_from(s.mqtt_password, s.mqtt_password_file)
         client_id = s.mqtt_client_id or f"dapo-{socket.gethostname()}"
         status = TopicTemplate(s.mqtt_status_topic, STATUS_FIELDS).render({"client_id": client_id})
         TopicTemplate(s.mqtt_topic, TOPIC_FIELDS)  # fail at start-up, not at the first result

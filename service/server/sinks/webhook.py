@@ -17,13 +17,13 @@ import hashlib
 import hmac
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import urllib3
 
 import service
 from service.server.answers import ResultMessage
+from service.server.sinks import secret_from
 from service.server.sinks.outbox import DELIVERED, Outcome, Status
 
 SIGNATURE_HEADER = "X-Dapo-Signature-256"
@@ -46,9 +46,7 @@ class WebhookOptions:
         url = urlsplit(s.webhook_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"DAPO_WEBHOOK_URL must be an http(s) URL, got {s.webhook_url!r}")
-        secret = s.webhook_secret.get_secret_value() if s.webhook_secret is not None else None
-        if s.webhook_secret_file is not None:
-            secret = Path(s.webhook_secret_file).read_text(encoding="utf-8").strip()
+        secret = secret_from(s.webhook_secret, s.webhook_secret_file)
         return cls(s.webhook_url, secret.encode("utf-8") if secret else None, s.webhook_timeout_s)
 
 
