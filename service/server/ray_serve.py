@@ -43,6 +43,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.server.middleware import HttpMiddleware
 from service.server.settings import Settings
 
 log = logging.getLogger("dapo.ray")
@@ -52,11 +53,11 @@ APP_NAME = "dapo"
 REPLICA_HEADER = "X-Replica"
 
 
-class ReplicaHeaderMiddleware:
+class ReplicaHeaderMiddleware(HttpMiddleware):
     """Adds `X-Replica: <replica id>` to every answer (ray mode only)."""
 
     def __init__(self, app: ASGIApp):
-        self.app = app
+        super().__init__(app)
         self._replica: str | None = None
 
     def replica(self) -> str:
@@ -70,11 +71,7 @@ class ReplicaHeaderMiddleware:
                 self._replica = f"pid-{os.getpid()}"
         return self._replica
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_replica(message: Message) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message).append(REPLICA_HEADER, self.replica())
