@@ -81,13 +81,9 @@ class ReplicaHeaderMiddleware(HttpMiddleware):
 
 
 def replica_settings(settings: Settings) -> Settings:
-    """The settings with file paths made absolute (replicas do not share the driver's cwd)."""
-    update: dict[str, Any] = {"artifact": Path(settings.artifact).resolve()}
-    if settings.api_keys_file is not None:
-        update["api_keys_file"] = Path(settings.api_keys_file).resolve()
-    if settings.admin_keys_file is not None:
-        update["admin_keys_file"] = Path(settings.admin_keys_file).resolve()
-    return settings.model_copy(update=update)
+    """The settings with every file path made absolute (replicas do not share the driver's cwd)."""
+    return settings.model_copy(update={name: value.resolve() for name, value in settings
+                                       if isinstance(value, Path)})
 
 
 def build_asgi_app(settings: Settings):
