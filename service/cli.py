@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.runtime.artifact import DEMO_ARTIFACT
+from service.runtime.artifact import DEMO_ARTIFACT, MANIFEST
 
 
 @dataclass(frozen=True)
@@ -51,9 +51,9 @@ def serve(args: argparse.Namespace) -> int:
                                    "port": args.port}.items() if v is not None}
     settings = Settings(**overrides)
     artifact = Path(settings.artifact)
-    if not (artifact / "manifest.json").is_file():
+    if not (artifact / MANIFEST).is_file():
         if args.artifact is not None or artifact != DEMO_ARTIFACT:
-            sys.exit(f"dapo serve: no artifact at {artifact} (manifest.json missing)")
+            sys.exit(f"dapo serve: no artifact at {artifact} ({MANIFEST} missing)")
         print(f"dapo serve: no artifact given and none at {artifact}; baking the tiny demo artifact there "
               "(random weights: plumbing only)", file=sys.stderr)
         resolve("training.commands:bake_demo")(artifact)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from starlette.requests import ClientDisconnect
 
 import service
 from service.runtime.artifact import MANIFEST, load_manifest, sha256_file
@@ -30,7 +29,7 @@ from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.server.batching import MicroBatcher
 from service.server.feedback_routes import router as feedback_router
-from service.server.errors import envelope, install_handlers, request_id_of
+from service.server.errors import install_handlers
 from service.server.logs import configure_logging
 from service.server.metrics import Metrics
 from service.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
@@ -168,11 +167,6 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.include_router(feedback_router)  # POST /v1/feedback
     app.include_router(ui_router)  # the operator page at / and /ui (static, same API)
     install_handlers(app, settings.retry_after_s)
-
-    async def client_gone(request, exc: ClientDisconnect):  # nobody reads this answer
-        return envelope(400, "client_disconnected", "client disconnected", request_id_of(request))
-
-    app.add_exception_handler(ClientDisconnect, client_gone)
     # added innermost first: body limit, then request context, then CORS outermost
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)

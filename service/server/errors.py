@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from service.server.batching import BackendError, QueueFull
 from service.runtime.imaging import ImageError
@@ -99,6 +100,9 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         return envelope(exc.status_code, code, str(exc.detail), request_id_of(request),
                         dict(exc.headers or {}))
 
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:  # nobody reads this answer
+        return envelope(400, "client_disconnected", "client disconnected", request_id_of(request))
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
         return envelope(500, "internal_error", "internal error", request_id_of(request))
@@ -111,4 +115,5 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
         app.add_exception_handler(exc_type, unavailable)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)

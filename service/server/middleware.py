@@ -37,17 +37,31 @@ def header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-class RequestContextMiddleware:
+class HttpMiddleware:
+    """Base of the ASGI middlewares: an HTTP request goes to `handle`, any other scope
+    (lifespan, websocket) straight through to the app."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestContextMiddleware(HttpMiddleware):
     """Assigns the request id, echoes it, times the request, counts it, logs it."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = accept_request_id(header(scope, b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
         token = set_request_id(request_id)
@@ -83,17 +97,14 @@ class BodyTooLarge(ApiError):
         super().__init__(413, "payload_too_large", f"request body exceeds the limit of {limit} bytes")
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     """Refuse bodies over `max_bytes`: from Content-Length before reading, else while streaming."""
 
     def __init__(self, app: ASGIApp, max_bytes: int):
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = header(scope, b"content-length")
         if declared is not None:
             rid = scope.get("state", {}).get("request_id", "")

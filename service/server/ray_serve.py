@@ -43,6 +43,7 @@ from typing import Any
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.server.middleware import HttpMiddleware
 from service.server.settings import Settings
 
 log = logging.getLogger("dapo.ray")
@@ -52,11 +53,11 @@ APP_NAME = "dapo"
 REPLICA_HEADER = "X-Replica"
 
 
-class ReplicaHeaderMiddleware:
+class ReplicaHeaderMiddleware(HttpMiddleware):
     """Adds `X-Replica: <replica id>` to every answer (ray mode only)."""
 
     def __init__(self, app: ASGIApp):
-        self.app = app
+        super().__init__(app)
         self._replica: str | None = None
 
     def replica(self) -> str:
@@ -70,11 +71,7 @@ class ReplicaHeaderMiddleware:
                 self._replica = f"pid-{os.getpid()}"
         return self._replica
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         async def send_with_replica(message: Message) -> None:
             if message["type"] == "http.response.start":
                 MutableHeaders(scope=message).append(REPLICA_HEADER, self.replica())
@@ -84,13 +81,9 @@ class ReplicaHeaderMiddleware:
 
 
 def replica_settings(settings: Settings) -> Settings:
-    """The settings with file paths made absolute (replicas do not share the driver's cwd)."""
-    update: dict[str, Any] = {"artifact": Path(settings.artifact).resolve()}
-    if settings.api_keys_file is not None:
-        update["api_keys_file"] = Path(settings.api_keys_file).resolve()
-    if settings.admin_keys_file is not None:
-        update["admin_keys_file"] = Path(settings.admin_keys_file).resolve()
-    return settings.model_copy(update=update)
+    """The settings with every file path made absolute (replicas do not share the driver's cwd)."""
+    return settings.model_copy(update={name: value.resolve() for name, value in settings
+                                       if isinstance(value, Path)})
 
 
 def build_asgi_app(settings: Settings):

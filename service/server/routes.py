@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
 from service.server import pipeline
-from service.server.errors import ApiError
+from service.server.errors import ApiError, retry_headers
 from service.server.reload import ReloadFailed, ReloadInProgress
 from service.server.schemas import (DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse, ReloadRequest,
                                     ReloadResponse)
@@ -67,7 +67,7 @@ def require_ready(state: ServiceState) -> LoadedModel:
     model = state.model
     if not state.serving or model is None:
         raise ApiError(503, "not_ready", "the model is not loaded yet or the service is stopping",
-                       {"Retry-After": str(state.settings.retry_after_s)})
+                       retry_headers(state.settings.retry_after_s))
     return model
 
 
@@ -171,7 +171,7 @@ def admit(state: ServiceState) -> None:
     if state.inflight >= state.settings.max_inflight_requests:
         raise ApiError(503, "overloaded",
                        f"{state.inflight} requests in progress (limit {state.settings.max_inflight_requests})",
-                       {"Retry-After": str(state.settings.retry_after_s)})
+                       retry_headers(state.settings.retry_after_s))
     state.inflight += 1
 
 
