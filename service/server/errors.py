@@ -64,10 +64,11 @@ def retry_headers(retry_after_s: int) -> dict[str, str]:
 
 
 def validation_message(errors: list[dict[str, Any]]) -> str:
-    """FastAPI's error list as one line: 'query.threshold: Input should be ...' (no input echo)."""
+    """FastAPI's / pydantic's error list as one line: 'query.threshold: Input should be ...' (no
+    input echo); an error about the whole document (no location) is placed at 'body'."""
     parts = []
     for err in errors[:10]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
+        loc = ".".join(str(p) for p in err.get("loc", ())) or "body"
         parts.append(f"{loc}: {err.get('msg', 'invalid')}")
     return "; ".join(parts) or "invalid request"
 

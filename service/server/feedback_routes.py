@@ -11,7 +11,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service.server.errors import ApiError, validation_message
+from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.feedback import MAX_BODY_BYTES, FeedbackIn, FeedbackOut
 from service.server.routes import authenticate, service_of
 from service.server.schemas import ErrorResponse
@@ -35,7 +35,7 @@ async def feedback(request: Request, x_api_key: Annotated[str | None, Header()] 
         raise ApiError(404, "feedback_disabled", "operator feedback is not enabled on this service "
                        "(set DAPO_FEEDBACK_DB)")
     if state.manifest is None:
-        raise ApiError(503, "not_ready", "the model is not loaded yet", {"Retry-After": str(state.settings.retry_after_s)})
+        raise ApiError(503, "not_ready", "the model is not loaded yet", retry_headers(state.settings.retry_after_s))
     if not request.headers.get("content-type", "").lower().startswith("application/json"):
         raise ApiError(415, "unsupported_media_type", "POST /v1/feedback expects application/json")
     raw = await request.body()

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
 from service.server import pipeline
-from service.server.errors import ApiError, retry_headers
+from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.reload import ReloadFailed, ReloadInProgress
 from service.server.schemas import (DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse, ReloadRequest,
                                     ReloadResponse)
@@ -298,6 +298,5 @@ async def reload_body(request: Request) -> ReloadRequest:
     try:
         return ReloadRequest.model_validate_json(raw)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'body'}: {err['msg']}" for err in e.errors())
         raise ApiError(422, "invalid_parameter", f"reload body must be JSON {{\"artifact\": \"<folder>\"}}: "
-                                                 f"{problems}") from e
+                                                 f"{validation_message(list(e.errors()))}") from e
