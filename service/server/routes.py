@@ -199,8 +199,9 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
     if key is None:
         stored, replayed = await produce(), False
     else:
-        fingerprint = request_fingerprint(
-            "/detect", request.query_params.multi_items(), sorted(echo.items()),
+        # hashing the uploads (up to max_request_mb) would hold the event loop: the CPU pool does it
+        fingerprint = await pipeline.run_cpu(
+            state, request_fingerprint, "/detect", request.query_params.multi_items(), sorted(echo.items()),
             [("image", u.filename, u.data) for u in uploads])
         stored, replayed = await state.idempotency.run(f"{principal}:{key}", fingerprint, produce)
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
