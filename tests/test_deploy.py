@@ -313,7 +313,7 @@ def test_dockerfile_layers_user_and_dependencies(dockerfile, tmp_path):
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = {"Dockerfile.cpu": ["cpu"], "Dockerfile.gpu": ["gpu"],
+    extras = {"Dockerfile.cpu": ["cpu", "sinks"], "Dockerfile.gpu": ["gpu", "sinks"],  # serving: MQTT/webhooks work
               "Dockerfile.train": ["train", "cpu"]}[dockerfile.name]
     assert requirements == project["dependencies"] + [r for x in extras for r in project["optional-dependencies"][x]]
     names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
