@@ -114,7 +114,7 @@ def one_answer() -> tuple[list, list[dict]]:
 
 
 def loop_of(env: dict[str, str]):
-    from service.server.loop import LineLoop
+    from service.server.line.loop import LineLoop
     from service.server.metrics import Metrics
     from service.server.settings import Settings
 

@@ -21,7 +21,7 @@ from service import cli
 from service.runtime.artifact import load_manifest
 from service.server.answers import Answer
 from service.server.app import create_app
-from service.server.recent import Expired, RecentAnswers, UnknownRequest
+from service.server.line.recent import Expired, RecentAnswers, UnknownRequest
 from service.server.settings import Settings
 from training.data.folder import load_folder
 

@@ -21,8 +21,8 @@ from pycocotools import mask as mask_utils
 from loop_util import detect, metric, png, wait_until, without_images
 from service.server.answers import Answer
 from service.server.app import create_app
-from service.server.samples import UNLABELLED, image_payload, model_label, sidecar_of, write_sample
-from service.server.samples_policy import SamplePolicy, SampleRule
+from service.server.line.samples import UNLABELLED, image_payload, model_label, sidecar_of, write_sample
+from service.server.line.samples_policy import SamplePolicy, SampleRule
 from service.server.settings import Settings
 from training.data.folder import load_folder
 

@@ -29,8 +29,8 @@ from service.server.answers import Answer, ResultMessage  # noqa: E402
 from service.server.app import create_app  # noqa: E402
 from service.server.metrics import Metrics  # noqa: E402
 from service.server.settings import Settings  # noqa: E402
-from service.server.sinks.mqtt import MqttOptions, MqttTransport  # noqa: E402
-from service.server.sinks.outbox import Outbox, OutboxOptions  # noqa: E402
+from service.server.line.sinks.mqtt import MqttOptions, MqttTransport  # noqa: E402
+from service.server.line.sinks.outbox import Outbox, OutboxOptions  # noqa: E402
 
 QUEUE = 5
 CLIENT_ID = "dapo-test-line"
@@ -123,7 +123,7 @@ def test_last_will_says_offline_when_the_process_dies(broker):
     code = (
         "import os, time\n"
         "from service.server.settings import Settings\n"
-        "from service.server.sinks.mqtt import MqttOptions, MqttTransport\n"
+        "from service.server.line.sinks.mqtt import MqttOptions, MqttTransport\n"
         f"t = MqttTransport(MqttOptions.from_settings(Settings(mqtt_url='{broker.url}', mqtt_client_id='{client_id}')))\n"
         "t.start()\n"
         "deadline = time.monotonic() + 10\n"

@@ -27,8 +27,8 @@ from service.server.answers import Answer, ResultMessage  # noqa: E402
 from service.server.app import create_app  # noqa: E402
 from service.server.metrics import Metrics  # noqa: E402
 from service.server.settings import Settings  # noqa: E402
-from service.server.sinks.outbox import Outbox, OutboxOptions  # noqa: E402
-from service.server.sinks.webhook import WebhookOptions, WebhookTransport  # noqa: E402
+from service.server.line.sinks.outbox import Outbox, OutboxOptions  # noqa: E402
+from service.server.line.sinks.webhook import WebhookOptions, WebhookTransport  # noqa: E402
 
 SECRET = b"line-7-webhook-secret"
 FAILURES = 2  # the endpoint answers 503 to the first FAILURES attempts of each result

@@ -28,7 +28,7 @@ from service.runtime.artifact import MANIFEST, load_manifest, sha256_file
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.server.batching import MicroBatcher
-from service.server.feedback_routes import router as feedback_router
+from service.server.line.feedback_routes import router as feedback_router
 from service.server.errors import install_handlers
 from service.server.logs import configure_logging
 from service.server.metrics import Metrics

@@ -15,7 +15,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.runtime.artifact import DEMO_ARTIFACT
-from service.server.samples_policy import SampleRule
+from service.server.line.samples_policy import SampleRule
 
 
 def _split_list(value: object) -> object:
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     # threads for decode / preprocess / postprocess; None = one per CPU available to the process
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
-    # --- closing the loop with the line (service.server.loop): sinks, samples, feedback ----
+    # --- closing the loop with the line (service.server.line.loop): sinks, samples, feedback ----
     # MQTT result sink (the `sinks` extra): mqtt://host:1883 or mqtts://host:8883 (TLS); unset = off
     mqtt_url: str | None = None
     mqtt_topic: str = "dapo/{station_id}/{product}/result"  # placeholders: echo fields, verdict

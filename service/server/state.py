@@ -22,7 +22,7 @@ from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, ImageLimits
 from service.server.batching import MicroBatcher
-from service.server.loop import LineLoop
+from service.server.line.loop import LineLoop
 from service.server.metrics import Metrics
 from service.server.quality import QualityMetrics, QualityOptions
 from service.server.auth import ApiKeys

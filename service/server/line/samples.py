@@ -10,7 +10,7 @@ The layout is the one `dapo train / calibrate / eval --layout folder` read
 plus `<stem>.json` beside each image (the result without images, who labelled it and why it
 was kept; the loaders read images only). Roots: `<samples_dir>/<rule kind>/` for samples kept
 by policy (labelled by the MODEL: its verdict, its top defect type, its mask) and
-`<samples_dir>/feedback/` for samples labelled by an OPERATOR (service.server.feedback). An
+`<samples_dir>/feedback/` for samples labelled by an OPERATOR (service.server.line.feedback). An
 image the model flagged without any defect pixels has no type to file it under; a policy
 sample of that kind goes to `<product>/.unlabelled/` (kept for review, skipped by the loaders).
 
@@ -45,7 +45,7 @@ from pycocotools import mask as mask_utils
 
 from service.server.answers import Answer, iso_utc, public_result
 from service.server.metrics import LoopMetrics
-from service.server.samples_policy import SamplePolicy, SampleRule
+from service.server.line.samples_policy import SamplePolicy, SampleRule
 
 log = logging.getLogger("dapo.samples")
 

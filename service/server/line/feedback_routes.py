@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from service.server.errors import ApiError, retry_headers, validation_message
-from service.server.feedback import MAX_BODY_BYTES, FeedbackIn, FeedbackOut
+from service.server.line.feedback import MAX_BODY_BYTES, FeedbackIn, FeedbackOut
 from service.server.routes import authenticate, service_of
 from service.server.schemas import ErrorResponse
 

@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from service.server.answers import Answer
 from service.server.errors import ApiError
 from service.server.metrics import LoopMetrics
-from service.server.recent import Expired, RecentAnswers, UnknownRequest
-from service.server.samples import (FEEDBACK_ROOT, GOOD, ErrorCounter, Label, result_mask, sample_stem,
+from service.server.line.recent import Expired, RecentAnswers, UnknownRequest
+from service.server.line.samples import (FEEDBACK_ROOT, GOOD, ErrorCounter, Label, result_mask, sample_stem,
                                     sidecar_of, write_sample)
 
 if TYPE_CHECKING:  # SQLAlchemy (~0.3 s to import) loads only where feedback is configured

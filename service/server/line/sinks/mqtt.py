@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 import paho.mqtt.client as mqtt
 
 from service.server.answers import ResultMessage
-from service.server.sinks import secret_from
-from service.server.sinks.outbox import DELIVERED, Outcome, Status
+from service.server.line.sinks import secret_from
+from service.server.line.sinks.outbox import DELIVERED, Outcome, Status
 
 log = logging.getLogger("dapo.sinks")
 

@@ -4,9 +4,9 @@
 what the request already holds and hands it to the parts that are configured, each of which
 only queues (microseconds; the work is done by their own threads):
 
-- result sinks (MQTT, webhook): service.server.sinks, one bounded outbox each;
-- samples kept by policy: service.server.samples;
-- the recent-answers ring that operator feedback needs: service.server.recent / feedback.
+- result sinks (MQTT, webhook): service.server.line.sinks, one bounded outbox each;
+- samples kept by policy: service.server.line.samples;
+- the recent-answers ring that operator feedback needs: service.server.line.recent / feedback.
 
 Nothing here can fail a request: a bug in a hook is logged and the answer goes out regardless.
 """
@@ -17,25 +17,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from service.server.answers import Answer, ResultMessage, UploadLike
-from service.server.feedback import FeedbackDesk
+from service.server.line.feedback import FeedbackDesk
 from service.server.metrics import LoopMetrics
-from service.server.recent import RecentAnswers
-from service.server.samples import SampleKeeper
-from service.server.samples_policy import SamplePolicy
+from service.server.line.recent import RecentAnswers
+from service.server.line.samples import SampleKeeper
+from service.server.line.samples_policy import SamplePolicy
 from service.server.settings import Settings
-from service.server.sinks.outbox import Outbox, OutboxOptions, Transport
+from service.server.line.sinks.outbox import Outbox, OutboxOptions, Transport
 
 log = logging.getLogger("dapo.loop")
 
 
 def _mqtt(s: Settings) -> Transport:
-    from service.server.sinks.mqtt import MqttOptions, MqttTransport
+    from service.server.line.sinks.mqtt import MqttOptions, MqttTransport
 
     return MqttTransport(MqttOptions.from_settings(s))
 
 
 def _webhook(s: Settings) -> Transport:
-    from service.server.sinks.webhook import WebhookOptions, WebhookTransport
+    from service.server.line.sinks.webhook import WebhookOptions, WebhookTransport
 
     return WebhookTransport(WebhookOptions.from_settings(s))
 

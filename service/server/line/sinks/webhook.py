@@ -23,8 +23,8 @@ import urllib3
 
 import service
 from service.server.answers import ResultMessage
-from service.server.sinks import secret_from
-from service.server.sinks.outbox import DELIVERED, Outcome, Status
+from service.server.line.sinks import secret_from
+from service.server.line.sinks.outbox import DELIVERED, Outcome, Status
 
 SIGNATURE_HEADER = "X-Dapo-Signature-256"
 DELIVERY_HEADER = "X-Dapo-Delivery"

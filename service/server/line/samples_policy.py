@@ -9,7 +9,7 @@ list of rules; the first rule that matches an image keeps it, so one image is wr
 - ``all``:            everything
 
 Each rule has a ``cap`` (samples kept per product for that rule; the oldest go first) and a
-``retention`` (older samples are deleted). Writing is `service.server.samples`' job.
+``retention`` (older samples are deleted). Writing is `service.server.line.samples`' job.
 """
 from __future__ import annotations
 
