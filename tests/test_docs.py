@@ -85,6 +85,9 @@ def test_documented_query_parameters_and_headers_match(openapi):
     params = openapi["paths"]["/detect"]["post"]["parameters"]
     query = {p["name"] for p in params if p["in"] == "query"}
     headers = {p["name"].lower() for p in params if p["in"] == "header"}
+    schemes = openapi["components"]["securitySchemes"]
+    for requirement in openapi["paths"]["/detect"]["post"]["security"]:  # X-API-Key: a security scheme
+        headers |= {schemes[name]["name"].lower() for name in requirement if schemes[name]["in"] == "header"}
     assert {row[0] for row in doc_table("query")} == query
     documented_headers = {row[0].lower() for row in doc_table("request headers")}
     assert headers <= documented_headers  # X-Request-ID is read by the middleware, not a parameter

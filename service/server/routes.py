@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import orjson
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Security
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,19 +24,33 @@ from service.runtime.detector import Upload
 from service.server import pipeline
 from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.reload import ReloadFailed, ReloadInProgress
-from service.server.schemas import (DETECT_FORM_SCHEMA, DetectResponse, ErrorResponse, ReloadRequest,
-                                    ReloadResponse)
+from service.server.schemas import (DETECT_FORM_SCHEMA, MAX_FIELD_LEN, DetectResponse, ErrorResponse,
+                                    ReloadRequest, ReloadResponse)
 from service.server.idempotency import MAX_IDEMPOTENCY_KEY_LEN, StoredResponse, request_fingerprint
 from service.server.state import LoadedModel, ServiceState
 
 router = APIRouter()
+# X-API-Key as an OpenAPI security scheme (Swagger's Authorize, a generated client's one place for
+# the key). auto_error=False: it only reads the header; `authenticate` decides, as before, so the
+# order of checks and the 401 envelope are the routes' own.
+API_KEY = APIKeyHeader(name="X-API-Key", scheme_name="ApiKey", auto_error=False,
+                       description="the caller's key, when the service has keys configured (DAPO_API_KEYS)")
+ApiKey = Annotated[str | None, Security(API_KEY)]
+# A /detect answer leads to feedback on any of its images: the answer's request_id names it.
+DETECT_LINKS = {"submitFeedback": {
+    "operationId": "submitFeedback",
+    "requestBody": {"request_id": "$response.body#/request_id", "index": 0},
+    "description": "An operator's verdict on one image of this answer: its request_id, and the image's "
+                   "index in `results` (upload order)."}}
 
 ECHO_FIELDS = ("product", "part_id", "station_id", "recipe_id")
-MAX_FIELD_LEN = 256
 MAX_FILENAME_LEN = 255
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
+# Stated in the schema only: the route checks it itself (check_idempotency_key), after the key
+# and readiness checks, so the order of answers stays as it was.
+IDEMPOTENCY_KEY_SCHEMA = {"pattern": r"^[\x21-\x7e]+$", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LEN}
 HEATMAP_MAX_SIDE_DOC = (
     "heatmap_png and overlay_png are the original size divided by the smallest power of two (1, 2, 4, ...) "
     "that makes the longer side at most this many px; 0 = the original size; "
@@ -134,8 +149,9 @@ def check_idempotency_key(key: str | None) -> str | None:
 @router.post(
     "/detect",
     summary="Detect and localise defects in one or more images",
+    operation_id="detect",
     response_model=None,
-    responses={200: {"model": DetectResponse}, **_ERRORS},
+    responses={200: {"model": DetectResponse, "links": DETECT_LINKS}, **_ERRORS},
     openapi_extra={"requestBody": {"required": True,
                                    "content": {"multipart/form-data": {"schema": DETECT_FORM_SCHEMA}}}},
 )
@@ -147,8 +163,8 @@ async def detect(
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     defect_types: Annotated[str | None, Query(description="comma list restricting the competing types")] = None,
     heatmap_max_side: Annotated[int | None, Query(ge=0, le=65535, description=HEATMAP_MAX_SIDE_DOC)] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-    idempotency_key: Annotated[str | None, Header()] = None,
+    x_api_key: ApiKey = None,
+    idempotency_key: Annotated[str | None, Header(json_schema_extra=IDEMPOTENCY_KEY_SCHEMA)] = None,
 ) -> Response:
     state = service_of(request)
     principal = authenticate(state, x_api_key)
@@ -208,21 +224,21 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
     return Response(stored.body, status_code=stored.status, media_type=stored.media_type, headers=headers)
 
 
-@router.get("/livez", summary="The process is up")
+@router.get("/livez", summary="The process is up", operation_id="getLiveness")
 async def livez() -> dict[str, str]:
     return {"status": "alive"}
 
 
-@router.get("/readyz", summary="Artifact loaded, warm-up done, backend usable",
+@router.get("/readyz", summary="Artifact loaded, warm-up done, backend usable", operation_id="getReadiness",
             responses={503: {"model": ErrorResponse}})
 async def readyz(request: Request) -> JSONResponse:
     backend = require_ready(service_of(request)).detector.backend
     return JSONResponse({"status": "ready", "backend": backend.name, "provider": backend.provider})
 
 
-@router.get("/v1/model", summary="The served model, its vocabulary and per-product settings",
+@router.get("/v1/model", summary="The served model, its vocabulary and per-product settings", operation_id="getModel",
             responses={401: {"model": ErrorResponse}, 503: {"model": ErrorResponse}})
-async def model_info(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+async def model_info(request: Request, x_api_key: ApiKey = None) -> JSONResponse:
     state = service_of(request)
     authenticate(state, x_api_key)
     model = state.model
@@ -252,7 +268,7 @@ async def model_info(request: Request, x_api_key: Annotated[str | None, Header()
     })
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+@router.get("/metrics", summary="Prometheus metrics", operation_id="getMetrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     state = service_of(request)
     model = state.model
@@ -262,12 +278,13 @@ async def metrics(request: Request) -> Response:
 
 
 @router.post("/v1/model/reload", summary="Load an artifact beside the serving model and switch to it",
+             operation_id="reloadModel",
              responses={200: {"model": ReloadResponse}, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse},
                         409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                         500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
              openapi_extra={"requestBody": {"required": False, "content": {
                  "application/json": {"schema": ReloadRequest.model_json_schema()}}}})
-async def reload_model(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+async def reload_model(request: Request, x_api_key: ApiKey = None) -> JSONResponse:
     """Admin only. Verifies, loads and warms the artifact beside the serving model, then switches;
     on failure the serving model is unchanged and the error says why (see service.server.reload).
     The body (optional JSON `{"artifact": "<folder>"}`) is read only after the key was checked."""

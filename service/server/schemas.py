@@ -95,16 +95,20 @@ class ErrorResponse(_Strict):
     error: ErrorBody
 
 
+MAX_FIELD_LEN = 256  # each echoed form field (product, part_id, station_id, recipe_id)
 DETECT_FORM_SCHEMA = {
     "type": "object",
     "required": ["image"],
     "properties": {
-        "image": {"type": "array", "items": {"type": "string", "format": "binary"},
-                  "description": "one or more images: JPEG, PNG, BMP, TIFF, WebP"},
-        "product": {"type": "string", "description": "selects allowed defect types and thresholds"},
-        "part_id": {"type": "string"},
-        "station_id": {"type": "string"},
-        "recipe_id": {"type": "string"},
+        "image": {"type": "array", "items": {"type": "string", "format": "binary"}, "minItems": 1,
+                  "description": "one or more images (repeat the field): JPEG, PNG, BMP, TIFF, WebP; "
+                                 "a form without one is answered 400 missing_image"},
+        "product": {"type": "string", "minLength": 1, "maxLength": MAX_FIELD_LEN,
+                    "description": "a product of the served artifact (GET /v1/model lists them; another name is "
+                                   "answered 422 invalid_parameter): selects allowed defect types and thresholds"},
+        "part_id": {"type": "string", "maxLength": MAX_FIELD_LEN},
+        "station_id": {"type": "string", "maxLength": MAX_FIELD_LEN},
+        "recipe_id": {"type": "string", "maxLength": MAX_FIELD_LEN},
     },
 }
 

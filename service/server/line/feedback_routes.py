@@ -5,15 +5,15 @@ even what the body should look like); the body is then parsed with its own small
 """
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.line.feedback import MAX_BODY_BYTES, FeedbackIn, FeedbackOut
-from service.server.routes import authenticate, service_of
+from service.server.routes import ApiKey, authenticate, service_of
 from service.server.schemas import ErrorResponse
 
 router = APIRouter()
@@ -23,11 +23,12 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 @router.post(
     "/v1/feedback", status_code=201, summary="An operator's verdict on one image of a recent answer",
+    operation_id="submitFeedback",
     response_model=None, responses={201: {"model": FeedbackOut}, **_ERRORS},
     openapi_extra={"requestBody": {"required": True,
                                    "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}},
 )
-async def feedback(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> JSONResponse:
+async def feedback(request: Request, x_api_key: ApiKey = None) -> JSONResponse:
     state = service_of(request)
     principal = authenticate(state, x_api_key)
     desk = state.loop.feedback
