@@ -24,6 +24,20 @@ from service.server.idempotency import IdempotencyConflict, IdempotencyInterrupt
 
 log = logging.getLogger("dapo.errors")
 
+# Every `code` the service can answer, the one list. docs/api.md's error table must list each
+# (tests/test_docs_drift.py), and that test's scan of service/ finds every code literal given to
+# ApiError, envelope or ImageError (and the maps below) and fails on one missing here: a new code
+# is added here and documented in docs/api.md, or CI says which is missing.
+ERROR_CODES: frozenset[str] = frozenset({
+    "bad_request", "client_disconnected", "duplicate_feedback", "error", "feedback_disabled",
+    "feedback_expired", "forbidden", "idempotency_conflict", "image_too_large", "inference_failed",
+    "internal_error", "invalid_artifact", "invalid_feedback", "invalid_image", "invalid_parameter",
+    "malformed_multipart", "method_not_allowed", "missing_image", "not_acceptable", "not_found",
+    "not_ready", "overloaded", "payload_too_large", "queue_full", "reload_failed", "reload_in_progress",
+    "retry", "too_many_files", "too_many_requests", "unauthorized", "unavailable", "unknown_request",
+    "unsupported_media_type",
+})
+
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                  405: "method_not_allowed", 406: "not_acceptable", 413: "payload_too_large",
                  415: "unsupported_media_type", 422: "invalid_parameter", 429: "too_many_requests",

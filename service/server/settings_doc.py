@@ -18,6 +18,7 @@ import enum
 import inspect
 import json
 import sys
+import textwrap
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,6 @@ from typing import Any
 from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
 
-from service.server import settings as settings_module
 from service.server.settings import Settings
 
 DOC = Path("docs/settings.md")
@@ -127,21 +127,40 @@ def jsonable(value: Any) -> Any:
     return value
 
 
-def source_notes() -> tuple[dict[str, str], dict[str, str]]:
-    """From settings.py's source: {field: its comment} and {field: its section}."""
-    source = inspect.getsource(settings_module)
+def fields_of(settings_cls: type | None = None) -> dict[str, Any]:
+    return (settings_cls or Settings).model_fields
+
+
+def source_notes(settings_cls: type | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """From the class's source (and its bases'): {field: its comment} and {field: its section}."""
+    comments: dict[str, str] = {}
+    sections: dict[str, str] = {}
+    for cls in reversed((settings_cls or Settings).__mro__):
+        if cls is Settings or (isinstance(cls, type) and issubclass(cls, Settings)):
+            c, s = class_notes(cls)
+            comments.update(c)
+            sections.update(s)
+    return comments, sections
+
+
+def class_notes(cls: type) -> tuple[dict[str, str], dict[str, str]]:
+    """The comments beside or above each field of one class body, and the `# --- x ---` section
+    each field sits in."""
+    lines, _ = inspect.getsourcelines(cls)
+    source = textwrap.dedent("".join(lines))
     lines = source.splitlines()
-    cls = next(n for n in ast.parse(source).body if isinstance(n, ast.ClassDef) and n.name == Settings.__name__)
+    node_cls = ast.parse(source).body[0]
+    assert isinstance(node_cls, ast.ClassDef)
     comments: dict[str, str] = {}
     sections: dict[str, str] = {}
     section = "general"
-    previous_end = cls.body[0].end_lineno if cls.body else cls.lineno
-    for node in cls.body:
+    previous_end = node_cls.lineno
+    for node in node_cls.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             previous_end = node.end_lineno or node.lineno
             continue
         above: list[str] = []
-        for raw in lines[previous_end:node.lineno - 1]:  # comment lines between the previous field and this one
+        for raw in lines[previous_end:node.lineno - 1]:  # comment lines between the previous statement and this field
             text = raw.strip()
             if text.startswith("# ---"):
                 section = text.strip("# -").strip()
@@ -150,7 +169,8 @@ def source_notes() -> tuple[dict[str, str], dict[str, str]]:
                 above.append(text.lstrip("#").strip())
             elif not text:
                 above = []
-        inline = lines[node.end_lineno - 1].split("  # ", 1)[1].strip() if "  # " in lines[node.end_lineno - 1] else ""
+        last = lines[(node.end_lineno or node.lineno) - 1]
+        inline = last.split("  # ", 1)[1].strip() if "  # " in last else ""
         comments[node.target.id] = " ".join(part for part in (" ".join(above), inline) if part)
         sections[node.target.id] = section
         previous_end = node.end_lineno or node.lineno
@@ -179,10 +199,11 @@ def choices(field: Any) -> str:
     return ""
 
 
-def rows() -> list[Row]:
-    comments, sections = source_notes()
+def rows(settings_cls: type | None = None) -> list[Row]:
+    """One row per field of `settings_cls` (default: Settings), in declaration order."""
+    comments, sections = source_notes(settings_cls)
     out = []
-    for name, field in Settings.model_fields.items():
+    for name, field in fields_of(settings_cls).items():
         what = field.description or comments.get(name) or NOTES.get(name, "")
         extra = "; ".join(x for x in (choices(field), bounds(field)) if x)
         if extra:
@@ -196,11 +217,11 @@ def cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def render() -> str:
+def render(settings_cls: type | None = None) -> str:
     """docs/settings.md as it must be now."""
     parts = [HEADER]
     by_section: dict[str, list[Row]] = {}
-    for row in rows():
+    for row in rows(settings_cls):
         by_section.setdefault(row.section, []).append(row)
     for section, section_rows in by_section.items():
         parts.append(f"\n## {section[:1].upper()}{section[1:]}\n\n<!-- table: settings -->\n"
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render()
     if args.write:
         args.out.write_text(text, encoding="utf-8")
-        print(f"wrote {args.out} ({len(Settings.model_fields)} settings)")
+        print(f"wrote {args.out} ({len(fields_of())} settings)")
     elif args.check:
         if not args.out.exists() or args.out.read_text(encoding="utf-8") != text:
             print(f"{args.out} is out of date: run `{COMMAND}`", file=sys.stderr)
