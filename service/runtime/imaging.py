@@ -47,7 +47,7 @@ overlay was asked for; full resolution is decoded only for a full-size overlay.
 Measured against simplejpeg and PyTurboJPEG (the maintained libjpeg-turbo bindings), Pillow's
 draft decodes the same pixels (within 2 grey levels) in at most ~10 % more time, with no second
 decoder to harden against hostile bytes and no system library to match (PyTurboJPEG 2 needs
-libjpeg-turbo 3, which Debian 12 does not ship); figures in the README.
+libjpeg-turbo 3, which Debian 12 does not ship); figures in docs/benchmarks.md.
 
 Training and evaluation read images through `load` as well (`training.data.common`), so the
 tensors the model is trained and calibrated on come from the same decode as those it serves.

@@ -281,7 +281,7 @@ _PALETTE = palette()
 
 def png_b64(img: Image.Image, huffman_only: bool = False) -> str:
     """Encode a Pillow image as base64 PNG (zlib level 1: these are transient payloads; measured,
-    level 1 is 3-8x faster than 6 for 1.4-2x the size, see the README).
+    level 1 is 3-8x faster than 6 for 1.4-2x the size, see docs/benchmarks.md).
 
     `huffman_only`: deflate without LZ77 matching, for photo content (overlays), where matches
     are rare: measured 20 % faster and 15 % smaller than the default strategy on a 5 MP

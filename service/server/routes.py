@@ -59,7 +59,7 @@ HEATMAP_MAX_SIDE_DOC = (
 
 def encode_json(body: dict[str, Any]) -> bytes:
     """The /detect answer as compact UTF-8 JSON. orjson: measured 10-15x faster than json.dumps on
-    answers with masks and heatmaps (see the README), and the bytes parse to the same values
+    answers with masks and heatmaps (docs/benchmarks.md), and the bytes parse to the same values
     (numpy scalars included)."""
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
