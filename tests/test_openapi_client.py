@@ -3,8 +3,9 @@
 `openapi-python-client` (dev extra) generates a client from the running service's
 /openapi.json; the test imports it and calls `detect` with the API key set once on the client
 (the `ApiKey` security scheme), then follows the answer's OpenAPI link to `submitFeedback`.
-The generated names (`detect`, `submit_feedback`, `DetectBody`...) come from the stable
-operation ids, so a renamed operation fails here as it would break an integrator's build.
+The generated names (`detect`, `submit_feedback`, `DetectBody`, `FeedbackIn`...) come from the
+stable operation ids and component names, so a renamed one fails here as it would break an
+integrator's build.
 The server is the real entry point (`dapo serve`) in a child process on a loopback port.
 """
 from __future__ import annotations
@@ -99,7 +100,7 @@ def test_generated_client_detects_then_gives_feedback(served, client_package):
     linked = resolve(link["requestBody"], answer.to_dict())
     assert linked == {"request_id": answer.request_id, "index": 0}
     verdict = "false_positive" if result.is_anomalous else "correct"  # both mean: this part is good
-    feedback = models.SubmitFeedbackFeedbackIn.from_dict({**linked, "verdict": verdict, "note": "generated client"})
+    feedback = models.FeedbackIn.from_dict({**linked, "verdict": verdict, "note": "generated client"})
     stored = submit_feedback.sync_detailed(client=client, body=feedback)
     assert stored.status_code == 201, stored.content
     assert isinstance(stored.parsed, models.FeedbackOut)

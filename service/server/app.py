@@ -29,13 +29,16 @@ from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.server.batching import MicroBatcher
 from service.server.line.feedback_routes import router as feedback_router
+from service.server import openapi_contract
 from service.server.errors import install_handlers
+from service.server.line.feedback import FeedbackIn
 from service.server.logs import configure_logging
 from service.server.metrics import Metrics
 from service.server.middleware import BodyLimitMiddleware, RequestContextMiddleware
 from service.server.reload import Reloader
 from service.server.routes import router
 from service.server.ui import router as ui_router
+from service.server.schemas import ReloadRequest
 from service.server.settings import Settings
 from service.server.state import LoadedModel, ServiceState, cpu_workers
 
@@ -167,6 +170,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.include_router(feedback_router)  # POST /v1/feedback
     app.include_router(ui_router)  # the operator page at / and /ui (static, same API)
     install_handlers(app, settings.retry_after_s)
+    openapi_contract.install(app, [FeedbackIn, ReloadRequest])  # bodies the routes read after the key check
     # added innermost first: body limit, then request context, then CORS outermost
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=state.metrics)

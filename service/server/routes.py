@@ -23,6 +23,7 @@ from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
 from service.server import pipeline
 from service.server.errors import ApiError, retry_headers, validation_message
+from service.server.openapi_contract import component_ref
 from service.server.reload import ReloadFailed, ReloadInProgress
 from service.server.schemas import (DETECT_FORM_SCHEMA, MAX_FIELD_LEN, DetectResponse, ErrorResponse,
                                     ReloadRequest, ReloadResponse)
@@ -283,7 +284,7 @@ async def metrics(request: Request) -> Response:
                         409: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                         500: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
              openapi_extra={"requestBody": {"required": False, "content": {
-                 "application/json": {"schema": ReloadRequest.model_json_schema()}}}})
+                 "application/json": {"schema": component_ref(ReloadRequest)}}}})
 async def reload_model(request: Request, x_api_key: ApiKey = None) -> JSONResponse:
     """Admin only. Verifies, loads and warms the artifact beside the serving model, then switches;
     on failure the serving model is unchanged and the error says why (see service.server.reload).

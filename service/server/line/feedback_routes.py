@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.line.feedback import MAX_BODY_BYTES, FeedbackIn, FeedbackOut
+from service.server.openapi_contract import component_ref
 from service.server.routes import ApiKey, authenticate, service_of
 from service.server.schemas import ErrorResponse
 
@@ -26,7 +27,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     operation_id="submitFeedback",
     response_model=None, responses={201: {"model": FeedbackOut}, **_ERRORS},
     openapi_extra={"requestBody": {"required": True,
-                                   "content": {"application/json": {"schema": FeedbackIn.model_json_schema()}}}},
+                                   "content": {"application/json": {"schema": component_ref(FeedbackIn)}}}},
 )
 async def feedback(request: Request, x_api_key: ApiKey = None) -> JSONResponse:
     state = service_of(request)
