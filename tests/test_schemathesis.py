@@ -43,9 +43,10 @@ SERVER_DATA: dict[str, list[str]] = {}  # the served model's products and defect
 
 
 @pytest.fixture(scope="module")
-def api_schema(demo_artifact):
-    app = create_app(Settings(artifact=demo_artifact, max_batch_size=4, max_queue_delay_ms=2, warmup=False),
-                     configure_logs=False)
+def api_schema(demo_artifact, tmp_path_factory):
+    feedback_db = tmp_path_factory.mktemp("schemathesis") / "feedback.sqlite"  # so /v1/feedback reads its body
+    app = create_app(Settings(artifact=demo_artifact, max_batch_size=4, max_queue_delay_ms=2, warmup=False,
+                              feedback_db=str(feedback_db)), configure_logs=False)
     manifest = load_manifest(demo_artifact, verify=False)
     SERVER_DATA["products"] = sorted(manifest.products)
     SERVER_DATA["words"] = [v.name for v in manifest.vocabulary if v.id != 0]

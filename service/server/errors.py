@@ -48,6 +48,7 @@ class ApiError(Exception):
     """An error with its HTTP status and stable code, raised anywhere in request handling."""
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        assert code in ERROR_CODES, f"error code {code!r} is not in ERROR_CODES (and docs/api.md)"
         super().__init__(message)
         self.status = status
         self.code = code
