@@ -27,7 +27,10 @@ There are two checks, for two purposes:
      fragile pixel);
    - heatmaps decoded per pixel: levels may differ by at most `HEATMAP_LEVELS` (1);
    - overlays decoded per pixel: a channel may differ by at most `OVERLAY_STEP`, what one
-     heatmap level moves the colour map after the blend.
+     heatmap level moves the colour map after the blend;
+   - and in both, only a few pixels may differ at all (`PICTURE_MAX_CHANGED`): a level flips
+     only where the value lies within tolerance of a rounding boundary (measured: at most 1 of
+     3072 pixels), whereas a systematic change (floor for round, another blend) moves most.
 
    Without a fragile map (None), no mask pixel may differ.
 
@@ -72,6 +75,9 @@ HEATMAP_LEVELS = 1
 # one heatmap level moves a colour-map channel by at most max|diff(_JET)|; the blend scales that
 # by alpha, and both roundings (LUT, blend) add one
 OVERLAY_STEP = int(math.ceil(_OVERLAY_ALPHA * int(np.abs(np.diff(_JET.astype(int), axis=0)).max()))) + 1
+# at most this fraction of a picture's pixels (and never fewer than PICTURE_MIN_CHANGED) may differ
+PICTURE_MAX_CHANGED = 0.01
+PICTURE_MIN_CHANGED = 4
 SIG_DIGITS = 6  # postprocess.sig
 PER_CALL = ("request_id", "timing_ms", "artifact_sha256")
 
@@ -337,6 +343,11 @@ def _compare_picture(got_b64: str, want_b64: str, max_step: int, diffs: Diffs, p
     if g.shape != w.shape:
         diffs.add(path, f"shape {g.shape} vs recorded {w.shape}")
         return
-    worst = int(np.abs(g - w).max()) if g.size else 0
+    delta = np.abs(g - w)
+    worst = int(delta.max()) if g.size else 0
     if worst > max_step:
         diffs.add(path, f"a pixel differs by {worst} levels (at most {max_step} allowed)")
+    changed = int((delta.reshape(delta.shape[0], delta.shape[1], -1).max(axis=2) > 0).sum()) if g.size else 0
+    allowed = max(PICTURE_MIN_CHANGED, int(PICTURE_MAX_CHANGED * delta.shape[0] * delta.shape[1]))
+    if changed > allowed:
+        diffs.add(path, f"{changed} pixels differ (at most {allowed}: only values at a rounding boundary may flip)")

@@ -138,6 +138,14 @@ def _heatmap_two_levels(body: dict, _fragile) -> None:
     r["heatmap_png"] = _b64_png(heat)
 
 
+def _heatmap_floor(body: dict, _fragile) -> None:
+    """Every level one lower where it can be: what floor instead of round does to a heatmap."""
+    r = body["results"][1]
+    heat = decode_png(r["heatmap_png"]).astype(int)
+    r["heatmap_png"] = _b64_png(np.where(np.arange(heat.size).reshape(heat.shape) % 2 == 0,
+                                         np.maximum(heat - 1, 0), heat).astype(np.uint8))
+
+
 PLANTED = {
     "anomaly-score+1e-4": ("mask_format=rle|None", _move_score),
     "defect-type-score+1e-4": ("mask_format=rle|disc", _move_type_score),
@@ -147,6 +155,7 @@ PLANTED = {
     "rle-mask-shifted-1px": ("mask_format=rle|None", _shift_rle_mask),
     "png-mask-shifted-1px": ("mask_format=png|plate", _shift_png_mask),
     "heatmap-level+2": ("mask_format=none&heatmap=true|None", _heatmap_two_levels),
+    "heatmap-half-the-levels-1": ("mask_format=none&heatmap=true|disc", _heatmap_floor),
 }
 
 
