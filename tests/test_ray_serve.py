@@ -58,7 +58,7 @@ def ray_url(settings):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, 30)  # serve.run returns once replicas are up; the proxy may lag
+        wait_ready(url, 120)  # serve.run returns once replicas are up; the proxy may lag (a deadline)
         yield url
     finally:
         serve.shutdown()
