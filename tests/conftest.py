@@ -27,6 +27,14 @@ def demo_artifact_v2(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_fragile(demo_artifact):
+    """Golden key -> filename -> pixels whose class may differ on another CPU (golden_compare)."""
+    from test_detect_golden import fragile_maps
+
+    return fragile_maps(demo_artifact)
+
+
+@pytest.fixture(scope="session")
 def tiny_model():
     from training.bake import demo_model
 

@@ -58,7 +58,7 @@ def ray_url(settings):
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        wait_ready(url, 30)  # serve.run returns once replicas are up; the proxy may lag
+        wait_ready(url, 120)  # serve.run returns once replicas are up; the proxy may lag (a deadline)
         yield url
     finally:
         serve.shutdown()
@@ -184,6 +184,14 @@ def reference_score(settings: Settings, image: bytes) -> tuple[str, float]:
     return body["model"]["version"], body["results"][0]["anomaly_score"]
 
 
+def wait_for_answers(traffic, which, n: int, timeout: float = 120.0) -> None:
+    """Until n of the traffic's answers satisfy `which` (a deadline, never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while sum(1 for a in list(traffic.answers) if which(a)) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} such answers within {timeout} s"
+        time.sleep(0.05)
+
+
 def test_rolling_update_to_a_new_artifact_fails_no_request(ray_url, settings, demo_artifact_v2):
     """`serve.run` with a new artifact replaces the replicas one at a time (a new one is started
     and ready before the last old one stops); under continuous /detect traffic no request fails,
@@ -195,10 +203,10 @@ def test_rolling_update_to_a_new_artifact_fails_no_request(ray_url, settings, de
     assert len(expected) == 2 and len(set(expected.values())) == 2  # two versions, two different scores
 
     with Traffic(ray_url, image) as traffic:
-        time.sleep(1.0)  # answers from the serving version first
+        wait_for_answers(traffic, lambda a: True, 3)  # answers from the serving version first
         serve.run(build_app(v2, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
         updated = time.monotonic()
-        time.sleep(1.5)
+        wait_for_answers(traffic, lambda a: a[0] > updated + 0.5, 3)  # the asserted condition, not a sleep
     answers = traffic.answers
     failed = [a for a in answers if a[1] != 200]
     assert not failed, failed[:5]

@@ -113,6 +113,13 @@ class Load(BackgroundClients):
                 except httpx.HTTPError as e:
                     self.answers.append((t0, time.monotonic(), 0, repr(e)))
 
+    def wait_answers_started_after(self, t: float, n: int, timeout: float = 60.0) -> None:
+        """Until n answers of requests started after `t` are in (however slow the machine)."""
+        deadline = time.monotonic() + timeout
+        while sum(1 for a in list(self.answers) if a[0] > t) < n:
+            assert time.monotonic() < deadline, f"fewer than {n} answers within {timeout} s"
+            time.sleep(0.02)
+
 
 def test_five_swaps_under_load_no_failed_or_mixed_answer_and_a_corrupt_artifact_keeps_the_old(
         demo_artifact, demo_artifact_v2, references, tmp_path):
@@ -121,17 +128,17 @@ def test_five_swaps_under_load_no_failed_or_mixed_answer_and_a_corrupt_artifact_
     admin = {"X-API-Key": ADMIN}
     swaps = []
     with serve_in_thread(app) as url, Load(url) as load:
-        time.sleep(0.5)
+        load.wait_answers_started_after(0.0, 4)
         for target in [demo_artifact_v2, demo_artifact] * 2 + [demo_artifact_v2]:
             t0 = time.monotonic()
             r = httpx.post(f"{url}/v1/model/reload", json={"artifact": str(target)}, headers=admin, timeout=60)
             assert r.status_code == 200, r.text
             swaps.append((t0, time.monotonic(), r.json()))
-            time.sleep(0.4)  # answers from this model before the next swap
+            load.wait_answers_started_after(swaps[-1][1], 4)  # answers from this model before the next swap
         # a corrupt artifact: refused, naming the file; the model that served keeps serving
         r = httpx.post(f"{url}/v1/model/reload", json={"artifact": str(corrupt)}, headers=admin, timeout=60)
         failed_at = time.monotonic()
-        time.sleep(0.5)
+        load.wait_answers_started_after(failed_at, 4)
         info = httpx.get(f"{url}/v1/model", headers={"X-API-Key": LINE}, timeout=10).json()
         metrics_text = httpx.get(f"{url}/metrics", timeout=10).text
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_artifact"

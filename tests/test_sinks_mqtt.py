@@ -12,7 +12,6 @@ import os
 import statistics
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -57,6 +56,18 @@ def mqtt_client_of(app):
     return app.app.state.service.loop.outboxes[0].transport.client
 
 
+def barrier(app, sub) -> str:
+    """Publish one more result and wait until it arrives; returns its id.
+
+    The outbox sends in order over one connection (QoS 1, in order per client), so anything
+    it sent before this marker (a duplicate, a late result) has arrived once the marker has:
+    a condition to wait for, instead of a fixed sleep that a busy machine can outlast."""
+    body = detect(app, [png(999)], product="disc", station_id="st-barrier")
+    marker = f"{body['request_id']}:0"
+    sub.wait_for(lambda m: any(x.topic.endswith("/result") and x.json()["id"] == marker for x in m), timeout=20)
+    return marker
+
+
 def test_each_result_arrives_once_on_its_topic_with_the_api_result(app, broker):
     with Subscriber(broker.port, ["dapo/+/+/result"], client_id="sub-once") as sub:
         a = detect(app, [png(1), png(2)], product="disc", station_id="st-1", part_id="p-9")
@@ -66,9 +77,8 @@ def test_each_result_arrives_once_on_its_topic_with_the_api_result(app, broker):
             for i, result in enumerate(body["results"]):
                 expected[f"{body['request_id']}:{i}"] = (topic, body, i, result)
         sub.wait_for(lambda m: len(m) >= 3)
-        # a duplicate would come right behind: give it the time a PUBACK round trip takes, many times over
-        threading.Event().wait(0.5)
-        got = sub.results()
+        marker = barrier(app, sub)  # a duplicate would have come before it
+        got = [m for m in sub.results() if m.json()["id"] != marker]
     assert sorted(m.json()["id"] for m in got) == sorted(expected)  # each result once, nothing else
     for m in got:
         doc = m.json()
@@ -102,8 +112,8 @@ def test_broker_down_does_not_slow_detect_and_drops_only_the_oldest(app, broker)
 
         broker.start()
         messages = sub.wait_for(lambda m: len(m) >= 8 + QUEUE, timeout=20)
-        threading.Event().wait(0.5)
-        received_down = [m.json()["id"] for m in sub.results()[8:]]
+        marker = barrier(app, sub)  # anything sent after the outage has come before it
+        received_down = [m.json()["id"] for m in sub.results()[8:] if m.json()["id"] != marker]
 
     t_up, t_down = [t for t, _ in up], [t for t, _ in down]
     # /detect never waits on the sink: same latency with the broker gone (a blocked publish would
@@ -126,14 +136,17 @@ def test_last_will_says_offline_when_the_process_dies(broker):
         "from service.server.line.sinks.mqtt import MqttOptions, MqttTransport\n"
         f"t = MqttTransport(MqttOptions.from_settings(Settings(mqtt_url='{broker.url}', mqtt_client_id='{client_id}')))\n"
         "t.start()\n"
-        "deadline = time.monotonic() + 10\n"
-        "while not t.client.is_connected() and time.monotonic() < deadline: time.sleep(0.01)\n"
-        "time.sleep(0.3)\n"  # the retained "online" goes out from the connect callback
+        "import sys\n"
+        "sys.stdin.read()\n"  # until the test has seen "online" (it closes our stdin)
         "os._exit(0 if t.client.is_connected() else 3)\n")  # no DISCONNECT packet: the broker fires the will
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with Subscriber(broker.port, [f"dapo/status/{client_id}"], client_id="sub-will") as sub:
-        done = subprocess.run([sys.executable, "-c", code], env=env, timeout=60)
-        assert done.returncode == 0
+        child = subprocess.Popen([sys.executable, "-c", code], env=env, stdin=subprocess.PIPE)
+        try:
+            sub.wait_for(lambda m: len(m) >= 1, timeout=60)  # the retained "online", from the connect callback
+        finally:
+            child.stdin.close()
+        assert child.wait(60) == 0
         messages = sub.wait_for(lambda m: len(m) >= 2)
     assert [m.payload for m in messages] == [b"online", b"offline"]
     with Subscriber(broker.port, [f"dapo/status/{client_id}"], client_id="sub-will-late") as late:
@@ -191,7 +204,10 @@ def test_tls_with_credentials_from_a_file(tmp_path):
                     wait_until(lambda: value("dapo_sink_retries_total") >= 2)
                     assert value("dapo_sink_delivered_total") == 0 and value("dapo_sink_up") == 0
                 outbox.stop()
-            messages = sub.wait_for(lambda m: any(x.topic.endswith("/result") for x in m))
+            # the condition asserted below, not a neighbouring event: the result AND the good
+            # client's "offline" (published as its outbox stops, possibly after the result arrives)
+            messages = sub.wait_for(lambda m: any(x.topic.endswith("/result") for x in m)
+                                    and b"offline" in {x.payload for x in m if x.topic == "dapo/status/dapo-tls-good"})
     finally:
         broker.stop()
     results = [m for m in messages if m.topic.endswith("/result")]

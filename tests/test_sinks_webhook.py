@@ -115,7 +115,9 @@ def test_retried_until_accepted_once_each_and_signed(app, endpoint):
     b = detect(app, [png(3)], station_id="st-4")
     expected = {f"{body['request_id']}:{i}": (body, r) for body in (a, b) for i, r in enumerate(body["results"])}
     wait_until(lambda: {x.key for x in endpoint.accepted()} >= set(expected))
-    time.sleep(0.3)  # nothing more should come
+    # nothing more can come once the outbox counts them delivered (it retries only what is not):
+    # that condition, not a fixed sleep
+    wait_until(lambda: metric(app, "dapo_sink_delivered_total", sink="webhook") >= delivered + len(expected))
 
     mine = [x for x in endpoint.attempts if x.key in expected]
     per_key = defaultdict(list)
@@ -182,7 +184,7 @@ def test_endpoint_down_keeps_the_newest_and_counts_the_dropped():
     back = Endpoint(failures=0, port=port)
     try:
         wait_until(lambda: len(back.accepted()) == 3)
-        time.sleep(0.2)
+        wait_until(lambda: value("dapo_sink_delivered_total") == 3)  # the outbox has seen the 200s
         outbox.stop()
     finally:
         back.close()
