@@ -203,3 +203,35 @@ def test_tiles_of_concurrent_requests_share_batches_but_never_answers(tiled_arti
           for line in sizes}
     assert per_image < 8 < 16  # a batch of more than 8 inputs holds inputs of two requests at least
     assert le[float("inf")] > le[8.0], "no batch mixed the tiles of two requests: the test did not exercise sharing"
+
+
+# --- evaluation and calibration go through the same tiled path -----------------------------------
+def test_calibrate_and_eval_use_the_served_tiled_path(demo_artifact, tmp_path):
+    from training.calibrate import calibrate
+    from training.evaluate import run_artifact
+    from training.synth import generate, load_split
+
+    generate(tmp_path / "data", products=["carpet"], defects=["hole"], n_per_class=2, n_good=3, size=300,
+             holdout_product=None, holdout_defect=None, defect_scale=(0.02, 0.04), defects_per_image=2)
+    samples = load_split(tmp_path / "data", "train")
+    good = [s for s in samples if s.label == 0]
+    folder = tmp_path / "artifact"
+    shutil.copytree(demo_artifact, folder)
+    spec = Tiling(tile=128, overlap=24)
+    table = calibrate(folder, good, image_quantile=1.0, pixel_quantile=1.0, tiling=spec)
+    assert table["carpet"]["tiling"] == spec.model_dump()
+    detector = Detector.load(folder)  # reads the calibrated manifest back
+    assert detector.manifest.products["carpet"].tiling == spec
+    policy = detector.policy("carpet")
+    served = detector.predict([Upload(s.image.name, s.image.read_bytes()) for s in samples], policy,
+                              limits=LIMITS)
+    side = round(300 * 112 / 128)  # the tiles' map density over the whole 300 px image
+    assert served[0].scores.anomaly_map.shape == (side, side)
+    assert table["carpet"]["image_threshold"] == pytest.approx(max(r.scores.anomaly_score for r, s in
+                                                                   zip(served, samples) if s.label == 0), rel=1e-6)
+    assert table["carpet"]["pixel_threshold"] == pytest.approx(max(float(r.scores.anomaly_map.max()) for r, s in
+                                                                   zip(served, samples) if s.label == 0), rel=1e-6)
+    collected = run_artifact(detector, samples, progress=False)["carpet"]
+    assert collected.scores == pytest.approx([r.scores.anomaly_score for r in served], rel=1e-6)
+    assert len(collected.maps) == len(samples) and collected.maps[0].shape == (side, side)
+    assert any(m.any() for m in collected.masks)  # the defects' truth is drawn at the stitched size
