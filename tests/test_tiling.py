@@ -235,3 +235,18 @@ def test_calibrate_and_eval_use_the_served_tiled_path(demo_artifact, tmp_path):
     assert collected.scores == pytest.approx([r.scores.anomaly_score for r in served], rel=1e-6)
     assert len(collected.maps) == len(samples) and collected.maps[0].shape == (side, side)
     assert any(m.any() for m in collected.masks)  # the defects' truth is drawn at the stitched size
+
+
+def test_a_request_whose_tiles_can_never_fit_the_queue_is_refused_clearly(tiled_artifact):
+    import httpx
+
+    from service.server.local_server import Server
+
+    data = photo(320, 240, seed=1)
+    with Server(tiled_artifact, {"DAPO_MAX_QUEUE_SIZE": "10", "DAPO_MAX_FILES": "2"}) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        files = [("image", (f"{i}.jpg", data, "image/jpeg")) for i in range(2)]
+        r = client.post("/detect", files=files, data={"product": "tiled"})  # 2 x 7 inputs > 10
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_tiles", r.text
+        ok = client.post("/detect", files=files[:1], data={"product": "tiled"})
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 1

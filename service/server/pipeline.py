@@ -21,6 +21,7 @@ from service.runtime import postprocess, scoring
 from service.runtime.artifact import Tiling
 from service.runtime.detector import Prepared, Upload, join_outputs, ms_since
 from service.server.batching import BatchResult
+from service.server.errors import ApiError
 from service.server.state import LoadedModel, ServiceState
 
 T = TypeVar("T")
@@ -69,8 +70,12 @@ async def detect(state: ServiceState, model: LoadedModel, uploads: list[Upload],
     """The results list of a /detect answer, in upload order."""
     prepared = await prepare_all(state, model, uploads, options.view_max_side if options.overlay else None,
                                  policy.tiling)
-    batch_results = group(await model.batcher.submit_many(
-        [(x, policy.allowed) for p in prepared for x in p.inputs()]), prepared)
+    items = [(x, policy.allowed) for p in prepared for x in p.inputs()]
+    if len(items) > model.batcher.max_queue_size:  # would never fit: not a 503 to retry
+        raise ApiError(413, "too_many_tiles", f"{len(prepared)} image(s) of a tiled product make {len(items)} encoder "
+                       f"inputs (whole image + tiles each); at most {model.batcher.max_queue_size} (DAPO_MAX_QUEUE_SIZE) "
+                       "fit in one request: send fewer images per request")
+    batch_results = group(await model.batcher.submit_many(items), prepared)
     rendered = await asyncio.gather(*(
         run_cpu(state, timed_render, model, p, join_outputs([r.outputs for r in rs]), policy, options)
         for p, rs in zip(prepared, batch_results, strict=True)))
