@@ -79,10 +79,12 @@ def reference_stitch(g: tiling.TileGrid, anomaly: np.ndarray, types: np.ndarray)
     return out_a, out_t, counts
 
 
-@pytest.mark.parametrize("width,height,tile,overlap,size", [(300, 200, 128, 32, 16), (250, 250, 100, 0, 12),
-                                                             (97, 131, 40, 13, 8)])
-def test_stitching_matches_an_independent_reference_in_the_overlaps(width, height, tile, overlap, size):
-    g = tiling.grid(width, height, Tiling(tile=tile, overlap=overlap), size)
+@pytest.mark.parametrize("width,height,tile,overlap,size,cap", [(300, 200, 128, 32, 16, 1024), (250, 250, 100, 0, 12, 1024),
+                                                                 (97, 131, 40, 13, 8, 1024), (300, 200, 128, 32, 16, 24)])
+def test_stitching_matches_an_independent_reference_in_the_overlaps(width, height, tile, overlap, size, cap):
+    g = tiling.grid(width, height, Tiling(tile=tile, overlap=overlap, map_max_side=max(cap, 16)), size)
+    full = (round(width * size / g.tile_w), round(height * size / g.tile_h))
+    assert max(g.canvas) == min(max(full), max(cap, size))  # the cap, never below S
     rng = np.random.default_rng(0)
     anomaly = rng.random((g.count, size, size), dtype=np.float32)
     anomaly[0, :4, :4] = anomaly[1, :4, :4]  # equal maxima somewhere: ties go to the first tile

@@ -19,7 +19,9 @@ the same decode, box-reduced first to the untiled path's scale.
 
 The stitched map ("the model's map scale"): each tile's S x S map keeps its density, so the
 whole image's map is `canvas = (round(W * S / tile_w), round(H * S / tile_h))` pixels (4 S per
-side for a 4 x 4 grid). Canvas pixel c belongs to every tile whose original-pixel extent holds
+side for a 4 x 4 grid), scaled down when its longer side exceeds `Tiling.map_max_side` (1024 by
+default: a tile's S x S map is an upsampled patch grid, 37 x 37 at S = 518, so full density
+would cost 16x the rendering of 4 x 4 tiles for no information). Canvas pixel c belongs to every tile whose original-pixel extent holds
 its centre and reads that tile's map at the nearest position (`axis_cover`, exact integers).
 A 1 x 1 grid's canvas is the tile's map itself, so its answers are the untiled ones, byte for
 byte. Everything drawn from the map (masks, regions, heatmap, overlay) then goes through
@@ -66,6 +68,7 @@ class TileGrid:
     xs: tuple[int, ...]  # left edges
     ys: tuple[int, ...]  # top edges
     size: int  # the encoder's input side S (each tile's map is S x S)
+    map_max_side: int = 1 << 30  # the stitched map's longer side at most (never below S)
 
     @property
     def count(self) -> int:
@@ -78,9 +81,11 @@ class TileGrid:
 
     @property
     def canvas(self) -> tuple[int, int]:
-        """(width, height) of the stitched map: the tiles' map density over the whole image."""
-        return (max(1, round(self.width * self.size / self.tile_w)),
-                max(1, round(self.height * self.size / self.tile_h)))
+        """(width, height) of the stitched map: the tiles' map density over the whole image,
+        scaled down to fit `map_max_side` (but never below S, so a 1 x 1 grid's is S x S)."""
+        w, h = self.width * self.size / self.tile_w, self.height * self.size / self.tile_h
+        f = min(1.0, max(self.map_max_side, self.size) / max(w, h))
+        return max(1, round(w * f)), max(1, round(h * f))
 
     @cached_property
     def cover_x(self) -> list[tuple[int, int, np.ndarray]]:
@@ -103,7 +108,8 @@ def starts(length: int, tile: int, overlap: int) -> tuple[int, ...]:
 def grid(width: int, height: int, tiling: Tiling, size: int) -> TileGrid:
     """The tile grid of a width x height image for an encoder of input side `size`."""
     return TileGrid(width, height, min(tiling.tile, width), min(tiling.tile, height),
-                    starts(width, tiling.tile, tiling.overlap), starts(height, tiling.tile, tiling.overlap), size)
+                    starts(width, tiling.tile, tiling.overlap), starts(height, tiling.tile, tiling.overlap), size,
+                    tiling.map_max_side)
 
 
 def axis_cover(length: int, canvas: int, start: int, extent: int, size: int) -> tuple[int, int, np.ndarray]:
