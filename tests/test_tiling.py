@@ -4,6 +4,7 @@ on the real server."""
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +43,9 @@ def test_tiles_cover_the_axis_overlap_as_asked_and_end_on_the_edge(length, tile,
     starts = tiling.starts(length, tile, overlap)
     extent = min(tile, length)
     assert starts[0] == 0 and starts[-1] + extent == length
-    assert all(b > a for a, b in zip(starts, starts[1:]))
-    assert all(a + extent - b >= overlap for a, b in zip(starts, starts[1:]))  # at least the overlap asked
-    assert all(b - a == tile - overlap for a, b in zip(starts[:-2], starts[1:-1]))  # the regular stride
+    assert all(b > a for a, b in itertools.pairwise(starts))
+    assert all(a + extent - b >= overlap for a, b in itertools.pairwise(starts))  # at least the overlap asked
+    assert all(b - a == tile - overlap for a, b in itertools.pairwise(starts[:-1]))  # the regular stride
 
 
 def test_tiling_settings_are_checked_and_old_manifests_read_untiled(demo_artifact):
@@ -52,7 +53,7 @@ def test_tiling_settings_are_checked_and_old_manifests_read_untiled(demo_artifac
         Tiling(tile=64, overlap=64)
     manifest = read_manifest(demo_artifact)  # baked without the field
     assert all(p.tiling is None for p in manifest.products.values())
-    assert Product(**{"tiling": {"tile": 512, "overlap": 64}}).tiling == Tiling(tile=512, overlap=64)  # bake JSON
+    assert Product.model_validate({"tiling": {"tile": 512, "overlap": 64}}).tiling == Tiling(tile=512, overlap=64)  # bake JSON
 
 
 # --- stitching vs an independent reference -----------------------------------------------------
@@ -203,7 +204,7 @@ def test_tiles_of_concurrent_requests_share_batches_but_never_answers(tiled_arti
     sizes = [line for line in metrics.splitlines() if line.startswith("dapo_batch_size_bucket")]
     le = {float(line.split('le="')[1].split('"')[0]) if 'le="+Inf"' not in line else float("inf"): float(line.split()[-1])
           for line in sizes}
-    assert per_image < 8 < 16  # a batch of more than 8 inputs holds inputs of two requests at least
+    assert per_image < 8  # so a batch of more than 8 inputs holds inputs of two requests at least
     assert le[float("inf")] > le[8.0], "no batch mixed the tiles of two requests: the test did not exercise sharing"
 
 

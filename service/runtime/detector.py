@@ -25,6 +25,7 @@ knows about HTTP; the server owns the batcher, the thread pools and the request 
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -100,7 +101,7 @@ def split_outputs(outputs: EncoderOutputs, counts: Sequence[int]) -> list[Encode
     names = [n for n in ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max", "class_probs")
              if getattr(outputs, n) is not None]
     bounds = np.cumsum([0, *counts])
-    return [EncoderOutputs(**{n: getattr(outputs, n)[a:b] for n in names}) for a, b in zip(bounds, bounds[1:])]
+    return [EncoderOutputs(**{n: getattr(outputs, n)[a:b] for n in names}) for a, b in itertools.pairwise(bounds)]
 
 
 def join_outputs(items: Sequence[EncoderOutputs]) -> EncoderOutputs:
