@@ -345,7 +345,7 @@ def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndar
 def normalise(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
     """(H, W, 3) uint8 -> (3, H, W) float32, (v / 255 - mean) / std per channel: three table
     look-ups instead of four float passes and a transpose (a tiled image normalises many
-    tiles; measured ~6x faster, same bits)."""
+    tiles; measured 1.5x less thread CPU on a 518 x 518 image, 2-core AVX2; same bits)."""
     table = _normalise_table(mean, std)
     out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
     for c in range(3):
