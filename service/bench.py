@@ -200,6 +200,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=7, help="cpu-path: repetitions per configuration (medians)")
     p.add_argument("--photos", type=Path, help="cpu-path: a folder of JPEG photos to use instead of synthetic ones")
     p.add_argument("--no-http", action="store_true", help="cpu-path: in-process stages only (no server)")
+    p.add_argument("--tiles", type=int, default=4, help="cpu-path: N x N tiles of the 5 MP image vs untiled (0 = skip)")
+    p.add_argument("--tiled-only", action="store_true", help="cpu-path: only the tiled vs untiled section")
     p.add_argument("--server-env", action="append", default=[], metavar="DAPO_KEY=VALUE",
                    help="settings of the served process for e2e/load (repeatable), e.g. DAPO_BACKEND=torch")
 
@@ -221,7 +223,8 @@ def run(args: argparse.Namespace) -> int:
         from service.bench_cpu_path import CpuPathOptions, bench_cpu_path
 
         options = CpuPathOptions(reps=args.reps, http_reps=max(3, args.reps // 2), concurrency=min(args.concurrency, 8),
-                                 photos=args.photos, http=not args.no_http)
+                                 photos=args.photos, http=not args.no_http, tiles=args.tiles,
+                                 tiled_only=args.tiled_only)
         out["cpu_path"] = bench_cpu_path(artifact, options)
     print(json.dumps(out, indent=2))
     return 0

@@ -17,7 +17,11 @@ side on photo-like JPEGs at 0.3, 5 and 20 MP (or on your own photos, `--photos D
 - ``thread_scaling``: decode + preprocess of the same images in 1 vs all CPU threads (Pillow
   releases the GIL while decoding and resizing);
 - ``png_levels`` and ``json``: the zlib level trade-off for mask and heatmap PNGs, and json vs
-  orjson on real answers.
+  orjson on real answers;
+- ``tiled``: the 5 MP image as a tiled product (N x N tiles, `service.runtime.tiling`) against the
+  same image untiled, in the same run: thread CPU ms of everything but the encoder (decode once,
+  cut the tiles, the whole-image pass's resize, stitch, render, JSON) and the ratio, the budget
+  of docs/tiling.md.
 
 Synthetic images are not photos: they are built to have a photo's statistics (structure at
 every scale, grain, sensor noise, JPEG q90), which is what decode and resize costs depend on.
@@ -40,6 +44,7 @@ import numpy as np
 from PIL import Image
 
 from service.runtime import postprocess
+from service.runtime.artifact import Tiling
 from service.runtime.detector import Detector, ImageLimits, RuntimeOptions, Upload
 from service.server.routes import encode_json
 from service.server.state import cpu_workers
@@ -60,6 +65,8 @@ class CpuPathOptions:
     throughput_requests: int = 24
     photos: Path | None = None  # a folder of JPEGs to use instead of the synthetic ones
     http: bool = True
+    tiles: int = 4  # the tiled section's grid (N x N on the 5 MP image); 0 = skip it
+    tiled_only: bool = False  # only the tiled section (and the machine load)
 
 
 # --- images -----------------------------------------------------------------------------------
@@ -127,17 +134,19 @@ def configurations() -> Iterator[tuple[str, postprocess.RenderOptions]]:
         yield f"{fmt}+heatmap+overlay", postprocess.RenderOptions(fmt, True, True, view_max_side=VIEW_MAX_SIDE)
 
 
-def service_work(detector: Detector, data: bytes, options: postprocess.RenderOptions) -> Callable[[], bytes]:
+def service_work(detector: Detector, data: bytes, options: postprocess.RenderOptions,
+                 tiles: Tiling | None = None) -> Callable[[], bytes]:
     """Everything the service does on the CPU for one image (decode, preprocess, render, JSON),
     with the encoder's outputs for this image computed once beforehand: the accelerator's
     share is not the service's, and subtracting a timed encoder call would add its noise."""
     view = options.view_max_side if options.overlay else None
     policy = detector.policy()
-    first = detector.prepare(Upload("bench.jpg", data), LIMITS, view)
-    outputs = detector.infer(first.pixel_values[None], policy.allowed[None])
+    first = detector.prepare(Upload("bench.jpg", data), LIMITS, view, tiles=tiles)
+    inputs = first.inputs()
+    outputs = detector.infer_inputs(inputs, policy.allowed, batch_size=len(inputs))
 
     def work() -> bytes:
-        prep = detector.prepare(Upload("bench.jpg", data), LIMITS, view)
+        prep = detector.prepare(Upload("bench.jpg", data), LIMITS, view, tiles=tiles)
         fields = detector.render(prep, outputs, policy, options)
         return encode_json({"request_id": "bench", "model": {"name": detector.name}, "results": [fields]})
 
@@ -280,6 +289,34 @@ def bench_json(detector: Detector, images: dict[str, bytes], reps: int) -> list[
     return rows
 
 
+def tile_for(width: int, height: int, n: int) -> int:
+    """The tile side that cuts a width x height image into n x n tiles without overlap."""
+    return -(-max(width, height) // n)
+
+
+def bench_tiled(detector: Detector, data: bytes, n: int, reps: int) -> dict:
+    """The image untiled vs as an n x n tiled product: CPU ms outside the encoder, per stage."""
+    with Image.open(io.BytesIO(data)) as im:
+        width, height = im.size
+    tiles = Tiling(tile=tile_for(width, height, n))
+    rows = []
+    for label, options in (("rle", postprocess.RenderOptions()),
+                           ("rle+heatmap+overlay", postprocess.RenderOptions("rle", True, True,
+                                                                             view_max_side=VIEW_MAX_SIDE))):
+        row: dict[str, Any] = {"config": label}
+        for name, spec in (("untiled", None), (f"tiled_{n}x{n}", tiles)):
+            work = service_work(detector, data, options, spec)
+            work()
+            _, cpu, _ = timed(work, reps)
+            prep = detector.prepare(Upload("bench.jpg", data), LIMITS, options.view_max_side if options.overlay else None,
+                                    tiles=spec)
+            row[name] = {"cpu_ms": cpu, "inputs": len(prep.inputs()), "decode_ms": prep.decode_ms,
+                         "preprocess_ms": prep.preprocess_ms}
+        row["ratio_cpu"] = round(row[f"tiled_{n}x{n}"]["cpu_ms"] / row["untiled"]["cpu_ms"], 3)
+        rows.append(row)
+    return {"image": f"{width}x{height}", "tile": tiles.tile, "overlap": tiles.overlap, "rows": rows}
+
+
 def machine_load() -> dict:
     """How busy the machine was: load averages and the CPUs this process may use."""
     one, five, fifteen = os.getloadavg()
@@ -293,6 +330,11 @@ def bench_cpu_path(artifact: Path, options: CpuPathOptions) -> dict:
     five_mp = images.get("5MP", next(iter(images.values())))
     out: dict[str, Any] = {"artifact": str(artifact), "image_size": detector.manifest.image_size,
                            "load_before": machine_load()}
+    if options.tiles:
+        out["tiled"] = bench_tiled(detector, five_mp, options.tiles, options.reps)
+    if options.tiled_only:
+        out["load_after"] = machine_load()
+        return out
     out["stages"] = bench_stages(detector, images, options.reps)
     stage_5mp = next((r for r in out["stages"][1:] if r["config"] == "rle" and r["image"] == "5MP"), None)
     if stage_5mp is not None:

@@ -6,6 +6,9 @@ pixel: anomaly-map values), so the expected false-alarm rate on good parts is 1 
 Each product also gets its good-part score distribution (`ScoreBaseline`: quantile bins, mean,
 std), the reference of the service's drift statistics (`service.runtime.drift`).
 Only manifest.json changes; the hashed model files stay as they are.
+
+`tiling` (`dapo calibrate --tile PX [--tile-overlap PX]`) makes the products in the data tiled
+first, so their thresholds come from the tiled path they will be served through.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.artifact import Product, write_manifest
+from service.runtime.artifact import Product, Tiling, write_manifest
 from service.runtime.detector import Detector, RuntimeOptions
 from service.runtime.drift import DRIFT_BINS, baseline_from_scores
 from training.data import Sample
@@ -22,7 +25,7 @@ from training.evaluate import run_artifact
 
 def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 0.99,
               pixel_quantile: float = 0.999, backend: str = "onnxruntime", progress: bool = False,
-              drift_bins: int = DRIFT_BINS) -> dict:
+              drift_bins: int = DRIFT_BINS, tiling: Tiling | None = None) -> dict:
     """Return {product: {image_threshold, pixel_threshold, images, score_mean, score_std}} and
     update the manifest (thresholds and score baseline per product)."""
     for q in (image_quantile, pixel_quantile):
@@ -36,6 +39,8 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
     if not good:
         raise ValueError("no good images to calibrate on")
     detector = Detector.load(artifact, RuntimeOptions(backend=backend))
+    if tiling is not None:
+        detector = with_tiling(detector, sorted({s.product for s in good}), tiling)
     collected = run_artifact(detector, good, use_products=True, progress=progress)
     manifest = detector.manifest.model_copy(deep=True)
     table = {}
@@ -44,12 +49,21 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
         pixel_thr = float(np.quantile(np.concatenate([m.ravel() for m in c.maps]), pixel_quantile, method="higher")) \
             if c.maps else None
         baseline = baseline_from_scores(c.scores, drift_bins)
-        entry = manifest.products.get(product, Product())
+        entry = manifest.products.get(product, Product(tiling=tiling))
         manifest.products[product] = entry.model_copy(update={"image_threshold": min(image_thr, 1.0),
                                                               "pixel_threshold": pixel_thr, "baseline": baseline})
         table[product] = {"image_threshold": image_thr, "pixel_threshold": pixel_thr, "images": len(c.scores),
-                          "score_mean": baseline.mean, "score_std": baseline.std}
+                          "score_mean": baseline.mean, "score_std": baseline.std,
+                          **({"tiling": entry.tiling.model_dump()} if entry.tiling is not None else {})}
     manifest.provenance["calibration"] = {"image_quantile": image_quantile, "pixel_quantile": pixel_quantile,
                                           "drift_bins": drift_bins, "products": sorted(table)}
     write_manifest(artifact, type(manifest).model_validate(manifest.model_dump()))
     return table
+
+
+def with_tiling(detector: Detector, products: list[str], tiling: Tiling) -> Detector:
+    """The same loaded backend with `tiling` set on these products (added when new)."""
+    manifest = detector.manifest.model_copy(deep=True)
+    for product in products:
+        manifest.products[product] = manifest.products.get(product, Product()).model_copy(update={"tiling": tiling})
+    return Detector(manifest, detector.backend, detector.folder)

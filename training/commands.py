@@ -235,6 +235,8 @@ def eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
     e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
     e.add_argument("--image-score", choices=["global", "global_max"], help="override the manifest's image score")
+    e.add_argument("--map-size", type=int, metavar="PX", help="pixel metrics of every product on one PX x PX grid "
+                   "(maps resized bilinearly; compares tiled and untiled products on the same pixels)")
     e.add_argument("--json", help="write the full result as JSON")
     e.add_argument("--csv", help="write the per-category table as CSV")
     e.add_argument("--quiet", action="store_true")
@@ -247,7 +249,8 @@ def evaluate(args: argparse.Namespace) -> int:
 
     samples = load_samples(args.layout, args.data, args.split)
     result = run_eval(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
-                      use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score)
+                      use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score,
+                      map_size=args.map_size)
     print(format_table(result))
     write_reports(result, args.json, args.csv)
     return 0
@@ -263,6 +266,9 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--pixel-quantile", type=float, default=0.999)
     c.add_argument("--drift-bins", type=int, default=DRIFT_BINS,
                    help="quantile bins of the good-score baseline the service's drift PSI uses")
+    c.add_argument("--tile", type=int, metavar="PX", help="make the products in --data tiled: tiles of PX x PX "
+                   "original pixels (docs/tiling.md), calibrated through the tiled path")
+    c.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="overlap of neighbouring tiles (--tile)")
 
 
 def calibrate(args: argparse.Namespace) -> int:
@@ -270,12 +276,27 @@ def calibrate(args: argparse.Namespace) -> int:
     from training.calibrate import calibrate as run_calibration
 
     if args.feedback:
+        if args.tile is not None:
+            sys.exit("dapo calibrate: --tile applies to --data calibration, not to --feedback")
         return calibrate_with_feedback(args)
     if not args.data:
         sys.exit("dapo calibrate: give --data DIR (good parts) and/or --feedback DB (operator verdicts)")
     samples = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0]
+    tiling = None
+    if args.tile is not None:
+        from pydantic import ValidationError
+
+        from service.runtime.artifact import Tiling
+
+        try:
+            tiling = Tiling(tile=args.tile, overlap=args.tile_overlap)
+        except ValidationError as e:
+            sys.exit(f"dapo calibrate: --tile {args.tile} --tile-overlap {args.tile_overlap}: "
+                     f"{e.errors()[0]['msg']}")
+    elif args.tile_overlap:
+        sys.exit("dapo calibrate: --tile-overlap needs --tile")
     print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
-                                     drift_bins=args.drift_bins), indent=2))
+                                     drift_bins=args.drift_bins, tiling=tiling), indent=2))
     return 0
 
 

@@ -47,14 +47,16 @@ class _Collector:
 
 def run_artifact(artifact: str | Path | Detector, samples: list[Sample], backend: str = "onnxruntime",
                  batch_size: int = 16, sigma: float | None = None, use_products: bool = True, progress: bool = True,
-                 image_score: str | None = None) -> dict[str, _Collector]:
+                 image_score: str | None = None, map_size: int | None = None) -> dict[str, _Collector]:
     """Per product, the scores and model-size maps of every sample (`sigma` and `image_score`
-    override the manifest's; `use_products` False lets every vocabulary type compete)."""
+    override the manifest's; `use_products` False lets every vocabulary type compete).
+
+    Tiled products (and every product when `map_size` is given: pixel metrics on one common
+    map_size x map_size grid) go through the Detector's own stages (`training.detector_eval`),
+    their maps at the stitched size; the rest through the batched data set loader."""
     detector = artifact if isinstance(artifact, Detector) else Detector.load(artifact, RuntimeOptions(backend=backend))
     manifest = detector.manifest
     samples = with_vocabulary(samples, Vocabulary(manifest.defect_names))  # unknown words raise, naming the image
-    dataset = AnomalyDataset(samples, size=manifest.image_size, mean=manifest.mean, std=manifest.std)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     policies: dict[str, Policy] = {}
 
     def policy_for(product: str) -> Policy:
@@ -65,6 +67,20 @@ def run_artifact(artifact: str | Path | Detector, samples: list[Sample], backend
         return policies[product]
 
     per_product: dict[str, _Collector] = defaultdict(_Collector)
+    direct = [s for s in samples if map_size or policy_for(s.product).tiling is not None]
+    if direct:
+        from training.detector_eval import evaluate_samples
+
+        for ev in tqdm(evaluate_samples(detector, direct, policy_for, map_size), total=len(direct), desc="eval tiled",
+                       disable=not progress, leave=False):
+            allowed = policy_for(ev.sample.product).allowed
+            per_product[ev.sample.product].add(ev.sample.label, ev.scores.anomaly_score, ev.has_mask, ev.class_mask,
+                                               ev.scores.anomaly_map, competing(ev.scores.class_probs, allowed))
+        samples = [s for s in samples if not (map_size or policy_for(s.product).tiling is not None)]
+        if not samples:
+            return per_product
+    dataset = AnomalyDataset(samples, size=manifest.image_size, mean=manifest.mean, std=manifest.std)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     index = 0
     for pixels, class_mask, labels, has_mask in tqdm(loader, desc="eval", disable=not progress, leave=False):
         batch = samples[index:index + len(labels)]

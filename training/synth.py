@@ -18,6 +18,11 @@ Splits (``splits.json``) for the two claims the method makes:
 - ``test_zeroshot``: the training products with the held-out defect word only, plus the second
                      half of their good images (a defect type never seen: zero-shot).
 
+Camera-sized images with small defects (tiled inspection, docs/tiling.md): ``--size 2236``
+(5 MP), ``--defect-scale 0.002,0.005`` (defect sizes as fractions of the image side, drawn
+log-uniformly; default 0.03,0.5) and ``--defects-per-image 3`` (several defects of the image's
+type, one mask).
+
 Deterministic by seed: each image has its own generator seeded by (seed, product, class,
 index), so a product's images do not depend on which other products are generated. numpy + PIL.
 """
@@ -39,6 +44,7 @@ PRODUCTS = TEXTURES + PARTS
 DEFECTS = ("scratch", "hole", "crack", "contamination", "bent", "discoloration", "missing")
 DEFAULT_HOLDOUT_PRODUCT = "leather"
 DEFAULT_HOLDOUT_DEFECT = "crack"
+DEFAULT_DEFECT_SCALE = (0.03, 0.5)  # defect size as a fraction of the image side (log-uniform)
 SPLITS_FILE = "splits.json"
 MIN_DEFECT_PIXELS = 4
 
@@ -409,8 +415,10 @@ DEFECT_MAKERS: dict[str, Callable] = {
 
 # --------------------------------------------------------------------------- generation
 
-def render(product: str, defect: str | None, seed: int, index: int, size: int = 128) -> tuple[Array, Array]:
-    """One image (uint8 (S,S,3)) and its defect mask (bool (S,S); all False for good)."""
+def render(product: str, defect: str | None, seed: int, index: int, size: int = 128,
+           defect_scale: tuple[float, float] = DEFAULT_DEFECT_SCALE, count: int = 1) -> tuple[Array, Array]:
+    """One image (uint8 (S,S,3)) and its defect mask (bool (S,S); all False for good): `count`
+    defects of the type, each of a size drawn log-uniformly within `defect_scale` x S."""
     if product not in PRODUCT_MAKERS:
         raise ValueError(f"unknown product {product!r}; known: {', '.join(PRODUCT_MAKERS)}")
     if defect is not None and defect not in DEFECT_MAKERS:
@@ -419,13 +427,14 @@ def render(product: str, defect: str | None, seed: int, index: int, size: int = 
     img, obj, bg = PRODUCT_MAKERS[product](rng, size)
     img = np.clip(img, 0, 1).astype(np.float32)
     mask = np.zeros((size, size), bool)
-    if defect is not None:
+    lo, hi = defect_scale
+    for _ in range(count if defect is not None else 0):
         # sizes from tiny to large: log-uniform fraction of the image side
-        scale = float(np.exp(rng.uniform(np.log(0.03), np.log(0.5))))
+        scale = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
         for attempt in range(20):
             out, m = DEFECT_MAKERS[defect](rng, img, obj, bg, size, scale * (1 + 0.15 * attempt))
             if int(m.sum()) >= MIN_DEFECT_PIXELS:
-                img, mask = out, m
+                img, mask = out, mask | m
                 break
         else:  # pragma: no cover - every maker succeeds well before this
             raise RuntimeError(f"could not place a {defect} on {product} (seed {seed}, #{index})")
@@ -453,6 +462,8 @@ def generate(
     holdout_defect: str | None = DEFAULT_HOLDOUT_DEFECT,
     n_good: int | None = None,
     overwrite: bool = False,
+    defect_scale: tuple[float, float] = DEFAULT_DEFECT_SCALE,
+    defects_per_image: int = 1,
 ) -> dict:
     """Write the synthetic data set under ``out_dir`` and return the splits description (also
     written to ``out_dir/splits.json``).
@@ -466,6 +477,9 @@ def generate(
     defects = _check_names(defects if defects is not None else DEFECTS, DEFECT_MAKERS, "defects")
     if n_per_class < 1 or size < 16:
         raise ValueError("n_per_class must be >= 1 and size >= 16")
+    if not 0 < defect_scale[0] <= defect_scale[1] <= 1 or defects_per_image < 1:
+        raise ValueError(f"defect_scale must be 0 < min <= max <= 1 and defects_per_image >= 1, got "
+                         f"{defect_scale}, {defects_per_image}")
     for name, pool, what in ((holdout_product, products, "holdout_product"), (holdout_defect, defects, "holdout_defect")):
         if name is not None and name not in pool:
             raise ValueError(f"{what} {name!r} is not among {pool}")
@@ -493,7 +507,7 @@ def generate(
     half = n_good // 2
 
     def write(product: str, defect: str | None, i: int) -> str:
-        arr, mask = render(product, defect, seed, i, size)
+        arr, mask = render(product, defect, seed, i, size, defect_scale, defects_per_image)
         cls = defect or "good"
         rel = f"{product}/{cls}/{i:03d}.png"
         (out / product / cls).mkdir(parents=True, exist_ok=True)
@@ -527,6 +541,8 @@ def generate(
         "size": int(size),
         "n_per_class": int(n_per_class),
         "n_good": int(n_good),
+        "defect_scale": list(defect_scale),
+        "defects_per_image": int(defects_per_image),
         "products": list(products),
         "defects": list(defects),
         "holdout_product": holdout_product,
@@ -590,6 +606,9 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--defects", default=",".join(DEFECTS), help=f"comma list from {','.join(DEFECTS)}")
     p.add_argument("--holdout-product", default=DEFAULT_HOLDOUT_PRODUCT, help="'none' for no test_shift")
     p.add_argument("--holdout-defect", default=DEFAULT_HOLDOUT_DEFECT, help="'none' for no test_zeroshot")
+    p.add_argument("--defect-scale", default=",".join(map(str, DEFAULT_DEFECT_SCALE)), metavar="MIN,MAX",
+                   help="defect sizes as fractions of the image side, log-uniform (e.g. 0.002,0.005 at --size 2236)")
+    p.add_argument("--defects-per-image", type=int, default=1, help="defects of the image's type in each image")
     p.add_argument("--overwrite", action="store_true")
     return p
 
@@ -611,6 +630,8 @@ def synth_main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
         products=names(args.products), defects=names(args.defects),
         holdout_product=opt(args.holdout_product), holdout_defect=opt(args.holdout_defect),
         n_good=args.n_good, overwrite=args.overwrite,
+        defect_scale=tuple(float(v) for v in args.defect_scale.split(",")),
+        defects_per_image=args.defects_per_image,
     )
     counts = {k: len(v["files"]) for k, v in splits["splits"].items()}
     print(f"wrote {sum(counts.values())} images to {args.out} ({', '.join(f'{k}: {n}' for k, n in counts.items())})")

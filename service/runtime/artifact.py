@@ -66,13 +66,38 @@ class ScoreBaseline(BaseModel):
         return self
 
 
+class Tiling(BaseModel):
+    """Tiled inspection of a product (see `service.runtime.tiling` and docs/tiling.md): the
+    upload is cut into `tile` x `tile` squares (original pixels) overlapping by `overlap` px,
+    each seen by the encoder at its full input size, and the maps are stitched back.
+    `image_score`: how the image score combines the whole-image pass and the tiles;
+    `map_max_side`: the cap on the stitched map's size (service.runtime.tiling)."""
+
+    tile: int = Field(ge=16)
+    overlap: int = Field(default=0, ge=0)
+    image_score: Literal["max", "whole", "tiles", "mean"] = "max"
+    # the stitched map's longer side at most this (px); below it the tiles' full map density.
+    # Why a cap: an S x S tile map is an upsampled patch grid (37 x 37 at S = 518), so 4 x 4
+    # tiles at full density (2072 px) cost 16x the rendering for no information
+    map_max_side: int = Field(default=1024, ge=16)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Tiling":
+        if self.overlap >= self.tile:
+            raise ValueError(f"tiling overlap {self.overlap} must be smaller than the tile {self.tile}")
+        return self
+
+
 class Product(BaseModel):
-    """Per-product settings: which defect types may compete, its thresholds, its score baseline."""
+    """Per-product settings: which defect types may compete, its thresholds, its score baseline,
+    and its tiling (None = the whole image in one encoder pass; manifests without the field,
+    i.e. every one written before tiling existed, read as untiled: no schema step needed)."""
 
     defect_types: list[str] | None = None  # None = the whole vocabulary
     image_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     baseline: ScoreBaseline | None = None  # written by `dapo calibrate`; None = no drift statistic
+    tiling: Tiling | None = None  # `dapo calibrate --tile PX` or `dapo bake --products`; None = untiled
 
 
 class BackboneInfo(BaseModel):

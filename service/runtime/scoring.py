@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.runtime.artifact import Manifest, Product
+from service.runtime.artifact import Manifest, Product, Tiling
 
 
 class ScoringError(ValueError):
@@ -28,6 +28,7 @@ class Policy:
     pixel_threshold: float | None
     gaussian_sigma: float
     image_score: str = "global"
+    tiling: Tiling | None = None  # the product's tiling (service.runtime.tiling); None = untiled
 
 
 def allowed_classes(manifest: Manifest, product: str | None = None,
@@ -63,7 +64,8 @@ def product_settings(manifest: Manifest, product: str | None = None) -> Product:
     return Product(
         defect_types=prod.defect_types if prod.defect_types is not None else manifest.defect_names,
         image_threshold=prod.image_threshold if prod.image_threshold is not None else manifest.image_threshold,
-        pixel_threshold=prod.pixel_threshold if prod.pixel_threshold is not None else manifest.pixel_threshold)
+        pixel_threshold=prod.pixel_threshold if prod.pixel_threshold is not None else manifest.pixel_threshold,
+        tiling=prod.tiling)
 
 
 def policy(manifest: Manifest, product: str | None = None, defect_types: list[str] | None = None,
@@ -76,7 +78,8 @@ def policy(manifest: Manifest, product: str | None = None, defect_types: list[st
         if not 0.0 <= threshold <= 1.0:
             raise ScoringError(f"threshold must be within [0, 1], got {threshold}")
         image_thr = threshold
-    return Policy(allowed, float(image_thr), pixel_thr, manifest.gaussian_sigma, manifest.image_score)
+    return Policy(allowed, float(image_thr), pixel_thr, manifest.gaussian_sigma, manifest.image_score,
+                  settings.tiling)
 
 
 def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:

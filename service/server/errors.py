@@ -35,7 +35,7 @@ ERROR_CODES: frozenset[str] = frozenset({
     "malformed_multipart", "method_not_allowed", "missing_image", "not_acceptable", "not_found",
     "not_ready", "overloaded", "payload_too_large", "queue_full", "reload_failed", "reload_in_progress",
     "retry", "too_many_files", "too_many_requests", "unauthorized", "unavailable", "unknown_request",
-    "unsupported_media_type",
+    "too_many_tiles", "unsupported_media_type",
 })
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

@@ -5,6 +5,10 @@ Order matters for "nothing is half-done": every file is decoded and checked befo
 is queued, and all of a request's images are admitted to the batcher together or not at all.
 CPU-heavy steps (decode, resize, RLE, PNG) run in the app's CPU thread pool so the event loop
 only coordinates. Everything runs on the one `LoadedModel` the route captured.
+
+A tiled product's image is several batcher items (`Prepared.inputs()`: the whole image and its
+tiles), queued together with the request's other images, so tiles of concurrent requests share
+batches; each image gets back exactly its own items (`group`), in order.
 """
 from __future__ import annotations
 
@@ -14,7 +18,10 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from service.runtime import postprocess, scoring
-from service.runtime.detector import Prepared, Upload, ms_since
+from service.runtime.artifact import Tiling
+from service.runtime.detector import Prepared, Upload, join_outputs, ms_since
+from service.server.batching import BatchResult
+from service.server.errors import ApiError
 from service.server.state import LoadedModel, ServiceState
 
 T = TypeVar("T")
@@ -28,12 +35,12 @@ async def run_cpu(state: ServiceState, fn: Callable[..., T], *args: Any) -> T:
 
 
 async def prepare_all(state: ServiceState, model: LoadedModel, uploads: list[Upload],
-                      view_max_side: int | None) -> list[Prepared]:
+                      view_max_side: int | None, tiles: Tiling | None = None) -> list[Prepared]:
     """Decode every file in parallel (each only as far as the request needs: the overlay's view
     when `view_max_side` is not None); the first failure in upload order fails the request."""
     limits = state.limits
     outcomes = await asyncio.gather(
-        *(run_cpu(state, model.detector.prepare, u, limits, view_max_side) for u in uploads),
+        *(run_cpu(state, model.detector.prepare, u, limits, view_max_side, u.filename, tiles) for u in uploads),
         return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -48,20 +55,36 @@ def timed_render(model: LoadedModel, prep: Prepared, outputs: Any, policy: scori
     return model.detector.render(prep, outputs, policy, options), ms_since(t0)
 
 
+def group(results: list[BatchResult], prepared: list[Prepared]) -> list[list[BatchResult]]:
+    """The batcher's results of a request (all images' inputs, in order) -> per image."""
+    out, start = [], 0
+    for p in prepared:
+        n = len(p.inputs())
+        out.append(results[start:start + n])
+        start += n
+    return out
+
+
 async def detect(state: ServiceState, model: LoadedModel, uploads: list[Upload], policy: scoring.Policy,
                  options: postprocess.RenderOptions, echo: dict[str, str]) -> list[dict[str, Any]]:
     """The results list of a /detect answer, in upload order."""
-    prepared = await prepare_all(state, model, uploads, options.view_max_side if options.overlay else None)
-    batch_results = await model.batcher.submit_many([(p.pixel_values, policy.allowed) for p in prepared])
+    prepared = await prepare_all(state, model, uploads, options.view_max_side if options.overlay else None,
+                                 policy.tiling)
+    items = [(x, policy.allowed) for p in prepared for x in p.inputs()]
+    if len(items) > model.batcher.max_queue_size:  # would never fit: not a 503 to retry
+        raise ApiError(413, "too_many_tiles", f"{len(prepared)} image(s) of a tiled product make {len(items)} encoder "
+                       f"inputs (whole image + tiles each); at most {model.batcher.max_queue_size} (DAPO_MAX_QUEUE_SIZE) "
+                       "fit in one request: send fewer images per request")
+    batch_results = group(await model.batcher.submit_many(items), prepared)
     rendered = await asyncio.gather(*(
-        run_cpu(state, timed_render, model, p, r.outputs, policy, options)
-        for p, r in zip(prepared, batch_results, strict=True)))
+        run_cpu(state, timed_render, model, p, join_outputs([r.outputs for r in rs]), policy, options)
+        for p, rs in zip(prepared, batch_results, strict=True)))
     results = []
-    for prep, br, (fields, post_ms) in zip(prepared, batch_results, rendered, strict=True):
+    for prep, rs, (fields, post_ms) in zip(prepared, batch_results, rendered, strict=True):
         result: dict[str, Any] = {"filename": prep.filename, **fields}
         result["timing_ms"] = {"decode": prep.decode_ms, "preprocess": prep.preprocess_ms,
-                               "queue_wait": round(br.queue_wait_s * 1000.0, 3),
-                               "inference": round(br.inference_s * 1000.0, 3), "postprocess": post_ms}
+                               "queue_wait": round(max(r.queue_wait_s for r in rs) * 1000.0, 3),
+                               "inference": round(max(r.inference_s for r in rs) * 1000.0, 3), "postprocess": post_ms}
         result.update(echo)
         results.append(result)
     return results
