@@ -20,6 +20,7 @@ from service.server.batching import BackendError, QueueFull
 from service.runtime.imaging import ImageError
 from service.server.logs import current_request_id
 from service.runtime.scoring import ScoringError
+from service.server.fleet.link import StateUnavailable
 from service.server.idempotency import IdempotencyConflict, IdempotencyInterrupted
 
 log = logging.getLogger("dapo.errors")
@@ -90,7 +91,7 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         code = {QueueFull: "queue_full", BackendError: "inference_failed",
-                IdempotencyInterrupted: "retry"}.get(type(exc), "unavailable")
+                IdempotencyInterrupted: "retry", StateUnavailable: "state_unavailable"}.get(type(exc), "unavailable")
         return envelope(503, code, str(exc), request_id_of(request), retry_headers(retry_after_s))
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -112,7 +113,7 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     app.add_exception_handler(ImageError, image_error)
     app.add_exception_handler(ScoringError, scoring_error)
     app.add_exception_handler(IdempotencyConflict, idem_conflict)
-    for exc_type in (QueueFull, BackendError, IdempotencyInterrupted):
+    for exc_type in (QueueFull, BackendError, IdempotencyInterrupted, StateUnavailable):
         app.add_exception_handler(exc_type, unavailable)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
