@@ -139,3 +139,34 @@ def test_sigkill_under_load_with_postgres(demo_artifact, tmp_path):
         crash_runs(demo_artifact, tmp_path, pg.url, RUNS)
     finally:
         pg.close()
+
+
+def test_sweep_removes_only_incomplete_samples_and_the_loader_skips_them(tmp_path):
+    from service.server.answers import Answer
+    from service.server.line.samples import GOOD, Label, sample_stem, sidecar_of, sweep_incomplete, write_sample
+    from training.data.folder import IncompleteSampleWarning, load_folder
+
+    samples = tmp_path / "samples"
+    root = samples / "all"
+    result = {"anomaly_score": 0.1, "threshold": 0.5, "is_anomalous": False}
+    answers = [Answer("r", {}, (("a.png", png(i)),), (result,), {"product": "disc"}) for i in range(4)]
+    kept = [write_sample(root, "disc", Label(GOOD), sample_stem(a, 0), a.files[0][1], sidecar_of(a, 0, "model"))
+            for a in answers]
+    good = root / "disc" / "good"
+    kept[1][-1].unlink()  # a crash before the sidecar: an orphan image
+    kept[2][-1].write_text('{"answer_id": "cut sho')  # a sidecar that does not parse (not ours: we rename)
+    tmp_file = good / f"{TMP_PREFIX}abc-{kept[3][0].name}"
+    tmp_file.write_bytes(b"\x89PNG half")  # a temporary file a crash left
+    customer = good / "customer_photo.png"
+    customer.write_bytes(png(9))  # not a name the service makes: never touched
+
+    with pytest.warns(IncompleteSampleWarning):
+        loaded = load_folder(root)
+    assert sorted(s.image.name for s in loaded) == sorted([kept[0][0].name, kept[3][0].name])
+
+    swept = sweep_incomplete(samples)
+    assert sorted(swept) == sorted([kept[1][0], kept[2][0], kept[2][1], tmp_file])
+    assert sorted(p.name for p in good.iterdir()) == sorted(
+        [kept[0][0].name, kept[0][1].name, kept[3][0].name, kept[3][1].name, customer.name])
+    customer.unlink()
+    assert check_samples(root) == 2
