@@ -207,6 +207,8 @@ def test_serve_config_file_is_valid(demo_artifact):
     assert deployment.name == deployment_options(Settings())["name"]
     assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]
     assert set(app.args) <= set(Settings.model_fields)  # every arg is a Settings field
+    env = app.runtime_env["env_vars"]  # the replicas of a fleet share their state (docs/fleet.md)
+    assert env["DAPO_STATE_URL"].startswith("redis://") and env["DAPO_FEEDBACK_DB"].startswith("postgresql+psycopg://")
     assert app_builder({**app.args, "artifact": str(demo_artifact)}) is not None  # builds (nothing deployed)
 
 
