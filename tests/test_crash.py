@@ -97,7 +97,7 @@ def crash_runs(demo_artifact: Path, tmp: Path, db: str, runs: int) -> None:
     swept = 0
     for run in range(runs + 1):
         server = Server(demo_artifact, env, log_path=tmp / f"serve-{run}.log")
-        server.wait_ready(60)
+        server.wait_ready(180)  # a loaded CI machine can be slow to start a process
         # what the previous run left, after this start's sweep
         assert set(accepted) <= stored_verdicts(db), "a verdict answered 201 was lost"
         check_samples(tmp / "samples")

@@ -205,6 +205,15 @@ def test_postgres_one_verdict_per_image_across_replicas(demo_artifact, redis_ser
                     rs = list(pool.map(race, (a, b), (answer, answer)))
                 assert sorted(r.status_code for r in rs) == [201, 409], [r.text for r in rs]
                 assert [r.json()["error"]["code"] for r in rs if r.status_code == 409] == ["duplicate_feedback"]
+            # PostgreSQL down: 503 with a code and Retry-After; back: accepted again, nothing lost
+            late = post(a, png(80)).json()
+            pg.stop()
+            r = verdict(b, answer_id=late["answer_id"], index=0, verdict="correct")
+            assert r.status_code == 503 and r.json()["error"]["code"] == "feedback_db_unavailable"
+            assert r.headers["retry-after"]
+            pg.start()
+            assert verdict(b, answer_id=late["answer_id"], index=0, verdict="correct").status_code == 201
+            answers.append(late)
         import sqlalchemy as sa
 
         engine = sa.create_engine(pg.url)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.server.answers import Answer
-from service.server.errors import ApiError
+from service.server.errors import ApiError, retry_headers
 from service.server.metrics import LoopMetrics
 from service.server.line.recent import Ambiguous, Expired, RecentStore, UnknownRequest
 from service.server.line.samples import (FEEDBACK_ROOT, GOOD, ErrorCounter, Label, result_mask, sample_stem,
@@ -120,8 +120,9 @@ def truth_label(body: FeedbackIn, result: dict[str, Any], vocabulary: list[str])
 class FeedbackDesk:
     """Takes verdicts: checks them against the recent answer, stores them, writes the sample."""
 
-    def __init__(self, store: FeedbackStore, recent: RecentStore, samples_dir: Path | None, metrics: LoopMetrics):
-        self.store, self.recent, self.metrics = store, recent, metrics
+    def __init__(self, store: FeedbackStore, recent: RecentStore, samples_dir: Path | None, metrics: LoopMetrics,
+                 retry_after_s: int = 1):
+        self.store, self.recent, self.metrics, self.retry_after_s = store, recent, metrics, retry_after_s
         self.root = Path(samples_dir) / FEEDBACK_ROOT if samples_dir is not None else None
         self._errors = ErrorCounter(metrics)
 
@@ -163,8 +164,14 @@ class FeedbackDesk:
             anomaly_score=result["anomaly_score"], threshold=result["threshold"],
             is_anomalous=bool(result["is_anomalous"]),
             predicted_type=predicted_type(result), principal=principal)
+        from sqlalchemy.exc import DBAPIError
+
         try:
             row_id, sample = await asyncio.to_thread(self._record, record, answer, label)
+        except DBAPIError as e:  # the database is down or unreachable (not a duplicate: that is below)
+            log.warning("feedback database unavailable: %s", type(e.orig or e).__name__)
+            raise ApiError(503, "feedback_db_unavailable", "the feedback database is not reachable; retry",
+                           retry_headers(self.retry_after_s)) from None
         except DuplicateFeedback:
             raise ApiError(409, "duplicate_feedback", f"image {body.index} of answer {answer.answer_id} "
                            "already has feedback") from None

@@ -105,7 +105,8 @@ class LineLoop:
             from service.runtime.feedback_store import FeedbackStore
 
             self.recent = recent_store(s, self.link)
-            self.feedback = FeedbackDesk(FeedbackStore(s.feedback_db), self.recent, s.samples_dir, self.metrics)
+            self.feedback = FeedbackDesk(FeedbackStore(s.feedback_db), self.recent, s.samples_dir, self.metrics,
+                                         s.retry_after_s)
         for outbox in self.outboxes:
             outbox.start()
         if self.samples is not None:
