@@ -122,7 +122,7 @@ def redis_memory_per_1000(artifact: Path, env: dict[str, str], redis_port: int, 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifact", required=True)
-    p.add_argument("--blocks", type=int, default=10)
+    p.add_argument("--blocks", type=int, default=10, help="0: only the memory figure")
     p.add_argument("--block", type=int, default=6, help="requests per block")
     p.add_argument("--format", default="JPEG")
     p.add_argument("--answers", type=int, default=1000, help="answers for the Redis memory figure (0: skip)")
@@ -134,8 +134,10 @@ def main() -> int:
     shared = {"DAPO_FEEDBACK_DB": str(work / "shared.sqlite3"), "DAPO_LOG_LEVEL": "WARNING",
               "DAPO_STATE_URL": f"redis://127.0.0.1:{redis_port}/0"}
     try:
-        out = {"e2e": interleaved(artifact, {"local": local, "state_url": shared}, args.blocks, args.block,
-                                  args.format)}
+        out = {}
+        if args.blocks:
+            out["e2e"] = interleaved(artifact, {"local": local, "state_url": shared}, args.blocks, args.block,
+                                     args.format)
         if args.answers:
             out["redis_memory"] = redis_memory_per_1000(artifact, shared, redis_port, args.answers, args.format)
     finally:

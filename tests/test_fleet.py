@@ -225,3 +225,42 @@ def test_postgres_one_verdict_per_image_across_replicas(demo_artifact, redis_ser
         assert any("UNIQUE" in d and "answer_id" in d for (d,) in indexes)
     finally:
         pg.close()
+
+
+def test_shared_recent_answers_are_bounded_and_evicted_answers_are_expired(redis_server):
+    import asyncio
+
+    from service.server.answers import Answer
+    from service.server.fleet.link import StateLink
+    from service.server.fleet.recent import RedisRecent, encode_answer
+    from service.server.line.recent import Ambiguous, Expired, UnknownRequest
+    from service.server.metrics import Metrics
+
+    def answer(i: int, request_id: str) -> Answer:
+        return Answer(request_id, {"name": "m"}, (("p.png", png(i)),), ({"anomaly_score": 0.1, "mask": None},),
+                      {"product": "disc"}, answer_id=f"bound-{i}")
+
+    answers = [answer(0, "bound-r0"), answer(1, "bound-r1"), answer(2, "bound-r1")]
+    size = max(len(encode_answer(a)) for a in answers)
+
+    async def run():
+        link = StateLink(redis_server.url, 1.0, 0.2, Metrics(), prefix="boundtest:")
+        recent = RedisRecent(link, window_s=60, max_bytes=2 * size + 10)  # room for two
+        try:
+            for a in answers:
+                await recent.remember(a)
+            with pytest.raises(Expired):  # evicted to stay within the bound: 410, not 404
+                await recent.by_answer("bound-0")
+            with pytest.raises(Expired):
+                await recent.by_request("bound-r0")
+            got = await recent.by_answer("bound-2")
+            assert got.files == answers[2].files and got.results[0]["anomaly_score"] == 0.1
+            with pytest.raises(Ambiguous):
+                await recent.by_request("bound-r1")
+            with pytest.raises(UnknownRequest):
+                await recent.by_answer("never")
+            assert int(await link.client.get("boundtest:ring:bytes")) <= 2 * size + 10
+        finally:
+            await link.close()
+
+    asyncio.run(run())
