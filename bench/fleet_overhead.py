@@ -59,7 +59,7 @@ def interleaved(artifact: Path, envs: dict[str, dict[str, str]], blocks: int, bl
     servers = {k: Server(artifact, env) for k, env in envs.items()}
     try:
         for s in servers.values():
-            s.wait_ready()
+            s.wait_ready(900)  # a large artifact on a busy machine: verify + load + warm-up
         clients = {k: httpx.Client(base_url=s.url, timeout=120) for k, s in servers.items()}
         for client in clients.values():
             for data in images[:2]:
