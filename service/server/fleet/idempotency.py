@@ -56,8 +56,8 @@ class RedisIdempotencyStore:
         while True:
             token = uuid.uuid4().hex
             claim = claim_record(fingerprint, token)
-            won = await self.link.call("idempotency", lambda c: c.set(rkey, claim, nx=True,
-                                                                      px=int(self.claim_ttl_s * 1000)))
+            won = await self.link.call("idempotency", lambda c, claim=claim: c.set(
+                rkey, claim, nx=True, px=int(self.claim_ttl_s * 1000)))
             if won:
                 return await self._produce(rkey, fingerprint, claim, produce), False
             raw = await self.link.call("idempotency", lambda c: c.get(rkey))
