@@ -119,6 +119,47 @@ def redis_memory_per_1000(artifact: Path, env: dict[str, str], redis_port: int, 
             "overhead_per_answer_bytes": round(((after - before) - image_bytes * kept / answers) / kept)}
 
 
+def state_wait_ms(redis_port: int, calls: int, fmt: str) -> dict:
+    """What one answer waits for Redis (event-loop wall time, in this process): storing it for
+    feedback (a 640x480 upload), and an Idempotency-Key's claim + stored answer."""
+    import asyncio
+
+    from service.server.answers import Answer
+    from service.server.fleet.idempotency import RedisIdempotencyStore
+    from service.server.fleet.link import StateLink
+    from service.server.fleet.recent import RedisRecent
+    from service.server.idempotency import StoredResponse
+    from service.server.metrics import Metrics
+
+    data = test_images(1, 640, 480, fmt=fmt)[0]
+    result = {"anomaly_score": 0.31, "is_anomalous": False, "threshold": 0.5, "defect_types": [], "regions": [],
+              "width": 640, "height": 480}
+
+    async def run() -> dict:
+        link = StateLink(f"redis://127.0.0.1:{redis_port}/0", 1.0, 1.0, Metrics(), prefix="bench:")
+        recent = RedisRecent(link, 3600, 2**30)
+        idem = RedisIdempotencyStore(link, 600, 120)
+        body = StoredResponse(200, b"x" * 2000)
+
+        async def produce():
+            return body
+
+        try:
+            t = time.perf_counter()
+            for i in range(calls):
+                await recent.remember(Answer(f"r{i}", {"name": "m"}, (("p.jpg", data),), (result,), {}))
+            remember = (time.perf_counter() - t) / calls
+            t = time.perf_counter()
+            for i in range(calls):
+                await idem.run(f"k{i}", "fp", produce)
+            claim = (time.perf_counter() - t) / calls
+        finally:
+            await link.close()
+        return {"remember_ms": round(1000 * remember, 3), "idempotency_claim_and_store_ms": round(1000 * claim, 3)}
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifact", required=True)
@@ -138,6 +179,7 @@ def main() -> int:
         if args.blocks:
             out["e2e"] = interleaved(artifact, {"local": local, "state_url": shared}, args.blocks, args.block,
                                      args.format)
+        out["state_wait"] = state_wait_ms(redis_port, 300, args.format)
         if args.answers:
             out["redis_memory"] = redis_memory_per_1000(artifact, shared, redis_port, args.answers, args.format)
     finally:
