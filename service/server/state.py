@@ -114,12 +114,13 @@ def shared_state(settings: Settings, metrics: Metrics) -> Any:
     """The link to the fleet's shared state (DAPO_STATE_URL), or None: everything in this process."""
     if not settings.state_url:
         return None
+    from service.server.fleet.link import StateLink
+
     try:
-        from service.server.fleet.link import StateLink
-    except ImportError as e:  # the `fleet` extra
+        return StateLink(settings.state_url, settings.state_timeout_s, settings.state_retry_s, metrics)
+    except ImportError as e:  # redis-py: the `fleet` extra
         raise RuntimeError(f"DAPO_STATE_URL is set but {e.name} is not installed: "
                            "pip install 'dapo-inspect[fleet]'") from e
-    return StateLink(settings.state_url, settings.state_timeout_s, settings.state_retry_s, metrics)
 
 
 def idempotency_store(settings: Settings, link: Any) -> IdempotencyStore:
