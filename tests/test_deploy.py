@@ -153,7 +153,7 @@ def mounts(service: dict) -> dict[str, tuple[str, str]]:
 
 @needs_compose
 @pytest.mark.parametrize("profiles", [[], ["bake"], ["cpu"], ["bake", "cpu"], ["monitoring"],
-                                      ["cpu", "monitoring"]])
+                                      ["cpu", "monitoring"], ["fleet"]])
 def test_compose_config_is_valid_for_every_profile(profiles):
     services = compose_config(profiles)["services"]
     assert "dapo" in services
@@ -313,7 +313,7 @@ def test_dockerfile_layers_user_and_dependencies(dockerfile, tmp_path):
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    extras = {"Dockerfile.cpu": ["cpu", "sinks"], "Dockerfile.gpu": ["gpu", "sinks"],  # serving: MQTT/webhooks work
+    extras = {"Dockerfile.cpu": ["cpu", "sinks", "fleet"], "Dockerfile.gpu": ["gpu", "sinks", "fleet"],  # serving: sinks, fleet
               "Dockerfile.train": ["train", "cpu"]}[dockerfile.name]
     assert requirements == project["dependencies"] + [r for x in extras for r in project["optional-dependencies"][x]]
     names = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
@@ -464,3 +464,20 @@ def test_serving_image_refuses_training_subcommands_with_a_clear_message(tmp_pat
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "needs the `training` package" in proc.stderr, proc.stderr
     assert not (tmp_path / "a").exists()
+
+
+@needs_compose
+def test_compose_fleet_profile_shares_state_between_replicas():
+    services = compose_config(["fleet"])["services"]
+    replicas = [services["dapo-fleet-a"], services["dapo-fleet-b"]]
+    for name in ("redis", "postgres", "dapo-fleet-a", "dapo-fleet-b"):
+        assert services[name]["profiles"] == ["fleet"]
+    assert "ports" not in services["redis"] and "ports" not in services["postgres"]  # the compose network only
+    for replica in replicas:
+        settings = settings_from(replica["environment"])
+        assert settings.state_url == "redis://redis:6379/0"
+        assert settings.feedback_db.startswith("postgresql+psycopg://") and "@postgres:5432/" in settings.feedback_db
+        for dependency in ("redis", "postgres"):
+            assert replica["depends_on"][dependency]["condition"] == "service_healthy"
+    samples = {r["environment"]["DAPO_SAMPLES_DIR"] for r in replicas}
+    assert len(samples) == 2  # each replica writes its own samples folder

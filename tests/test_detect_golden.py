@@ -63,6 +63,7 @@ def stable(body: dict) -> dict:
     """The answer less what differs on every call."""
     body = dict(body)
     body.pop("request_id", None)
+    body.pop("answer_id", None)  # the server's id of each answer: new on every call by design
     # the artifact's identity differs per bake (its manifest records when it was made)
     body["model"] = {k: v for k, v in body["model"].items() if k != "artifact_sha256"}
     body["results"] = [{k: v for k, v in r.items() if k != "timing_ms"} for r in body["results"]]

@@ -21,7 +21,7 @@ from service import cli
 from service.runtime.artifact import load_manifest
 from service.server.answers import Answer
 from service.server.app import create_app
-from service.server.line.recent import Expired, RecentAnswers, UnknownRequest
+from service.server.line.recent import Ambiguous, Expired, RecentAnswers, UnknownRequest
 from service.server.settings import Settings
 from training.data.folder import load_folder
 
@@ -164,17 +164,29 @@ def test_recent_answers_window_and_memory_bound():
     ring = RecentAnswers(window_s=10.0, max_bytes=250, clock=lambda: now[0])
 
     def answer(rid: str, size: int) -> Answer:
-        return Answer(rid, {}, (("f", b"x" * size),), ({},), {})
+        return Answer(rid, {}, (("f", b"x" * size),), ({},), {}, answer_id=f"id-{rid}")
 
     ring.put(answer("a", 100))
     ring.put(answer("b", 100))
-    assert ring.get("a").request_id == "a" and ring.nbytes == 200
+    assert ring.get("id-a").request_id == "a" and ring.find("a").answer_id == "id-a" and ring.nbytes == 200
     ring.put(answer("c", 100))  # 300 > 250: the oldest goes
     with pytest.raises(Expired):
-        ring.get("a")
+        ring.get("id-a")
+    with pytest.raises(Expired):
+        ring.find("a")
     now[0] = 10.5  # b and c are older than the window now
     with pytest.raises(Expired):
-        ring.get("c")
+        ring.get("id-c")
     with pytest.raises(UnknownRequest):
         ring.get("never")
     assert len(ring) == 0 and ring.nbytes == 0
+
+
+def test_recent_answers_refuse_a_request_id_two_answers_share():
+    ring = RecentAnswers(window_s=10.0, max_bytes=10_000)
+    for answer_id in ("one", "two"):
+        ring.put(Answer("cycle-7", {}, (("f", b"x"),), ({},), {}, answer_id=answer_id))
+    with pytest.raises(Ambiguous) as e:
+        ring.find("cycle-7")
+    assert sorted(e.value.answer_ids) == ["one", "two"]
+    assert ring.get("one").answer_id == "one" and ring.get("two").answer_id == "two"

@@ -6,11 +6,18 @@ process service's for the same image (score, defect types, regions, mask), as th
 run the same code on the same artifact. Batch size 1 on both sides makes the computation
 identical, so the comparison is exact.
 
+The replicas share their state through a real redis-server (DAPO_STATE_URL) and one feedback
+database, as a fleet does (docs/fleet.md): a verdict on every answer is accepted whichever
+replica takes it, an idempotent retry is replayed by either replica, the concurrent same-key
+race runs once, and two parts under one X-Request-ID keep two samples while a verdict naming
+that id is refused as ambiguous.
+
 Skipped when ray[serve] is not installed (the `ray` extra); runs otherwise (~30 s, mostly
-Ray's own start-up).
+Ray's own start-up). The fleet test needs Debian's redis-server (skipped without it).
 """
 from __future__ import annotations
 
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +32,7 @@ serve = pytest.importorskip("ray.serve", reason="ray[serve] not installed (pip i
 import ray
 
 from image_util import gradient_png
+from state_util import REDIS_SERVER, REDIS_SKIP, Redis, wait_for
 from traffic_util import BackgroundClients
 from service.server.app import create_app
 from service.server.ray_serve import REPLICA_HEADER, app_builder, build_app, deployment_options
@@ -46,8 +54,26 @@ def comparable(result: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def settings(demo_artifact) -> Settings:
-    return Settings(artifact=demo_artifact, max_batch_size=1, max_queue_delay_ms=0, log_level="WARNING")
+def redis_url():
+    """The fleet's shared state (None without redis-server: the fleet test skips, the rest runs)."""
+    if REDIS_SERVER is None:
+        yield None
+        return
+    server = Redis().start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray-fleet")
+
+
+@pytest.fixture(scope="module")
+def settings(demo_artifact, redis_url, fleet_dir) -> Settings:
+    return Settings(artifact=demo_artifact, max_batch_size=1, max_queue_delay_ms=0, log_level="WARNING",
+                    state_url=redis_url, feedback_db=str(fleet_dir / "feedback.sqlite3"),
+                    samples_dir=fleet_dir / "samples", samples_policy='{"*": [{"kind": "all"}]}')
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +143,60 @@ def test_each_replica_runs_the_app_lifespan(ray_url):
     assert REPLICA_HEADER in r.headers
 
 
+def post_part(ray_url: str, seed: int, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{ray_url}/detect", timeout=30, headers=headers or {},
+                      files={"image": (f"part{seed}.png", image_bytes(seed), "image/png")}, data={"product": "disc"})
+
+
+def test_a_fleet_of_two_replicas_keeps_one_process_promises(ray_url, redis_url, fleet_dir):
+    if redis_url is None:
+        pytest.skip(REDIS_SKIP)
+    # a verdict on every answer is accepted, whichever replica answered and whichever takes it
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda k: post_part(ray_url, 100 + k), range(16)))
+    assert all(r.status_code == 200 for r in answers)
+    assert len({r.headers[REPLICA_HEADER] for r in answers}) == 2
+    with ThreadPoolExecutor(4) as pool:
+        verdicts = list(pool.map(lambda r: httpx.post(f"{ray_url}/v1/feedback", timeout=30, json={
+            "answer_id": r.json()["answer_id"], "index": 0, "verdict": "correct"}), answers))
+    assert [v.status_code for v in verdicts] == [201] * 16, [v.text for v in verdicts if v.status_code != 201]
+
+    # idempotent retries are replayed, not run again, whichever replica they reach
+    first = post_part(ray_url, 200, {"Idempotency-Key": "ray-part-200"})
+    assert first.status_code == 200
+    seen = set()
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(10):
+            for r in pool.map(lambda _: post_part(ray_url, 200, {"Idempotency-Key": "ray-part-200"}), range(4)):
+                assert r.status_code == 200 and r.headers["idempotent-replayed"] == "true"
+                assert r.content == first.content
+                seen.add(r.headers[REPLICA_HEADER])
+            if len(seen) == 2:
+                break
+    assert len(seen) == 2, seen
+
+    # the concurrent same-key race gives one answer
+    with ThreadPoolExecutor(8) as pool:
+        race = list(pool.map(lambda _: post_part(ray_url, 300, {"Idempotency-Key": "ray-race-300"}), range(8)))
+    assert all(r.status_code == 200 for r in race)
+    assert len({r.json()["answer_id"] for r in race}) == 1
+    assert sum(r.headers.get("idempotent-replayed") != "true" for r in race) == 1
+
+    # two different parts under one X-Request-ID: two samples, and a verdict naming it is refused
+    pair = [post_part(ray_url, 400 + i, {"X-Request-ID": "cycle-400"}) for i in range(2)]
+    ids = {r.json()["answer_id"] for r in pair}
+    assert len(ids) == 2
+
+    def kept():
+        found = {json.loads(p.read_text())["answer_id"] for p in (fleet_dir / "samples" / "all").rglob("*.json")}
+        return ids <= found
+
+    wait_for(kept)
+    r = httpx.post(f"{ray_url}/v1/feedback", timeout=30, json={"request_id": "cycle-400", "index": 0,
+                                                               "verdict": "correct"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "ambiguous_request_id"
+
+
 def test_serve_config_file_is_valid(demo_artifact):
     from ray.serve.schema import ServeDeploySchema
 
@@ -127,6 +207,8 @@ def test_serve_config_file_is_valid(demo_artifact):
     assert deployment.name == deployment_options(Settings())["name"]
     assert deployment.autoscaling_config["min_replicas"] <= deployment.autoscaling_config["max_replicas"]
     assert set(app.args) <= set(Settings.model_fields)  # every arg is a Settings field
+    env = app.runtime_env["env_vars"]  # the replicas of a fleet share their state (docs/fleet.md)
+    assert env["DAPO_STATE_URL"].startswith("redis://") and env["DAPO_FEEDBACK_DB"].startswith("postgresql+psycopg://")
     assert app_builder({**app.args, "artifact": str(demo_artifact)}) is not None  # builds (nothing deployed)
 
 

@@ -7,7 +7,7 @@ import pytest
 from pydantic import SecretStr
 
 from service.server.auth import ApiKeys, principal_of
-from service.server.idempotency import IdempotencyConflict, IdempotencyStore, StoredResponse, request_fingerprint
+from service.server.idempotency import IdempotencyConflict, MemoryIdempotencyStore, StoredResponse, request_fingerprint
 
 
 def test_api_keys_from_env_and_file(tmp_path):
@@ -40,7 +40,7 @@ class Clock:
 
 def test_store_replays_conflicts_expires_and_evicts():
     clock = Clock()
-    store = IdempotencyStore(ttl_s=10, max_entries=2, clock=clock)
+    store = MemoryIdempotencyStore(ttl_s=10, max_entries=2, clock=clock)
     runs = []
 
     async def produce(tag):
@@ -64,7 +64,7 @@ def test_store_replays_conflicts_expires_and_evicts():
 
 
 def test_failures_are_not_stored_and_concurrent_duplicates_wait():
-    store = IdempotencyStore()
+    store = MemoryIdempotencyStore()
     calls = 0
 
     async def slow():

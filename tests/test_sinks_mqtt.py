@@ -75,7 +75,7 @@ def test_each_result_arrives_once_on_its_topic_with_the_api_result(app, broker):
         expected = {}
         for body, topic in ((a, "dapo/st-1/disc/result"), (b, "dapo/line_2__/_/result")):
             for i, result in enumerate(body["results"]):
-                expected[f"{body['request_id']}:{i}"] = (topic, body, i, result)
+                expected[f"{body['answer_id']}:{i}"] = (topic, body, i, result)
         sub.wait_for(lambda m: len(m) >= 3)
         marker = barrier(app, sub)  # a duplicate would have come before it
         got = [m for m in sub.results() if m.json()["id"] != marker]
@@ -105,7 +105,7 @@ def test_broker_down_does_not_slow_detect_and_drops_only_the_oldest(app, broker)
         broker.stop()
         wait_until(lambda: not mqtt_client_of(app).is_connected())
         down = [timed_detect(app, png(200 + i), product="disc", station_id="st-2") for i in range(12)]
-        sent_down = [f"{body['request_id']}:0" for _, body in down]
+        sent_down = [f"{body['answer_id']}:0" for _, body in down]
         dropped = metric(app, "dapo_sink_dropped_total", sink="mqtt") - dropped_before
         assert metric(app, "dapo_sink_up", sink="mqtt") == 0.0
         assert metric(app, "dapo_sink_queue_depth", sink="mqtt") == QUEUE
@@ -213,6 +213,6 @@ def test_tls_with_credentials_from_a_file(tmp_path):
     results = [m for m in messages if m.topic.endswith("/result")]
     assert [m.topic for m in results] == ["dapo/st-tls/disc/result"]
     doc = results[0].json()
-    assert doc["id"] == "req-tls:0" and doc["result"] == {"anomaly_score": 0.7, "is_anomalous": True,
+    assert doc["id"] == f"{answer.answer_id}:0" and doc["request_id"] == "req-tls" and doc["result"] == {"anomaly_score": 0.7, "is_anomalous": True,
                                                            "threshold": 0.5}
     assert {m.payload for m in messages if m.topic == "dapo/status/dapo-tls-good"} >= {b"online", b"offline"}

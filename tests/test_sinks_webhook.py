@@ -113,7 +113,7 @@ def test_retried_until_accepted_once_each_and_signed(app, endpoint):
     delivered = metric(app, "dapo_sink_delivered_total", sink="webhook")
     a = detect(app, [png(1), png(2)], product="disc", part_id="p-1")
     b = detect(app, [png(3)], station_id="st-4")
-    expected = {f"{body['request_id']}:{i}": (body, r) for body in (a, b) for i, r in enumerate(body["results"])}
+    expected = {f"{body['answer_id']}:{i}": (body, r) for body in (a, b) for i, r in enumerate(body["results"])}
     wait_until(lambda: {x.key for x in endpoint.accepted()} >= set(expected))
     # nothing more can come once the outbox counts them delivered (it retries only what is not):
     # that condition, not a fixed sleep
@@ -143,7 +143,7 @@ def test_a_refused_result_is_not_retried(app, endpoint):
     before = metric(app, "dapo_sink_rejected_total", sink="webhook")
     refused = detect(app, [png(4)], part_id="reject")
     after = detect(app, [png(5)], part_id="fine")
-    keys = (f"{refused['request_id']}:0", f"{after['request_id']}:0")
+    keys = (f"{refused['answer_id']}:0", f"{after['answer_id']}:0")
     wait_until(lambda: any(x.key == keys[1] and x.status == 200 for x in endpoint.attempts))
     assert [x.status for x in endpoint.attempts if x.key == keys[0]] == [400]
     assert metric(app, "dapo_sink_rejected_total", sink="webhook") == before + 1
@@ -151,7 +151,7 @@ def test_a_refused_result_is_not_retried(app, endpoint):
 
 def test_rate_limit_spaces_deliveries(app, endpoint):
     body = detect(app, [png(10 + i) for i in range(6)], part_id="burst")
-    keys = {f"{body['request_id']}:{i}" for i in range(6)}
+    keys = {f"{body['answer_id']}:{i}" for i in range(6)}
     wait_until(lambda: {x.key for x in endpoint.accepted()} >= keys)
     times = sorted(x.at for x in endpoint.attempts if x.key in keys)
     # 6 results x (FAILURES + 1) attempts, each attempt takes a token: at least (n - 1) / RATE seconds
@@ -170,7 +170,8 @@ def test_endpoint_down_keeps_the_newest_and_counts_the_dropped():
                                              backoff_max_s=0.05, drain_s=0.5), metrics.loop)
     outbox.start()
     answers = [Answer(f"r{i}", {"name": "m", "version": "1", "backbone": "b"}, (("a.png", b""),),
-                      ({"anomaly_score": 0.1, "is_anomalous": False, "threshold": 0.5},), {}) for i in range(10)]
+                      ({"anomaly_score": 0.1, "is_anomalous": False, "threshold": 0.5},), {},
+                      answer_id=f"r{i}") for i in range(10)]
     t0 = time.perf_counter()
     for a in answers:
         outbox.offer(ResultMessage(a, 0))

@@ -2,8 +2,13 @@
 
 SQLAlchemy Core, one table. `DAPO_FEEDBACK_DB` is either a URL (`postgresql+psycopg://...`,
 `sqlite:////var/lib/dapo/feedback.db`) or a plain file path, read as SQLite. The pair
-(request_id, image_index) is unique, so a second verdict on the same image is refused by the
-database itself, whichever process wrote the first.
+(answer_id, image_index) is unique (an index the database enforces), so a second verdict on the
+same image is refused by the database itself, whichever process or replica wrote the first:
+SQLite for one node, PostgreSQL for a fleet. `answer_id` is the server's id of the answer
+(never reused); `request_id` is the caller's correlation id, kept for reference.
+
+A table made before answer ids existed is upgraded in place at start (the column and the
+unique index are added; its old (request_id, image_index) constraint stays).
 
 No FastAPI here: `dapo calibrate --feedback DB` reads the same table through this module.
 """
@@ -13,8 +18,8 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from sqlalchemy import (Boolean, Column, DateTime, Float, Integer, MetaData, String, Table, UniqueConstraint,
-                        create_engine, insert, select, update)
+from sqlalchemy import (Boolean, Column, DateTime, Float, Index, Integer, MetaData, String, Table, create_engine,
+                        inspect, insert, select, text, update)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -24,6 +29,7 @@ feedback_table = Table(
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("request_id", String(128), nullable=False),
+    Column("answer_id", String(64)),  # NULL only in rows from before answer ids
     Column("image_index", Integer, nullable=False),
     Column("verdict", String(32), nullable=False),  # correct | false_positive | false_negative | wrong_type
     Column("label", String(64), nullable=False),  # the truth it implies: "good" or a defect type
@@ -42,8 +48,9 @@ feedback_table = Table(
     Column("predicted_type", String(64)),
     Column("sample_path", String(1024)),  # the labelled image on disk (absolute), when written
     Column("principal", String(32)),  # who said so: the API key's tag (service.server.security)
-    UniqueConstraint("request_id", "image_index", name="uq_feedback_image"),
 )
+one_verdict_per_image = Index("uq_feedback_answer_image", feedback_table.c.answer_id, feedback_table.c.image_index,
+                              unique=True)
 
 
 class DuplicateFeedback(ValueError):
@@ -56,6 +63,7 @@ class FeedbackRecord:
     image_index: int
     verdict: str
     label: str
+    answer_id: str | None = None
     defect_type: str | None = None
     note: str | None = None
     product: str | None = None
@@ -84,11 +92,21 @@ def database_url(value: str) -> str:
     return f"sqlite:///{path}"
 
 
+def upgrade(engine: Engine) -> None:
+    """Bring a table from before answer ids up to date (idempotent; a no-op on a new table)."""
+    columns = {c["name"] for c in inspect(engine).get_columns("feedback")}
+    if "answer_id" not in columns:
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE feedback ADD COLUMN answer_id VARCHAR(64)"))
+    one_verdict_per_image.create(engine, checkfirst=True)
+
+
 class FeedbackStore:
     def __init__(self, url_or_path: str):
         self.url = database_url(url_or_path)
-        self.engine: Engine = create_engine(self.url)
+        self.engine: Engine = create_engine(self.url, pool_pre_ping=True)
         metadata.create_all(self.engine)
+        upgrade(self.engine)
 
     def add(self, record: FeedbackRecord) -> int:
         """Insert; the new row's id. DuplicateFeedback when the image already has feedback."""

@@ -7,7 +7,9 @@ mask decoding, file writes) happens in those threads.
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -16,6 +18,21 @@ from typing import Any, Protocol
 
 # Result fields that carry images: kept out of sink messages and sample sidecars
 IMAGE_FIELDS = frozenset({"mask", "heatmap_png", "overlay_png"})
+
+
+def new_answer_id() -> str:
+    """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 random bits.
+
+    The server's name for one answer. Unlike the caller's X-Request-ID (a correlation id that a
+    gateway may reuse, e.g. its cycle number), it never collides: two answers in the same
+    millisecond differ in 74 random bits, across processes and replicas alike, with no
+    coordination. Time-ordered, so sample file names and database rows sort by when.
+    """
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")  # 80 bits, 74 used
+    value = ((ms & (2**48 - 1)) << 80) | (0x7 << 76) | (((rand >> 62) & 0xFFF) << 64) \
+        | (0b10 << 62) | (rand & (2**62 - 1))
+    return str(uuid.UUID(int=value))
 
 
 class UploadLike(Protocol):
@@ -31,11 +48,15 @@ class Answer:
     results: tuple[dict[str, Any], ...]
     echo: dict[str, str]
     inspected_at: float = field(default_factory=time.time)  # wall clock, seconds
+    answer_id: str = field(default_factory=new_answer_id)  # the server's id (request_id: the caller's)
 
     @classmethod
     def of(cls, request_id: str, model: dict[str, str], uploads: Sequence[UploadLike],
-           results: Sequence[dict[str, Any]], echo: dict[str, str]) -> "Answer":
-        return cls(request_id, model, tuple((u.filename, u.data) for u in uploads), tuple(results), dict(echo))
+           results: Sequence[dict[str, Any]], echo: dict[str, str], answer_id: str | None = None) -> "Answer":
+        files = tuple((u.filename, u.data) for u in uploads)
+        if answer_id is None:
+            return cls(request_id, model, files, tuple(results), dict(echo))
+        return cls(request_id, model, files, tuple(results), dict(echo), answer_id=answer_id)
 
     @property
     def product(self) -> str | None:
@@ -46,9 +67,10 @@ class Answer:
         return sum(len(data) for _, data in self.files)
 
 
-def dedupe_key(request_id: str, index: int) -> str:
-    """The at-least-once key of one image's result: receivers drop a key they have seen."""
-    return f"{request_id}:{index}"
+def dedupe_key(answer_id: str, index: int) -> str:
+    """The at-least-once key of one image's result: receivers drop a key they have seen. Built on
+    the server's answer id: two parts sent under one X-Request-ID are two keys."""
+    return f"{answer_id}:{index}"
 
 
 def public_result(result: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +93,7 @@ class ResultMessage:
 
     @property
     def key(self) -> str:
-        return dedupe_key(self.answer.request_id, self.index)
+        return dedupe_key(self.answer.answer_id, self.index)
 
     @property
     def result(self) -> dict[str, Any]:
@@ -79,7 +101,8 @@ class ResultMessage:
 
     def document(self) -> dict[str, Any]:
         a = self.answer
-        return {"id": self.key, "request_id": a.request_id, "index": self.index, "model": a.model,
+        return {"id": self.key, "answer_id": a.answer_id, "request_id": a.request_id, "index": self.index,
+                "model": a.model,
                 "inspected_at": iso_utc(a.inspected_at), "result": public_result(self.result)}
 
     @cached_property

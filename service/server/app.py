@@ -133,6 +133,8 @@ async def stop(state: ServiceState) -> None:
     if state.model is not None:
         await close_model(state.model, state.metrics)
     await asyncio.to_thread(state.loop.stop)  # after the last answer: drain the sinks (bounded)
+    if state.link is not None:
+        await state.link.close()
     if state.cpu_pool is not None:
         state.cpu_pool.shutdown(wait=True)
         state.cpu_pool = None

@@ -20,6 +20,7 @@ from service.server.batching import BackendError, QueueFull
 from service.runtime.imaging import ImageError
 from service.server.logs import current_request_id
 from service.runtime.scoring import ScoringError
+from service.server.fleet.link import StateUnavailable
 from service.server.idempotency import IdempotencyConflict, IdempotencyInterrupted
 
 log = logging.getLogger("dapo.errors")
@@ -29,13 +30,14 @@ log = logging.getLogger("dapo.errors")
 # ApiError, envelope or ImageError (and the maps below) and fails on one missing here: a new code
 # is added here and documented in docs/api.md, or CI says which is missing.
 ERROR_CODES: frozenset[str] = frozenset({
-    "bad_request", "client_disconnected", "duplicate_feedback", "error", "feedback_disabled",
-    "feedback_expired", "forbidden", "idempotency_conflict", "image_too_large", "inference_failed",
-    "internal_error", "invalid_artifact", "invalid_feedback", "invalid_image", "invalid_parameter",
+    "ambiguous_request_id", "bad_request", "client_disconnected", "duplicate_feedback", "error",
+    "feedback_db_unavailable", "feedback_disabled", "feedback_expired", "forbidden",
+    "idempotency_conflict", "image_too_large", "inference_failed", "internal_error",
+    "invalid_artifact", "invalid_feedback", "invalid_image", "invalid_parameter",
     "malformed_multipart", "method_not_allowed", "missing_image", "not_acceptable", "not_found",
-    "not_ready", "overloaded", "payload_too_large", "queue_full", "reload_failed", "reload_in_progress",
-    "retry", "too_many_files", "too_many_requests", "unauthorized", "unavailable", "unknown_request",
-    "too_many_tiles", "unsupported_media_type",
+    "not_ready", "overloaded", "payload_too_large", "queue_full", "reload_failed",
+    "reload_in_progress", "retry", "state_unavailable", "too_many_files", "too_many_requests",
+    "too_many_tiles", "unauthorized", "unavailable", "unknown_request", "unsupported_media_type",
 })
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -105,7 +107,7 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
 
     async def unavailable(request: Request, exc: Exception) -> JSONResponse:
         code = {QueueFull: "queue_full", BackendError: "inference_failed",
-                IdempotencyInterrupted: "retry"}.get(type(exc), "unavailable")
+                IdempotencyInterrupted: "retry", StateUnavailable: "state_unavailable"}.get(type(exc), "unavailable")
         return envelope(503, code, str(exc), request_id_of(request), retry_headers(retry_after_s))
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -127,7 +129,7 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     app.add_exception_handler(ImageError, image_error)
     app.add_exception_handler(ScoringError, scoring_error)
     app.add_exception_handler(IdempotencyConflict, idem_conflict)
-    for exc_type in (QueueFull, BackendError, IdempotencyInterrupted):
+    for exc_type in (QueueFull, BackendError, IdempotencyInterrupted, StateUnavailable):
         app.add_exception_handler(exc_type, unavailable)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)

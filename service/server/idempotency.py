@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 MAX_IDEMPOTENCY_KEY_LEN = 255
 
@@ -62,7 +63,17 @@ def request_fingerprint(path: str, query: Iterable[tuple[str, str]], fields: Ite
     return hashlib.sha256(json.dumps(doc, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-class IdempotencyStore:
+class IdempotencyStore(Protocol):
+    """Where Idempotency-Key records live: `MemoryIdempotencyStore` (one process) or
+    `service.server.fleet.idempotency.RedisIdempotencyStore` (a fleet, DAPO_STATE_URL)."""
+
+    async def run(self, key: str, fingerprint: str,
+                  produce: Callable[[], Awaitable[StoredResponse]]) -> tuple[StoredResponse, bool]:
+        """The answer for this key (running `produce` only the first time) and whether replayed."""
+        ...
+
+
+class MemoryIdempotencyStore:
     """Bounded LRU of answers with a TTL; concurrent duplicates share the first one's future."""
 
     def __init__(self, ttl_s: float = 600.0, max_entries: int = 1024,

@@ -51,6 +51,12 @@ class Metrics:
                                    "Models in memory: 1, or 2 while a replaced one finishes its requests",
                                    registry=r)
         self.loop = LoopMetrics(r)  # sinks, kept samples, operator feedback
+        # the shared state of a fleet (DAPO_STATE_URL; service.server.fleet.link)
+        self.state_up = Gauge("dapo_state_up", "1 while the shared state (Redis) answers; 0 during an outage",
+                              registry=r)
+        self.state_outages = Counter("dapo_state_outages_total", "Outages of the shared state (Redis)", registry=r)
+        self.state_errors = Counter("dapo_state_errors_total", "Calls to the shared state that failed or timed out",
+                                    ["op"], registry=r)
 
     # --- batcher hooks (service.server.batching.BatchObserver) ---------------------------------
     def observe_batch(self, size: int, inference_s: float) -> None:
@@ -112,5 +118,7 @@ class LoopMetrics:
                                        "Samples not written because the writer's queue was full", registry=r)
         self.samples_errors = Counter("dapo_samples_errors_total", "Sample writes that failed (disk full, permission)",
                                       ["reason"], registry=r)
+        self.samples_swept = Counter("dapo_samples_swept_total",
+                                     "Incomplete samples (a crash mid-write) removed at start", registry=r)
         self.feedback = Counter("dapo_feedback_total", "Operator feedback on answers, by product and verdict",
                                 ["product", "verdict"], registry=r)

@@ -13,7 +13,9 @@ replayed Idempotency-Key answer is not counted again) and updates, in the app's 
   manifest (`service.runtime.drift`); `dapo_score_drift_window_images{product}` says how full
   the window is. The drift gauges appear once `drift_min_images` scores are in the window,
   only for products with a baseline. The window counts images, not time (a line's rate
-  varies), belongs to this process, and starts empty when the model changes.
+  varies), belongs to this process, and starts empty when the model changes. With
+  DAPO_STATE_URL the window lives in Redis (`service.server.fleet.drift`) and is the fleet's:
+  every replica pushes its scores there and sets its gauges from the shared window.
 
 Cardinality stays bounded because every label value comes from a closed set: product = a
 product of the manifest, `none` when the request named none (an unknown product is refused
@@ -25,6 +27,8 @@ arbitrary station ids cannot grow the number of series.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -37,6 +41,7 @@ from service.runtime.artifact import Manifest, ScoreBaseline
 from service.runtime.drift import drift_of
 from service.server.settings import LABEL_NONE as NONE, LABEL_OTHER as OTHER, Settings
 
+log = logging.getLogger("dapo.quality")
 ANOMALOUS, NORMAL = "anomalous", "normal"
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 20)) + (1.0,)  # scores are probabilities
 
@@ -100,12 +105,15 @@ class QualityMetrics:
                                    registry=r)
         self._view: _ModelView | None = None
         self._windows: dict[str, deque[float]] = {}
+        self.shared = None  # fleet.drift.RedisDriftWindows when DAPO_STATE_URL is set
+        self._pushes: set[asyncio.Task] = set()
 
     def observe(self, manifest: Manifest, results: Iterable[Mapping[str, Any]], echo: Mapping[str, str]) -> None:
         """Count one answered request's results (`echo`: its product / station_id fields)."""
         view = self._view_of(manifest)
         product = fold(echo.get("product"), view.products)
         station = [fold(echo.get("station_id"), self._stations)] if self._stations else []
+        scores: list[float] = []
         for result in results:
             score = float(result["anomaly_score"])
             anomalous = bool(result["is_anomalous"])
@@ -116,8 +124,26 @@ class QualityMetrics:
             self.scores.labels(product).observe(score)
             if product in view.baselines:
                 self._window(product).append(score)
+                scores.append(score)
         if product in view.baselines:
-            self._update_drift(product, view.baselines[product])
+            if self.shared is not None:
+                self._share(product, view.baselines[product], scores)
+            else:
+                self._update_drift(product, view.baselines[product])
+
+    def _share(self, product: str, baseline: ScoreBaseline, scores: list[float]) -> None:
+        """Push to the fleet's window in the background (never delays or fails the answer)."""
+        async def push() -> None:
+            try:
+                window = await self.shared.push(product, baseline, scores)
+            except Exception as e:  # StateUnavailable: counted by the link; the gauges keep their value
+                log.debug("drift window not shared: %s", e)
+                return
+            self._set_drift(product, baseline, window)
+
+        task = asyncio.get_running_loop().create_task(push())
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     def _view_of(self, manifest: Manifest) -> _ModelView:
         """The view of this manifest; a new model starts new drift windows (new baselines)."""
@@ -134,10 +160,13 @@ class QualityMetrics:
         return self._windows[product]
 
     def _update_drift(self, product: str, baseline: ScoreBaseline) -> None:
-        window = self._windows[product]
+        self._set_drift(product, baseline, self._windows[product])
+
+    def _set_drift(self, product: str, baseline: ScoreBaseline, window: Iterable[float]) -> None:
+        window = list(window)
         self.window_images.labels(product).set(len(window))
         if len(window) < min(self.options.drift_min_images, self.options.drift_window):
             return
-        drift = drift_of(baseline, np.fromiter(window, dtype=np.float64, count=len(window)))
+        drift = drift_of(baseline, np.asarray(window, dtype=np.float64))
         self.psi.labels(product).set(drift.psi)
         self.mean_shift.labels(product).set(drift.mean_shift)

@@ -15,7 +15,10 @@ Three ways in:
     names `service.server.ray_serve:app_builder`; its `deployments:` section overrides the options.
   - `build_app(settings, ...)` then `serve.run(...)` from Python (tests).
 
-Every DAPO_* setting applies per replica (batch size, queue bound, limits, keys, ...). The
+Every DAPO_* setting applies per replica (batch size, queue bound, limits, keys, ...). State that
+must be the fleet's (idempotency records, the recent answers feedback refers to, drift windows)
+goes to Redis with DAPO_STATE_URL, and verdicts to PostgreSQL with DAPO_FEEDBACK_DB
+(docs/fleet.md): without them a retry or a verdict that reaches another replica fails. The
 artifact path must exist on every node that runs a replica (a shared volume or a baked
 image). /metrics through the proxy answers for whichever replica took that request: scrape the
 replicas, or use Ray's own metrics, for a total.

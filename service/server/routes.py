@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
 from service.server import pipeline
+from service.server.answers import new_answer_id
 from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.openapi_contract import component_ref
 from service.server.reload import ReloadFailed, ReloadInProgress
@@ -208,9 +209,11 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
     async def produce() -> StoredResponse:
         results = await pipeline.detect(state, model, uploads, policy, options, echo)
         state.quality.observe(model.manifest, results, echo)
-        body = {"request_id": request_id, "model": model.ref(), "results": results}
+        answer_id = new_answer_id()  # the server's id of this answer; request_id stays the caller's
+        body = {"request_id": request_id, "answer_id": answer_id, "model": model.ref(), "results": results}
         stored = StoredResponse(200, encode_json(body))
-        state.loop.after_detect(request_id, body["model"], uploads, results, echo)  # sinks, samples, feedback
+        answer = state.loop.after_detect(request_id, body["model"], uploads, results, echo, answer_id)
+        await state.loop.remember(answer)  # for feedback; awaited so that a verdict may follow at once
         return stored
 
     if key is None:

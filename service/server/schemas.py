@@ -80,7 +80,9 @@ class Result(_Strict):
 
 
 class DetectResponse(_Strict):
-    request_id: str
+    request_id: str = Field(description="the caller's X-Request-ID (or one made up): a correlation id, echoed")
+    answer_id: str = Field(description="the server's id of this answer (a UUIDv7), unique across replicas and "
+                           "restarts: how feedback, samples and sink messages name it")
     model: ModelRef
     results: list[Result]
 

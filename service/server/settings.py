@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     admin_keys_file: Path | None = None
     idempotency_ttl_s: float = Field(default=600.0, gt=0)
     idempotency_max_entries: int = Field(default=1024, ge=1)
+    # how long a claimed Idempotency-Key waits for its first request's answer (DAPO_STATE_URL);
+    # a replica that dies mid-request holds the key this long, then a retry runs again
+    idempotency_claim_ttl_s: float = Field(default=120.0, gt=0)
+
+    # --- a fleet (service.server.fleet): state shared by replicas ----------------------------
+    # redis://host:6379/0: idempotency records, the recent answers feedback refers to and the
+    # drift windows live there, so N replicas behave as one; unset = in this process
+    state_url: str | None = None
+    state_timeout_s: float = Field(default=0.5, gt=0)  # deadline of one call to the shared state
+    # after a failed call: answer 503 (Retry-After) at once for this long, then probe again
+    state_retry_s: float = Field(default=1.0, gt=0)
     cors_origins: Annotated[list[str], NoDecode] = []  # empty = CORS off
 
     # --- quality metrics (service/server/quality.py) -------------------------------------
@@ -153,7 +164,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys_file", "admin_keys_file", "trt_cache_dir", "device", "ort_io_binding", "cpu_threads",
                      "mqtt_url", "mqtt_client_id", "mqtt_username", "mqtt_password", "mqtt_password_file",
                      "mqtt_ca_file", "mqtt_cert_file", "mqtt_key_file", "webhook_url", "webhook_secret",
-                     "webhook_secret_file", "samples_dir", "feedback_db", mode="before")
+                     "webhook_secret_file", "samples_dir", "feedback_db", "state_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         """`DAPO_API_KEYS_FILE=` (empty) means no file, not the current directory."""

@@ -16,7 +16,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
@@ -26,7 +26,7 @@ from service.server.line.loop import LineLoop
 from service.server.metrics import Metrics
 from service.server.quality import QualityMetrics, QualityOptions
 from service.server.auth import ApiKeys
-from service.server.idempotency import IdempotencyStore
+from service.server.idempotency import IdempotencyStore, MemoryIdempotencyStore
 from service.server.settings import Settings
 
 if TYPE_CHECKING:  # reload.py builds on this module
@@ -110,6 +110,27 @@ class LoadedModel:
                 "artifact_sha256": self.artifact_sha256}
 
 
+def shared_state(settings: Settings, metrics: Metrics) -> Any:
+    """The link to the fleet's shared state (DAPO_STATE_URL), or None: everything in this process."""
+    if not settings.state_url:
+        return None
+    from service.server.fleet.link import StateLink
+
+    try:
+        return StateLink(settings.state_url, settings.state_timeout_s, settings.state_retry_s, metrics)
+    except ImportError as e:  # redis-py: the `fleet` extra
+        raise RuntimeError(f"DAPO_STATE_URL is set but {e.name} is not installed: "
+                           "pip install 'dapo-inspect[fleet]'") from e
+
+
+def idempotency_store(settings: Settings, link: Any) -> IdempotencyStore:
+    if link is None:
+        return MemoryIdempotencyStore(settings.idempotency_ttl_s, settings.idempotency_max_entries)
+    from service.server.fleet.idempotency import RedisIdempotencyStore
+
+    return RedisIdempotencyStore(link, settings.idempotency_ttl_s, settings.idempotency_claim_ttl_s)
+
+
 @dataclass
 class ServiceState:
     settings: Settings
@@ -119,6 +140,7 @@ class ServiceState:
     idempotency: IdempotencyStore
     quality: QualityMetrics  # the line's quality metrics, in metrics.registry
     loop: LineLoop  # sinks, samples, feedback: what happens after an answer
+    link: Any = None  # service.server.fleet.link.StateLink when DAPO_STATE_URL is set
     model: LoadedModel | None = None  # replaced as a whole, never edited in place
     reloader: Reloader | None = None  # hot swaps (service.server.reload), set by the lifespan
     cpu_pool: ThreadPoolExecutor | None = None  # decode / preprocess / postprocess threads
@@ -128,15 +150,22 @@ class ServiceState:
     @classmethod
     def from_settings(cls, settings: Settings) -> "ServiceState":
         metrics = Metrics()
-        return cls(
+        link = shared_state(settings, metrics)
+        state = cls(
             settings=settings,
             metrics=metrics,
-            loop=LineLoop(settings, metrics.loop),
+            loop=LineLoop(settings, metrics.loop, link),
             api_keys=ApiKeys.from_settings(settings.api_keys, settings.api_keys_file),
             admin_keys=ApiKeys.from_settings(settings.admin_keys, settings.admin_keys_file),
-            idempotency=IdempotencyStore(settings.idempotency_ttl_s, settings.idempotency_max_entries),
+            idempotency=idempotency_store(settings, link),
             quality=QualityMetrics(metrics.registry, QualityOptions.from_settings(settings)),
+            link=link,
         )
+        if link is not None:
+            from service.server.fleet.drift import RedisDriftWindows
+
+            state.quality.shared = RedisDriftWindows(link, settings.drift_window)
+        return state
 
     @property
     def limits(self) -> ImageLimits:

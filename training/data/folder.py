@@ -7,9 +7,16 @@
 The defect folder name is the defect word ('faulty_imprint' -> 'faulty imprint') unless a table
 or a {folder: word} mapping is given, in which case an unmapped folder raises. A defective
 image without a mask is kept with ``mask=None`` (image loss only).
+
+Folders the service writes (samples kept by policy, operator feedback) hold a ``<stem>.json``
+sidecar beside each image, written last. In such a folder (one that holds sidecars) an image
+whose sidecar is missing or does not parse was cut short by a crash: it is skipped with an
+``IncompleteSampleWarning`` (the service removes it at its next start).
 """
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
 
@@ -18,6 +25,32 @@ from .vocab import DefectTable, Vocabulary, folder_table, get_table, word_form
 
 GOOD = "good"
 GROUND_TRUTH = "ground_truth"
+
+
+class IncompleteSampleWarning(UserWarning):
+    """An image of a service samples folder without a readable sidecar (a crash mid-write)."""
+
+
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def complete_images(folder: Path, images: list[Path]) -> list[Path]:
+    """`images` less the incomplete samples, when `folder` is a service samples folder."""
+    if not any(folder.glob("*.json")):
+        return images  # a customer's folder: no sidecars at all
+    kept = []
+    for image in images:
+        if _readable_json(image.with_suffix(".json")):
+            kept.append(image)
+        else:
+            warnings.warn(f"{image}: incomplete sample (no readable sidecar {image.with_suffix('.json').name}); "
+                          "skipped", IncompleteSampleWarning, stacklevel=3)
+    return kept
 
 
 def _table(table) -> DefectTable | None:
@@ -66,7 +99,7 @@ def load_folder(
         if not class_dirs:
             raise DataLayoutError(pdir, "no class folders (expected good/ and <defect_type>/)")
         for cdir in class_dirs:
-            images = list_images(cdir)
+            images = complete_images(cdir, list_images(cdir))
             if not images and any(d.is_dir() for d in cdir.iterdir()):
                 raise DataLayoutError(
                     cdir, "holds folders, not images: is this an MVTec-style tree? (use the mvtec loader)"

@@ -1,6 +1,11 @@
-"""Operator feedback: "this call was wrong", against a request id, turned into a labelled sample.
+"""Operator feedback: "this call was wrong", against an answer, turned into a labelled sample.
 
-A verdict names the truth about one image of a recent answer:
+A verdict names one image of a recent answer by the answer's `answer_id` (the server's id,
+unique) and the image's `index`. Naming the caller's `request_id` instead still works while it
+names one answer; when two answers share it (a gateway that reuses its cycle number) the
+verdict is refused (409 `ambiguous_request_id`), never filed against a guess.
+
+A verdict names the truth about one image:
 
 | verdict          | the answer was | the truth (sample folder)        | mask written               |
 |------------------|----------------|----------------------------------|----------------------------|
@@ -12,7 +17,7 @@ A verdict names the truth about one image of a recent answer:
 
 A verdict that contradicts the answer (false_positive on an OK answer...) is refused (422), so
 the database never holds a label that cannot be true. The row goes to the feedback database
-(the unique (request_id, index) pair refuses duplicates: 409), then the image and its label go
+(the unique (answer_id, index) pair refuses duplicates: 409), then the image and its label go
 to `<samples_dir>/feedback/` in the `folder` layout; a failed write is counted and reported
 (`sample: null`), never loses the verdict.
 """
@@ -23,12 +28,12 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.server.answers import Answer
-from service.server.errors import ApiError
+from service.server.errors import ApiError, retry_headers
 from service.server.metrics import LoopMetrics
-from service.server.line.recent import Expired, RecentAnswers, UnknownRequest
+from service.server.line.recent import Ambiguous, Expired, RecentStore, UnknownRequest
 from service.server.line.samples import (FEEDBACK_ROOT, GOOD, ErrorCounter, Label, result_mask, sample_stem,
                                     sidecar_of, write_sample)
 
@@ -46,16 +51,27 @@ class FeedbackIn(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    request_id: str = Field(min_length=1, max_length=128, description="X-Request-ID of the /detect answer")
+    answer_id: str | None = Field(default=None, min_length=1, max_length=64,
+                                  description="answer_id of the /detect answer (preferred: unique)")
+    request_id: str | None = Field(default=None, min_length=1, max_length=128,
+                                   description="X-Request-ID of the /detect answer; refused (409) when several "
+                                               "answers share it")
     index: int = Field(default=0, ge=0, description="which image of that request (upload order)")
     verdict: Verdict
     defect_type: str | None = Field(default=None, min_length=1, max_length=64,
                                     description="the true type (false_negative, wrong_type)")
     note: str | None = Field(default=None, max_length=1000)
 
+    @model_validator(mode="after")
+    def _names_an_answer(self) -> "FeedbackIn":
+        if self.answer_id is None and self.request_id is None:
+            raise ValueError("name the answer: answer_id (or request_id)")
+        return self
+
 
 class FeedbackOut(BaseModel):
     id: int
+    answer_id: str
     request_id: str
     index: int
     verdict: Verdict
@@ -104,34 +120,43 @@ def truth_label(body: FeedbackIn, result: dict[str, Any], vocabulary: list[str])
 class FeedbackDesk:
     """Takes verdicts: checks them against the recent answer, stores them, writes the sample."""
 
-    def __init__(self, store: FeedbackStore, recent: RecentAnswers, samples_dir: Path | None, metrics: LoopMetrics):
-        self.store, self.recent, self.metrics = store, recent, metrics
+    def __init__(self, store: FeedbackStore, recent: RecentStore, samples_dir: Path | None, metrics: LoopMetrics,
+                 retry_after_s: int = 1):
+        self.store, self.recent, self.metrics, self.retry_after_s = store, recent, metrics, retry_after_s
         self.root = Path(samples_dir) / FEEDBACK_ROOT if samples_dir is not None else None
         self._errors = ErrorCounter(metrics)
 
-    def answer_for(self, body: FeedbackIn) -> Answer:
+    async def answer_for(self, body: FeedbackIn) -> Answer:
+        name = f"answer {body.answer_id}" if body.answer_id is not None else f"request {body.request_id}"
         try:
-            answer = self.recent.get(body.request_id)
+            if body.answer_id is not None:
+                answer = await self.recent.by_answer(body.answer_id)
+            else:
+                answer = await self.recent.by_request(body.request_id)  # type: ignore[arg-type]
         except Expired:
-            raise ApiError(410, "feedback_expired", f"request {body.request_id} is older than the feedback "
-                           "window (or was evicted to bound memory); its image is no longer kept") from None
+            raise ApiError(410, "feedback_expired", f"{name} is older than the feedback window (or was "
+                           "evicted to bound memory); its image is no longer kept") from None
         except UnknownRequest:
-            raise ApiError(404, "unknown_request", f"no answer with request id {body.request_id} "
-                           "(since this service started)") from None
+            raise ApiError(404, "unknown_request", f"no {name} (since the feedback store started)") from None
+        except Ambiguous as e:
+            raise ApiError(409, "ambiguous_request_id", f"{len(e.answer_ids)} answers share request id "
+                           f"{body.request_id}: name the one meant by its answer_id") from None
+        if body.request_id is not None and body.request_id != answer.request_id:
+            raise invalid(f"answer {answer.answer_id} was given under request id {answer.request_id}, "
+                          f"not {body.request_id}")
         if body.index >= len(answer.results):
-            raise invalid(f"index {body.index} out of range: request {body.request_id} had "
-                          f"{len(answer.results)} image(s)")
+            raise invalid(f"index {body.index} out of range: {name} had {len(answer.results)} image(s)")
         return answer
 
     async def submit(self, body: FeedbackIn, principal: str, vocabulary: list[str],
                      known_products: set[str]) -> FeedbackOut:
         from service.runtime.feedback_store import DuplicateFeedback, FeedbackRecord  # loaded with the store
 
-        answer = self.answer_for(body)
+        answer = await self.answer_for(body)
         result = answer.results[body.index]
         label = truth_label(body, result, vocabulary)
         record = FeedbackRecord(
-            request_id=answer.request_id, image_index=body.index, verdict=body.verdict, label=label.name,
+            request_id=answer.request_id, answer_id=answer.answer_id, image_index=body.index, verdict=body.verdict, label=label.name,
             defect_type=body.defect_type, note=body.note, product=answer.product,
             part_id=answer.echo.get("part_id"), station_id=answer.echo.get("station_id"),
             recipe_id=answer.echo.get("recipe_id"), filename=answer.files[body.index][0],
@@ -139,15 +164,21 @@ class FeedbackDesk:
             anomaly_score=result["anomaly_score"], threshold=result["threshold"],
             is_anomalous=bool(result["is_anomalous"]),
             predicted_type=predicted_type(result), principal=principal)
+        from sqlalchemy.exc import DBAPIError
+
         try:
             row_id, sample = await asyncio.to_thread(self._record, record, answer, label)
+        except DBAPIError as e:  # the database is down or unreachable (not a duplicate: that is below)
+            log.warning("feedback database unavailable: %s", type(e.orig or e).__name__)
+            raise ApiError(503, "feedback_db_unavailable", "the feedback database is not reachable; retry",
+                           retry_headers(self.retry_after_s)) from None
         except DuplicateFeedback:
-            raise ApiError(409, "duplicate_feedback", f"image {body.index} of request {body.request_id} "
+            raise ApiError(409, "duplicate_feedback", f"image {body.index} of answer {answer.answer_id} "
                            "already has feedback") from None
         product = answer.product if answer.product in known_products else ("none" if answer.product is None
                                                                             else "other")
         self.metrics.feedback.labels(product, body.verdict).inc()
-        return FeedbackOut(id=row_id, request_id=answer.request_id, index=body.index, verdict=body.verdict,
+        return FeedbackOut(id=row_id, answer_id=answer.answer_id, request_id=answer.request_id, index=body.index, verdict=body.verdict,
                            label=label.name, sample=sample)
 
     def _record(self, record: FeedbackRecord, answer: Answer, label: Label) -> tuple[int, str | None]:

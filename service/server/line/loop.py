@@ -6,7 +6,9 @@ only queues (microseconds; the work is done by their own threads):
 
 - result sinks (MQTT, webhook): service.server.line.sinks, one bounded outbox each;
 - samples kept by policy: service.server.line.samples;
-- the recent-answers ring that operator feedback needs: service.server.line.recent / feedback.
+- the recent answers that operator feedback needs: service.server.line.recent / feedback
+  (`remember`, awaited by the route: in Redis with DAPO_STATE_URL, so that a verdict may reach
+  any replica at once).
 
 Nothing here can fail a request: a bug in a hook is logged and the answer goes out regardless.
 """
@@ -19,7 +21,8 @@ from typing import Any
 from service.server.answers import Answer, ResultMessage, UploadLike
 from service.server.line.feedback import FeedbackDesk
 from service.server.metrics import LoopMetrics
-from service.server.line.recent import RecentAnswers
+from service.server.line.recent import LocalRecent, RecentAnswers, RecentStore
+from service.server.line.samples import sweep_incomplete
 from service.server.line.samples import SampleKeeper
 from service.server.line.samples_policy import SamplePolicy
 from service.server.settings import Settings
@@ -62,12 +65,22 @@ def build_outboxes(settings: Settings, metrics: LoopMetrics) -> list[Outbox]:
     return outboxes
 
 
+def recent_store(settings: Settings, link: Any) -> RecentStore:
+    """In this process, or in the fleet's shared state (DAPO_STATE_URL)."""
+    max_bytes = int(settings.feedback_ring_mb * 2**20)
+    if link is None:
+        return LocalRecent(RecentAnswers(settings.feedback_window_s, max_bytes))
+    from service.server.fleet.recent import RedisRecent
+
+    return RedisRecent(link, settings.feedback_window_s, max_bytes)
+
+
 class LineLoop:
-    def __init__(self, settings: Settings, metrics: LoopMetrics):
-        self.settings, self.metrics = settings, metrics
+    def __init__(self, settings: Settings, metrics: LoopMetrics, link: Any = None):
+        self.settings, self.metrics, self.link = settings, metrics, link
         self.outboxes: list[Outbox] = []
         self.samples: SampleKeeper | None = None
-        self.recent: RecentAnswers | None = None
+        self.recent: RecentStore | None = None
         self.feedback: FeedbackDesk | None = None
         self._failed_once = False
 
@@ -79,6 +92,9 @@ class LineLoop:
         """Build and start what the settings configure (blocking I/O: call it off the event loop).
         A sink whose receiver is down does not stop the start: it queues until it is back."""
         s = self.settings
+        if s.samples_dir is not None:
+            swept = sweep_incomplete(s.samples_dir)  # what a crash left half-written
+            self.metrics.samples_swept.inc(len(swept))
         self.outboxes = build_outboxes(s, self.metrics)
         policy = SamplePolicy(s.samples_policy)
         if policy.enabled:
@@ -88,8 +104,9 @@ class LineLoop:
         if s.feedback_db:
             from service.runtime.feedback_store import FeedbackStore
 
-            self.recent = RecentAnswers(s.feedback_window_s, int(s.feedback_ring_mb * 2**20))
-            self.feedback = FeedbackDesk(FeedbackStore(s.feedback_db), self.recent, s.samples_dir, self.metrics)
+            self.recent = recent_store(s, self.link)
+            self.feedback = FeedbackDesk(FeedbackStore(s.feedback_db), self.recent, s.samples_dir, self.metrics,
+                                         s.retry_after_s)
         for outbox in self.outboxes:
             outbox.start()
         if self.samples is not None:
@@ -108,14 +125,15 @@ class LineLoop:
             self.feedback.store.close()
 
     def after_detect(self, request_id: str, model: dict[str, str], uploads: Sequence[UploadLike],
-                     results: Sequence[dict[str, Any]], echo: dict[str, str]) -> None:
-        """Queue the answer for the ring, the sample policy and every sink (event loop; never raises)."""
+                     results: Sequence[dict[str, Any]], echo: dict[str, str],
+                     answer_id: str | None = None) -> Answer | None:
+        """Queue the answer for the sample policy and every sink (event loop; never raises).
+        The Answer, for `remember` (None when nothing is configured)."""
         if not self.enabled:
-            return
+            return None
+        answer = None
         try:
-            answer = Answer.of(request_id, model, uploads, results, echo)
-            if self.recent is not None:
-                self.recent.put(answer)
+            answer = Answer.of(request_id, model, uploads, results, echo, answer_id)
             if self.samples is not None:
                 self.samples.offer(answer)
             if self.outboxes:
@@ -127,3 +145,14 @@ class LineLoop:
             if not self._failed_once:
                 self._failed_once = True
                 log.exception("after-answer hooks failed (the answer was sent; logged once)")
+        return answer
+
+    async def remember(self, answer: Answer | None) -> None:
+        """Keep the answer for feedback (never raises: with the shared state down, the answer
+        still goes out; a verdict on it is then 404/503, counted by the link)."""
+        if self.recent is None or answer is None:
+            return
+        try:
+            await self.recent.remember(answer)
+        except Exception as e:
+            log.debug("answer %s not kept for feedback: %s", answer.answer_id, e)

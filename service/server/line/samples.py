@@ -17,6 +17,13 @@ sample of that kind goes to `<product>/.unlabelled/` (kept for review, skipped b
 The original upload bytes are written as they came (no re-encode), unless EXIF rotates them:
 then the oriented image is written as PNG, so image and mask sizes agree.
 
+Crash safety: every file is written under a hidden temporary name in its own folder
+(`.tmp-<random>-<name>`: the loaders skip hidden files), fsynced, then renamed over its final
+name (atomic on POSIX); the sidecar goes last, after the folders are fsynced, so a sample is
+complete exactly when its sidecar exists and lists files that all exist. What a crash (SIGKILL,
+power loss) leaves half-done is removed at the next start by `sweep_incomplete` (counted in
+`dapo_samples_swept_total`, named in one log line); the `folder` loader skips it meanwhile.
+
 Policy samples are written by one writer thread from a bounded queue (full: the sample is not
 kept, and counted); every OSError (disk full, permission) is counted by errno name, logged once
 per streak, and never reaches the request. Per rule and product the newest `cap` samples are
@@ -30,10 +37,12 @@ import errno
 import io
 import json
 import logging
+import os
 import queue
 import re
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +67,10 @@ MAX_SWEEP_INTERVAL_S = 60.0
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif", "WEBP": ".webp"}
 _EXIF_ORIENTATION = 0x0112
+TMP_PREFIX = ".tmp-"  # hidden: the loaders skip it; swept at start
+ROOTS = ("every_nth", "near_threshold", "anomalous", "all", FEEDBACK_ROOT)  # folders this module owns
+_STEM = re.compile(r"^\d{8}T\d{6}_")  # the names sample_stem makes (the sweep touches nothing else)
+_IMAGE_SUFFIXES = frozenset(_EXTENSIONS.values()) | {".jpeg", ".tiff"}
 
 
 def folder_name(text: str | None, fallback: str = NO_PRODUCT) -> str:
@@ -69,9 +82,10 @@ def folder_name(text: str | None, fallback: str = NO_PRODUCT) -> str:
 
 
 def sample_stem(answer: Answer, index: int) -> str:
-    """Sorts by time; unique per image (request id and file index)."""
+    """Sorts by time; unique per image: the server's answer id (never the caller's request id,
+    which a client may reuse) and the file index."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(answer.inspected_at))
-    return f"{stamp}_{folder_name(answer.request_id, 'request')}_{index}"
+    return f"{stamp}_{answer.answer_id}_{index}"
 
 
 @dataclass(frozen=True)
@@ -139,10 +153,39 @@ def orientation(img: Image.Image) -> int:
     return img.getexif().get(_EXIF_ORIENTATION, 1)
 
 
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` at `path` or nothing: a temporary name in the same folder, fsync, rename."""
+    tmp = path.with_name(f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames in `folder` durable (the directory entry, not only the data)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def png_bytes(mask: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def write_sample(root: Path, product: str | None, label: Label, stem: str, image: bytes,
                  sidecar: dict[str, Any]) -> list[Path]:
-    """Image, mask and sidecar JSON (written last: it marks a complete sample). On an OSError
-    whatever was written is removed and the error raised."""
+    """Image, mask and sidecar JSON, each atomically; the sidecar last (it marks a complete
+    sample). On an OSError whatever was written is removed and the error raised."""
     product_dir = root / folder_name(product)
     class_dir = product_dir / label.folder
     written: list[Path] = []
@@ -150,20 +193,75 @@ def write_sample(root: Path, product: str | None, label: Label, stem: str, image
         payload, ext = image_payload(image)
         class_dir.mkdir(parents=True, exist_ok=True)
         written.append(class_dir / f"{stem}{ext}")
-        written[-1].write_bytes(payload)
+        write_atomic(written[-1], payload)
         if label.mask is not None and label.name not in (GOOD, UNLABELLED):
             mask_dir = product_dir / GROUND_TRUTH / label.folder
             mask_dir.mkdir(parents=True, exist_ok=True)
             written.append(mask_dir / f"{stem}_mask.png")
-            Image.fromarray(label.mask.astype(np.uint8) * 255).save(written[-1], "PNG")
+            write_atomic(written[-1], png_bytes(label.mask))
+            fsync_dir(mask_dir)
+        fsync_dir(class_dir)
         side = class_dir / f"{stem}.json"
         doc = {**sidecar, "label": label.name, "files": [str(p.relative_to(root)) for p in written + [side]]}
-        side.write_text(json.dumps(doc, indent=1), encoding="utf-8")
+        write_atomic(side, json.dumps(doc, indent=1).encode("utf-8"))
         written.append(side)
+        fsync_dir(class_dir)
     except BaseException:
         remove(written)
         raise
     return written
+
+
+def sample_complete(side: Path, root: Path) -> bool:
+    """The sidecar parses and every file it lists exists (inside `root`)."""
+    try:
+        doc = json.loads(side.read_text(encoding="utf-8"))
+        files = [root / f for f in doc["files"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return all(f.resolve().is_relative_to(root.resolve()) and f.exists() for f in files)
+
+
+def incomplete_samples(root: Path) -> list[Path]:
+    """Files under one samples root (`<samples_dir>/<kind>`) that belong to no complete sample:
+    temporary files, sidecars that do not parse or list a missing file, images and masks without
+    their sidecar. Only names this module makes are considered."""
+    found: list[Path] = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        name = path.name
+        if name.startswith(TMP_PREFIX):
+            found.append(path)
+            continue
+        if not _STEM.match(name):
+            continue
+        if path.suffix == ".json":
+            if not sample_complete(path, root):
+                found.append(path)
+        elif path.parent.parent.name == GROUND_TRUTH and name.endswith("_mask.png"):
+            side = path.parent.parent.parent / path.parent.name / f"{name[:-len('_mask.png')]}.json"
+            if not sample_complete(side, root):
+                found.append(path)
+        elif path.suffix.lower() in _IMAGE_SUFFIXES:
+            if not sample_complete(path.with_suffix(".json"), root):
+                found.append(path)
+    return found
+
+
+def sweep_incomplete(samples_dir: Path) -> list[Path]:
+    """Remove what a crash left half-written under every samples root (call at start, before
+    any writer runs). The paths removed; one log line when there were any."""
+    swept: list[Path] = []
+    for kind in ROOTS:
+        root = Path(samples_dir) / kind
+        if root.is_dir():
+            for path in incomplete_samples(root):
+                path.unlink(missing_ok=True)
+                swept.append(path)
+    if swept:
+        log.warning("removed %d incomplete sample file(s) (a crash mid-write): %s", len(swept),
+                    ", ".join(str(p) for p in swept[:5]) + (" ..." if len(swept) > 5 else ""),
+                    extra={"swept": len(swept)})
+    return swept
 
 
 def remove(paths: list[Path]) -> None:
@@ -173,7 +271,7 @@ def remove(paths: list[Path]) -> None:
 
 def sidecar_of(answer: Answer, index: int, labelled_by: str, **extra: Any) -> dict[str, Any]:
     result = answer.results[index]
-    return {"request_id": answer.request_id, "index": index, "filename": answer.files[index][0],
+    return {"answer_id": answer.answer_id, "request_id": answer.request_id, "index": index, "filename": answer.files[index][0],
             "product": answer.product, "labelled_by": labelled_by, "model": answer.model,
             "inspected_at": iso_utc(answer.inspected_at), "result": public_result(result), **extra}
 

@@ -146,13 +146,14 @@
     }
     const body = await response.json();
     if (mine !== sequence) return;
-    render(body.results[0], body.request_id);
+    render(body.results[0], body.request_id, body.answer_id);
   }
 
-  function render(r, requestId) {
+  function render(r, requestId, answerId) {
     lastResult = r;
     els.result.hidden = false;
     els.result.dataset.requestId = requestId || "";
+    els.result.dataset.answerId = answerId || "";  // the verdict names the answer (unique), not the request
 
     const bad = !!r.is_anomalous;
     els.verdict.className = "verdict " + (bad ? "bad" : "ok");
@@ -230,7 +231,7 @@
   }
 
   async function sendFeedback(verdict) {
-    const body = { request_id: els.result.dataset.requestId, index: 0, verdict: verdict };
+    const body = { answer_id: els.result.dataset.answerId, index: 0, verdict: verdict };
     if (verdict === "false_negative" || verdict === "wrong_type") body.defect_type = els.fbDefect.value;
     const buttons = [els.fbCorrect, els.fbWrong, els.fbType, els.fbDefect];
     buttons.forEach((b) => { b.disabled = true; });
