@@ -72,6 +72,15 @@ class Choice:
                 "ms_per_image": self.ms_per_image, "skipped": self.skipped}
 
 
+def precision_info(backend) -> dict:
+    """What /v1/model, the startup log and dapo_precision_info say about a loaded backend: its
+    precision, the CPU's ISA, and with auto what was measured."""
+    precision = getattr(backend, "precision", None) or str(backend.provider).rsplit(":", 1)[-1]
+    choice = getattr(backend, "precision_choice", None)
+    return {"backend": backend.name, "precision": precision, "isa": cpu_isa(),
+            "precision_auto": choice.to_dict() if choice is not None else None}
+
+
 def candidates(manifest, backend: str, isa: str) -> tuple[list[str], dict[str, str]]:
     """The precisions auto may measure for this backend and artifact, and why others are not."""
     if backend not in CPU_BACKENDS:

@@ -25,6 +25,10 @@ def create_backend(folder: Path, manifest: Manifest, backend: str = "onnxruntime
     `threads`: OpenVINO's inference threads (None = its default, one per physical core).
     """
     folder = Path(folder)
+    failed = manifest.precision_checks.get(f"{backend}:{precision}")
+    if failed is not None and not failed.passed:
+        raise ArtifactError(f"{folder}: the {backend} {precision} encoder failed its accuracy check at bake "
+                            f"(max abs diff {failed.max_abs_diff}, tolerance {failed.tolerance}); serve fp32 or auto")
     if precision == "auto":
         from service.runtime.precision import choose
 
