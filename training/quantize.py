@@ -118,6 +118,7 @@ def quantize_openvino(folder: Path, manifest: Manifest, calib: np.ndarray) -> Pa
     import nncf
     import openvino as ov
 
+    nncf.set_log_level(logging.WARNING)  # its per-node INFO lines would bury the report
     model = ov.Core().read_model(str(folder / manifest.onnx_file("fp32")))
     allowed = _allowed(manifest, 1)
     dataset = nncf.Dataset([calib[i:i + 1] for i in range(len(calib))],
@@ -152,6 +153,13 @@ class _Reader:
         pass
 
 
+def _fold_every(n: int) -> int:
+    """Images per min/max fold of ORT's calibrator: every few, as a ViT-B's activations for a
+    whole calibration set would not fit in memory; never a divisor of `n` (onnxruntime 1.2x
+    drops the last fold when it is full and then finds no data: "No data is collected")."""
+    return next(k for k in range(4, n + 2) if n % k)  # n + 1 never divides n
+
+
 def quantize_ort_variants(folder: Path, manifest: Manifest, calib: np.ndarray, work: Path) -> dict[str, Path]:
     """ONNX Runtime dynamic and static-QDQ INT8 graphs of encoder.onnx, in `work`."""
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
@@ -162,7 +170,8 @@ def quantize_ort_variants(folder: Path, manifest: Manifest, calib: np.ndarray, w
     quantize_dynamic(src, out["dynamic"], weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=exclude)
     quantize_static(src, out["static_qdq"], _Reader(calib, _allowed(manifest, 1)), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                    nodes_to_exclude=exclude)
+                    nodes_to_exclude=exclude,
+                    extra_options={"CalibMaxIntermediateOutputs": _fold_every(len(calib))})
     return out
 
 
