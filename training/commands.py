@@ -265,7 +265,9 @@ def train(args: argparse.Namespace) -> int:
 def eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--artifact", required=True)
     data_arguments(e)
-    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino", "torch"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "auto"],
+                   help="the backend's precision (as DAPO_PRECISION): compare a reduced one's metrics with fp32")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
     e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
@@ -281,7 +283,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import format_table, write_reports
 
     samples = load_samples(args.layout, args.data, args.split)
-    result = run_eval(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
+    result = run_eval(args.artifact, samples, backend=args.backend, precision=args.precision,
+                      batch_size=args.batch_size, sigma=args.sigma,
                       use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score)
     print(format_table(result))
     write_reports(result, args.json, args.csv)
