@@ -17,18 +17,33 @@ from PIL import Image
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from image_util import gradient_png
+from prometheus_client.parser import text_string_to_metric_families
+from traffic_util import BackgroundClients
 
-from image_util import gradient_png  # noqa: E402
-from traffic_util import BackgroundClients  # noqa: E402
-from service.runtime.artifact import ArtifactError, read_manifest, write_manifest  # noqa: E402
-from service.runtime.backends.openvino_backend import PrecisionUnavailable, cpu_capabilities  # noqa: E402
-from service.runtime.detector import Detector, RuntimeOptions  # noqa: E402
-from service.runtime.precision import TOLERANCES, TYPE_MAP_TOLERANCES, candidates, cpu_isa  # noqa: E402
-from service.server.app import create_app  # noqa: E402
-from service.server.local_server import serve_in_thread  # noqa: E402
-from service.server.settings import Settings  # noqa: E402
-from training.quantize import ORT_INT8, OV_INT8, QuantizeOptions, add_int8, compare, good_images  # noqa: E402
+from service.runtime.artifact import ArtifactError, read_manifest, write_manifest
+from service.runtime.backends.openvino_backend import (
+    PrecisionUnavailable,
+    cpu_capabilities,
+)
+from service.runtime.detector import Detector, RuntimeOptions
+from service.runtime.precision import (
+    TOLERANCES,
+    TYPE_MAP_TOLERANCES,
+    candidates,
+    cpu_isa,
+)
+from service.server.app import create_app
+from service.server.local_server import serve_in_thread
+from service.server.settings import Settings
+from training.quantize import (
+    ORT_INT8,
+    OV_INT8,
+    QuantizeOptions,
+    add_int8,
+    compare,
+    good_images,
+)
 
 ADMIN, LINE = "admin-key-for-tests", "line-client-key"
 MAP_OUTPUTS = ("anomaly_score", "type_scores", "anomaly_map", "class_max")

@@ -31,8 +31,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime.artifact import (MANIFEST, Manifest, Verification, file_entry, ir_weights, load_manifest,
-                                      write_manifest)
+from service.runtime.artifact import (
+    Manifest,
+    Verification,
+    file_entry,
+    ir_weights,
+    load_manifest,
+    write_manifest,
+)
 from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from service.runtime.detector import Detector, RuntimeOptions
 from service.runtime.precision import TOLERANCES, TYPE_MAP_TOLERANCES, cpu_isa
@@ -162,7 +168,12 @@ def _fold_every(n: int) -> int:
 
 def quantize_ort_variants(folder: Path, manifest: Manifest, calib: np.ndarray, work: Path) -> dict[str, Path]:
     """ONNX Runtime dynamic and static-QDQ INT8 graphs of encoder.onnx, in `work`."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
 
     src = folder / manifest.onnx_file("fp32")
     exclude = keep_fp32_nodes(src)
@@ -187,7 +198,6 @@ def add_int8(folder: str | Path, options: QuantizeOptions) -> dict:
     The manifest is rewritten last (sha256 of every new file, the checks, the measurements), so
     an interrupted run leaves the artifact as it was (at worst with unlisted extra files)."""
     from service.runtime.backends.openvino_backend import OpenVinoBackend
-    from service.runtime.backends.ort_backend import OrtBackend
 
     folder = Path(folder)
     manifest = load_manifest(folder)

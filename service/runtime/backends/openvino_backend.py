@@ -23,7 +23,12 @@ import openvino as ov
 import openvino.properties as props
 import openvino.properties.hint as hints
 
-from service.runtime.backends.base import GRAPH_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
+from service.runtime.backends.base import (
+    GRAPH_OUTPUTS,
+    INPUT_NAMES,
+    OUTPUT_NAMES,
+    EncoderOutputs,
+)
 from service.runtime.precision import cpu_isa
 
 OV_TYPES = {"fp32": ov.Type.f32, "bf16": ov.Type.bf16, "int8": ov.Type.f32}  # int8: unquantised layers in f32
