@@ -1,8 +1,11 @@
 """`dapo bench`: speed figures for an artifact, printed as JSON (benchmarks, never tests).
 
-- ``encoder``: the bare backend (ONNX Runtime fp32 / fp16, torch fp32 / fp16 / bf16) swept over
-  batch sizes: images/s, per-batch latency p50/p95/p99, peak GPU memory where there is a GPU.
-  ONNX Runtime fp16 runs encoder_fp16.onnx, present when the artifact was baked with --fp16.
+- ``encoder``: the bare backend (ONNX Runtime fp32 / fp16 / int8, OpenVINO fp32 / bf16 / int8,
+  torch fp32 / fp16 / bf16, and `auto`) swept over batch sizes: images/s, per-batch latency
+  p50/p95/p99, peak GPU memory where there is a GPU, and the ratio to ONNX Runtime fp32 at the
+  same batch (`x_ort_fp32`). ONNX Runtime fp16 runs encoder_fp16.onnx (`dapo bake --fp16`), int8
+  encoder_int8_ort.onnx and OpenVINO int8 encoder_int8.xml (`dapo quantize`); a precision the
+  artifact or the CPU lacks gives a row with `skipped` and the reason. The CPU's ISA is printed.
 - ``e2e``: POST /detect on a real server process (uvicorn, default settings) against the bare
   ONNX encoder on the same images in the same run, one image at a time: the ratio is what the
   service costs on top of the model (decode, preprocess, batching, postprocess, JSON, HTTP).
@@ -25,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime.artifact import load_manifest
+from service.runtime.artifact import ArtifactError, load_manifest
 from service.runtime.detector import Detector, RuntimeOptions
+from service.runtime.precision import cpu_isa
 from service.server.local_server import Server
 
 
@@ -63,7 +67,7 @@ def _gpu_mem_mb() -> float | None:
 
 
 def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
-                  seconds: float = 3.0, providers: list[str] | None = None) -> list[dict]:
+                  seconds: float = 3.0, providers: list[str] | None = None, threads: int | None = None) -> list[dict]:
     """Throughput and latency per (backend, precision, batch); reduced precisions also report how
     far their outputs are from ONNX Runtime fp32 on the same input (when that ran first: list
     onnxruntime first in `backends`). ONNX Runtime runs fp32 and fp16 (the artifact's
@@ -71,11 +75,18 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
     manifest = load_manifest(artifact)
     s, c = manifest.image_size, len(manifest.vocabulary)
     reference: dict[int, object] = {}
-    rows = []
+    ort_fp32: dict[int, float] = {}
+    rows: list[dict] = [{"cpu_isa": cpu_isa()}]
     for backend in backends:
         for precision in _precisions_for(backend, precisions, manifest):
-            detector = Detector.load(artifact, RuntimeOptions(  # files verified once, above
-                backend=backend, providers=tuple(providers) if providers else None, precision=precision, verify=False))
+            try:
+                detector = Detector.load(artifact, RuntimeOptions(  # files verified once, above
+                    backend=backend, providers=tuple(providers) if providers else None, precision=precision,
+                    verify=False, threads=threads))
+            except (ArtifactError, RuntimeError, ValueError, ImportError) as e:  # not baked / not on this CPU
+                rows.append({"backend": backend, "precision": precision, "skipped": str(e)})
+                continue
+            picked = getattr(detector.backend, "precision_choice", None)
             for b in batch_sizes:
                 x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
                 allowed = np.ones((b, c), bool)
@@ -91,27 +102,37 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
                 row = {"backend": backend, "provider": detector.backend.provider, "precision": precision, "batch": b,
                        "img_per_s": round(b * len(times) / sum(times), 2), **percentiles(times),
                        "gpu_mem_mb": _gpu_mem_mb()}
+                if picked is not None:
+                    row["auto_picked"] = picked.precision
+                    row["auto_ms_per_image_batch1"] = picked.ms_per_image
+                if backend == "onnxruntime" and precision == "fp32":
+                    ort_fp32[b] = row["img_per_s"]
+                if b in ort_fp32:
+                    row["x_ort_fp32"] = round(row["img_per_s"] / ort_fp32[b], 3)
                 ref = reference.get(b)
                 if ref is not None and ref is not out:
                     row["max_abs_diff_vs_ort_fp32"] = {
                         n: float(f"{np.abs(getattr(ref, n) - getattr(out, n)).max():.3g}")
                         for n in ("anomaly_score", "type_scores", "anomaly_map")}
+                    row["type_map_flips_vs_ort_fp32"] = float(f"{np.mean(ref.type_map != out.type_map):.3g}")
                 rows.append(row)
     return rows
 
 
 def _precisions_for(backend: str, precisions: list[str], manifest) -> list[str]:
-    """What this backend runs of the requested precisions: torch all of them; ONNX Runtime always
-    fp32 (the reference the others are compared with), then fp16 if requested and baked."""
+    """What this backend runs of the requested precisions: torch and OpenVINO all of them (a row
+    says why one is skipped); ONNX Runtime always fp32 (the reference the others are compared
+    with), then fp16 if requested and baked, then int8 and auto if requested."""
     if backend != "onnxruntime":
         return list(precisions)
+    extra = [p for p in ("int8", "auto") if p in precisions]
     if "fp16" not in precisions:
-        return ["fp32"]
+        return ["fp32", *extra]
     if manifest.onnx_file("fp16") is None:
         print("dapo bench: onnxruntime fp16 skipped: the artifact has no encoder_fp16.onnx (bake it with --fp16)",
               file=sys.stderr)
-        return ["fp32"]
-    return ["fp32", "fp16"]
+        return ["fp32", *extra]
+    return ["fp32", "fp16", *extra]
 
 
 def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int = 480, rounds: int = 3,
@@ -184,10 +205,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artifact", required=True)
     p.add_argument("--mode", choices=["encoder", "e2e", "load", "cpu-path", "all"], default="all",
                    help="all = encoder, e2e and load (cpu-path runs on its own)")
-    p.add_argument("--backends", default="onnxruntime,torch")
+    p.add_argument("--backends", default="onnxruntime,torch", help="comma list of onnxruntime, openvino, torch")
     p.add_argument("--precisions", default="fp32",
-                   help="comma list of fp32,fp16,bf16 for torch; onnxruntime always runs fp32, and fp16 "
-                        "(encoder_fp16.onnx, from `dapo bake --fp16`) when listed")
+                   help="comma list of fp32,fp16,bf16,int8,auto; onnxruntime always runs fp32, and fp16 "
+                        "(encoder_fp16.onnx, from `dapo bake --fp16`), int8 and auto when listed")
+    p.add_argument("--threads", type=int, help="openvino inference threads (default: one per physical core)")
     p.add_argument("--batch-sizes", default="1,2,4,8")
     p.add_argument("--providers", help="ORT execution providers, comma list (default: best available)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per encoder configuration")
@@ -214,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     if args.mode in ("encoder", "all"):
         out["encoder"] = bench_encoder(artifact, args.backends.split(","), args.precisions.split(","),
                                        [int(b) for b in args.batch_sizes.split(",")], args.seconds,
-                                       args.providers.split(",") if args.providers else None)
+                                       args.providers.split(",") if args.providers else None, args.threads)
     if args.mode in ("e2e", "all"):
         out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format, server_env=server_env)
     if args.mode in ("load", "all"):

@@ -110,7 +110,7 @@ def detect(args: argparse.Namespace) -> int:
 
 def serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--artifact")
-    s.add_argument("--backend", choices=["onnxruntime", "torch"])
+    s.add_argument("--backend", choices=["onnxruntime", "openvino", "torch"])
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.add_argument("--ray", action="store_true", help="scale out with Ray Serve (pip install 'dapo-inspect[ray]')")
@@ -151,6 +151,8 @@ COMMANDS: dict[str, Command] = {
                     f"{_T}:eval_arguments", f"{_T}:evaluate"),
     "calibrate": Command("per-product thresholds from good parts, into the manifest",
                          f"{_T}:calibrate_arguments", f"{_T}:calibrate"),
+    "quantize": Command("INT8 encoders for CPU stations, calibrated on good parts, checked against fp32",
+                        f"{_T}:quantize_arguments", f"{_T}:quantize"),
     "synth": Command("seeded synthetic defect data set (custom layout)", f"{_T}:synth_arguments", f"{_T}:synth"),
     "ensure-artifact": Command("verify an artifact folder; build it from its recipe (baseline, demo) if missing",
                                "training.provision:add_arguments", "training.provision:main"),

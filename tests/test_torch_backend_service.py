@@ -33,8 +33,10 @@ def test_torch_backend_serves_the_same_answers(demo_artifact):
     images = [_png(s) for s in range(3)]
     ort_model, ort = _detect("onnxruntime", demo_artifact, images)
     torch_model, tch = _detect("torch", demo_artifact, images)
-    assert ort_model["backend"] == {"name": "onnxruntime", "provider": "CPUExecutionProvider"}
-    assert torch_model["backend"] == {"name": "torch", "provider": "cpu:fp32"}
+    keys = ("name", "provider", "precision")
+    assert {k: ort_model["backend"][k] for k in keys} == {"name": "onnxruntime", "provider": "CPUExecutionProvider",
+                                                          "precision": "fp32"}
+    assert {k: torch_model["backend"][k] for k in keys} == {"name": "torch", "provider": "cpu:fp32", "precision": "fp32"}
     for a, b in zip(ort, tch):
         assert abs(a["anomaly_score"] - b["anomaly_score"]) < 1e-5  # measured: 3e-7
         assert [d["name"] for d in a["defect_types"]] == [d["name"] for d in b["defect_types"]]

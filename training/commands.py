@@ -57,10 +57,40 @@ def bake_arguments(b: argparse.ArgumentParser) -> None:
                         "(DAPO_PRECISION=fp16); checked against the fp32 model with fp16 tolerances")
 
 
+    b.add_argument("--int8", action="store_true",
+                   help="also quantise the encoder to INT8 for CPU stations (OpenVINO via NNCF; ONNX Runtime's own "
+                        "only where it measures faster here): needs --calibration")
+    b.add_argument("--calibration", help="--int8: folder-layout root whose <product>/good/ images calibrate INT8")
+
+
+def quantize_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--artifact", required=True, help="a baked artifact folder (changed in place)")
+    q.add_argument("--calibration", required=True, help="folder-layout root: every <product>/good/ is used")
+    q.add_argument("--max-images", type=int, default=64, help="calibration images at most")
+    q.add_argument("--check-images", type=int, default=8, help="good images held out for the accuracy check")
+    q.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime's INT8 variants")
+    q.add_argument("--keep-ort", choices=["measured", "always", "never"], default="measured",
+                   help="measured: keep ORT INT8 only if faster than fp32 here and passing its check")
+
+
+def quantize(args: argparse.Namespace) -> int:
+    need_training()
+    from training.quantize import QuantizeOptions, add_int8
+
+    report = add_int8(args.artifact, QuantizeOptions(Path(args.calibration), max_images=args.max_images,
+                                                     check_images=args.check_images, ort=not args.no_ort,
+                                                     keep_ort=args.keep_ort))
+    print(json.dumps(report, indent=2))
+    return 0 if report["openvino"]["passed"] else 1
+
+
 def bake(args: argparse.Namespace) -> int:
     need_training()
     from service.runtime.artifact import Product
     from training import bake as B
+
+    if args.int8 and not args.calibration:
+        sys.exit("dapo bake: --int8 needs --calibration ROOT (a folder-layout root with <product>/good/ images)")
 
     if args.demo:
         report = B.bake_demo(args.out or DEMO_ARTIFACT, overwrite=True, fp16=args.fp16)
@@ -104,6 +134,11 @@ def bake(args: argparse.Namespace) -> int:
                       "parity_max_abs_diff": max(v.max_abs_diff.values()), "type_map_mismatch": v.type_map_mismatch_fraction,
                       "tolerance": v.tolerance, **fp16,
                       "torch_backend": report.manifest.provenance.get("torch_backend", "exported")}, indent=2))
+    if args.int8:
+        from training.quantize import QuantizeOptions, add_int8
+
+        int8 = add_int8(report.folder, QuantizeOptions(Path(args.calibration)))
+        print(json.dumps({"int8": int8}, indent=2))
     return 0
 
 
@@ -230,7 +265,9 @@ def train(args: argparse.Namespace) -> int:
 def eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--artifact", required=True)
     data_arguments(e)
-    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "torch"])
+    e.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "openvino", "torch"])
+    e.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16", "int8", "auto"],
+                   help="the backend's precision (as DAPO_PRECISION): compare a reduced one's metrics with fp32")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--sigma", type=float, help="Gaussian sigma override (default: the manifest's)")
     e.add_argument("--no-products", action="store_true", help="let every vocabulary type compete")
@@ -248,7 +285,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import format_table, write_reports
 
     samples = load_samples(args.layout, args.data, args.split)
-    result = run_eval(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
+    result = run_eval(args.artifact, samples, backend=args.backend, precision=args.precision,
+                      batch_size=args.batch_size, sigma=args.sigma,
                       use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score,
                       map_size=args.map_size)
     print(format_table(result))

@@ -116,7 +116,8 @@ def metrics_for(c: _Collector, class_names: list[str]) -> dict:
 
 def evaluate(artifact: str | Path, samples: list[Sample], **kwargs) -> dict:
     """{'per_product': {p: metrics}, 'mean': {metric: value}, 'per_type': {word: mean metrics}}."""
-    detector = Detector.load(artifact, RuntimeOptions(backend=kwargs.pop("backend", "onnxruntime")))
+    detector = Detector.load(artifact, RuntimeOptions(backend=kwargs.pop("backend", "onnxruntime"),
+                                                      precision=kwargs.pop("precision", "fp32")))
     class_names = detector.class_names
     collected = run_artifact(detector, samples, **kwargs)
     per_product = {p: metrics_for(c, class_names) for p, c in sorted(collected.items())}

@@ -9,6 +9,10 @@ An artifact is a self-describing folder (like a Triton model repository entry):
     encoder.safetensors         the same weights for the PyTorch backend (no pickle)
     encoder_fp16.onnx           optional (`dapo bake --fp16`): the ONNX graph with fp16 compute
                                 for ONNX Runtime on a GPU; same inputs and outputs (dtypes too)
+    encoder_int8.xml/.bin       optional (`dapo bake --int8`, `dapo quantize`): the encoder
+                                quantised by NNCF for OpenVINO, calibrated on good parts
+    encoder_int8_ort.onnx       optional: ONNX Runtime's own INT8 graph, written only where it
+                                measured faster than fp32 and passed its accuracy check
 
 Both encoder files implement one contract (see `service.runtime.backends.base`): inputs
 `pixel_values` (B, 3, S, S) float32 and `allowed` (B, C) bool; outputs `anomaly_score`,
@@ -162,7 +166,8 @@ class Verification(BaseModel):
     type_map_flips_at_ties: float | None = None  # fraction of pixels that differ at near-ties (not counted)
 
 
-ONNX_PRECISIONS = ("fp32", "fp16")
+ONNX_PRECISIONS = ("fp32", "fp16", "int8")
+OPENVINO_PRECISIONS = ("int8",)  # OpenVINO IR files; fp32 and bf16 run encoder.onnx
 
 
 class Manifest(BaseModel):
@@ -191,9 +196,14 @@ class Manifest(BaseModel):
     image_score: Literal["global", "global_max"] = "global"
     files: dict[str, FileEntry]
     # ONNX encoder file per precision (schema 1 manifests get theirs from `upgrade_v1`)
-    onnx_encoders: dict[Literal["fp32", "fp16"], str] = {}
+    onnx_encoders: dict[Literal["fp32", "fp16", "int8"], str] = {}
+    # OpenVINO IR per precision ({"int8": "encoder_int8.xml"}; its .bin beside it, both in files)
+    openvino_encoders: dict[Literal["int8"], str] = {}
     verification: Verification | None = None
     verification_fp16: Verification | None = None  # encoder_fp16.onnx vs the fp32 model
+    # "<backend>:<precision>" (e.g. "openvino:int8") -> that encoder vs fp32 on held-out good parts;
+    # DAPO_PRECISION=auto only ever picks a precision whose check passed (service.runtime.precision)
+    precision_checks: dict[str, Verification] = {}
     provenance: dict = {}
 
     @model_validator(mode="after")
@@ -214,6 +224,7 @@ class Manifest(BaseModel):
             if unknown:
                 raise ValueError(f"product {pname!r} names unknown defect types {sorted(unknown)}")
         unlisted = {f for f in self.onnx_encoders.values() if f not in self.files}
+        unlisted |= {f for x in self.openvino_encoders.values() for f in (x, ir_weights(x)) if f not in self.files}
         if unlisted:
             raise ValueError(f"onnx_encoders names files missing from files: {sorted(unlisted)}")
         return self
@@ -221,6 +232,18 @@ class Manifest(BaseModel):
     def onnx_file(self, precision: str = "fp32") -> str | None:
         """The ONNX encoder file for a precision, or None if this artifact has none."""
         return self.onnx_encoders.get(precision)
+
+    def openvino_file(self, precision: str) -> str | None:
+        """The OpenVINO IR (.xml) for a precision, or None if this artifact has none."""
+        return self.openvino_encoders.get(precision)
+
+    def precision_passed(self, backend: str, precision: str) -> bool:
+        """Whether this backend's encoder at this precision passed its accuracy check at bake;
+        fp32 is the reference (always passes)."""
+        if precision == "fp32":
+            return True
+        check = self.precision_checks.get(f"{backend}:{precision}")
+        return check is not None and check.passed
 
     def encoder_geometry(self) -> EncoderGeometry:
         """The geometry bake recorded (for service.runtime.backends.torch_model)."""
@@ -238,6 +261,11 @@ class Manifest(BaseModel):
     @property
     def defect_names(self) -> list[str]:
         return self.class_names[1:]
+
+
+def ir_weights(xml_name: str) -> str:
+    """An OpenVINO IR's weights file: the .xml's name with .bin."""
+    return str(Path(xml_name).with_suffix(".bin"))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

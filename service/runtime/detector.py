@@ -39,7 +39,7 @@ from service.runtime import imaging, postprocess, scoring, tiling
 from service.runtime.artifact import Manifest, Tiling, load_manifest
 from service.runtime.backends.base import Backend, EncoderOutputs
 
-BackendName = Literal["onnxruntime", "torch"]
+BackendName = Literal["onnxruntime", "openvino", "torch"]
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,11 @@ class RuntimeOptions:
     providers: tuple[str, ...] | None = None
     trt_cache_dir: str | None = None
     device: str | None = None
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16", "int8", "auto"] = "fp32"
     io_binding: bool | None = None
     verify: bool = True
     max_batch_size: int = 1  # the largest batch infer() will get (TensorRT's optimisation profile)
+    threads: int | None = None  # OpenVINO inference threads (None = its default); see backends
 
 
 @dataclass(frozen=True)
@@ -310,4 +311,4 @@ def build_backend(folder: Path, manifest: Manifest, options: RuntimeOptions) -> 
                           providers=list(options.providers) if options.providers else None,
                           trt_cache_dir=options.trt_cache_dir, device=options.device,
                           precision=options.precision, io_binding=options.io_binding,
-                          max_batch_size=options.max_batch_size)
+                          max_batch_size=options.max_batch_size, threads=options.threads)

@@ -27,6 +27,7 @@ import service
 from service.runtime.artifact import MANIFEST, load_manifest, sha256_file
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
+from service.runtime.precision import precision_info
 from service.server.batching import MicroBatcher
 from service.server.line.feedback_routes import router as feedback_router
 from service.server import openapi_contract
@@ -51,7 +52,7 @@ def runtime_options(settings: Settings) -> RuntimeOptions:
                           providers=tuple(settings.providers) if settings.providers else None,
                           trt_cache_dir=settings.trt_cache_dir, device=settings.device,
                           precision=settings.precision, io_binding=settings.ort_io_binding,
-                          max_batch_size=settings.max_batch_size)
+                          max_batch_size=settings.max_batch_size, threads=settings.cpu_threads)
 
 
 def load_detector(settings: Settings, backend: Backend | None = None) -> Detector:
@@ -86,8 +87,9 @@ async def close_model(model: LoadedModel, metrics: Metrics) -> None:
 
 def make_reloader(state: ServiceState) -> Reloader:
     """Reloads build models exactly as start-up does, from the same settings but the artifact."""
-    async def open_artifact(artifact: Path) -> LoadedModel:
-        return await open_model(state.settings.model_copy(update={"artifact": artifact}), state.metrics)
+    async def open_artifact(artifact: Path, precision: str | None = None) -> LoadedModel:
+        update = {"artifact": artifact, **({"precision": precision} if precision else {})}
+        return await open_model(state.settings.model_copy(update=update), state.metrics)
 
     async def close(model: LoadedModel) -> None:
         await close_model(model, state.metrics)
@@ -115,13 +117,14 @@ async def start(state: ServiceState, backend: Backend | None) -> None:
     state.cpu_pool = ThreadPoolExecutor(cpu_workers(settings.cpu_threads), thread_name_prefix="dapo-cpu")
     state.model = model
     state.metrics.set_model(model.ref())
+    state.metrics.set_precision(precision_info(model.detector.backend))
     state.reloader = make_reloader(state)
     await asyncio.to_thread(state.loop.start)  # sinks, samples, feedback (a receiver may be down: it queues)
     state.ready = True
     detector = model.detector
     log.info("ready", extra={"artifact": str(settings.artifact), "model": detector.name,
                              "version": detector.version, "backend": detector.backend.name,
-                             "provider": detector.backend.provider,
+                             "provider": detector.backend.provider, **precision_info(detector.backend),
                              "startup_s": round(time.perf_counter() - t0, 3)})
 
 

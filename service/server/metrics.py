@@ -47,6 +47,10 @@ class Metrics:
                                         registry=r)
         self.model_info = Gauge("dapo_model_info", "The serving model (value 1)",
                                 ["name", "version", "artifact_sha256"], registry=r)
+        self.precision_info = Gauge("dapo_precision_info",
+                                    "The serving backend's precision and the CPU's ISA (value 1); with "
+                                    "DAPO_PRECISION=auto, the one it picked", ["backend", "precision", "isa"],
+                                    registry=r)
         self.models_loaded = Gauge("dapo_models_loaded",
                                    "Models in memory: 1, or 2 while a replaced one finishes its requests",
                                    registry=r)
@@ -85,6 +89,11 @@ class Metrics:
         """dapo_model_info names the serving model only (the replaced one's series is dropped)."""
         self.model_info.clear()
         self.model_info.labels(ref["name"], ref["version"], ref["artifact_sha256"]).set(1)
+
+    def set_precision(self, info: dict) -> None:
+        """dapo_precision_info names the serving backend's precision only."""
+        self.precision_info.clear()
+        self.precision_info.labels(info["backend"], info["precision"], info["isa"]).set(1)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this app's registry."""

@@ -32,11 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from service.runtime.artifact import ArtifactError
+from service.runtime.precision import precision_info
 from service.server.state import LoadedModel, ServiceState
 
 log = logging.getLogger("dapo.reload")
 
-OpenModel = Callable[[Path], Awaitable[LoadedModel]]
+OpenModel = Callable[..., Awaitable[LoadedModel]]  # (artifact, precision=None): None = the configured one
 CloseModel = Callable[[LoadedModel], Awaitable[None]]
 
 
@@ -82,21 +83,23 @@ class Reloader:
         self._closing = False
         self.last: ReloadReport | None = None
 
-    def start(self, artifact: Path | None = None, source: str = "http") -> asyncio.Task:
+    def start(self, artifact: Path | None = None, source: str = "http", precision: str | None = None) -> asyncio.Task:
         """Start loading `artifact` (default: the configured one) in a task of its own, so a
-        client that hangs up does not cancel a half-built model; ReloadInProgress if one runs."""
+        client that hangs up does not cancel a half-built model; ReloadInProgress if one runs.
+        `precision`: this load's precision (e.g. fp32 -> int8); None = DAPO_PRECISION."""
         if self._running is not None:
             raise ReloadInProgress(f"a reload of {self.last.artifact if self.last else '?'} is running")
         if self._closing:
             raise ReloadInProgress("the service is shutting down")
-        task = self._spawn(self._reload(Path(artifact or self.state.settings.artifact), source))
+        task = self._spawn(self._reload(Path(artifact or self.state.settings.artifact), source, precision))
         self._running = task
         task.add_done_callback(self._done)
         return task
 
-    async def reload(self, artifact: Path | None = None, source: str = "http") -> ReloadReport:
+    async def reload(self, artifact: Path | None = None, source: str = "http",
+                     precision: str | None = None) -> ReloadReport:
         """Load and switch; the report, or ReloadInProgress / ReloadFailed (old model serving)."""
-        return await asyncio.shield(self.start(artifact, source))
+        return await asyncio.shield(self.start(artifact, source, precision))
 
     def reload_in_background(self, source: str = "sighup") -> None:
         """SIGHUP: reload the configured artifact; the outcome goes to the report, log and metrics."""
@@ -108,13 +111,13 @@ class Reloader:
     def _done(self, task: asyncio.Task) -> None:
         self._running = None
 
-    async def _reload(self, artifact: Path, source: str) -> ReloadReport:
+    async def _reload(self, artifact: Path, source: str, precision: str | None = None) -> ReloadReport:
         metrics, t0 = self.state.metrics, time.perf_counter()
         report = ReloadReport("in_progress", source, str(artifact), _now())
         self.last = report
         log.info("reload: loading", extra={"artifact": str(artifact), "source": source})
         try:
-            new = await self._open(artifact)
+            new = await (self._open(artifact, precision) if precision else self._open(artifact))
         except Exception as e:  # anything: the old model must keep serving
             report.status, report.seconds = "failed", round(time.perf_counter() - t0, 3)
             report.error = f"{type(e).__name__}: {e}; {_serving(self.state.model)}"
@@ -130,6 +133,7 @@ class Reloader:
         report.model, report.previous = new.ref(), old.ref() if old is not None else None
         metrics.observe_reload("ok", report.seconds)
         metrics.set_model(new.ref())
+        metrics.set_precision(precision_info(new.detector.backend))
         log.info("reload: switched", extra={"artifact": str(artifact), "source": source, "model": new.manifest.name,
                                             "version": new.manifest.version, "seconds": report.seconds})
         if old is not None:

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.runtime import postprocess, scoring
 from service.runtime.detector import Upload
+from service.runtime.precision import precision_info
 from service.server import pipeline
 from service.server.answers import new_answer_id
 from service.server.errors import ApiError, retry_headers, validation_message
@@ -255,7 +256,7 @@ async def model_info(request: Request, x_api_key: ApiKey = None) -> JSONResponse
         "description": m.description,
         "created": m.created,
         "image_size": m.image_size,
-        "backend": {"name": backend.name, "provider": backend.provider},
+        "backend": {"name": backend.name, "provider": backend.provider, **backend_precision(backend)},
         "vocabulary": [{"id": v.id, "name": v.name} for v in m.vocabulary],
         "image_threshold": m.image_threshold,
         "pixel_threshold": m.pixel_threshold,
@@ -270,6 +271,11 @@ async def model_info(request: Request, x_api_key: ApiKey = None) -> JSONResponse
         "batching": {"max_batch_size": s.max_batch_size, "max_queue_delay_ms": s.max_queue_delay_ms,
                      "max_queue_size": s.max_queue_size, "workers": s.workers},
     })
+
+
+def backend_precision(backend) -> dict:
+    """/v1/model's backend.precision, .isa and .precision_auto (what auto measured and picked)."""
+    return {k: v for k, v in precision_info(backend).items() if k != "backend"}
 
 
 @router.get("/metrics", summary="Prometheus metrics", operation_id="getMetrics", response_class=Response)
@@ -302,7 +308,7 @@ async def reload_model(request: Request, x_api_key: ApiKey = None) -> JSONRespon
     require_ready(state)
     assert state.reloader is not None
     try:
-        report = await state.reloader.reload(Path(body.artifact) if body.artifact else None, "http")
+        report = await state.reloader.reload(Path(body.artifact) if body.artifact else None, "http", body.precision)
     except ReloadInProgress as e:
         raise ApiError(409, "reload_in_progress", str(e)) from e
     except ReloadFailed as e:

@@ -133,3 +133,5 @@ class ReloadRequest(_Strict):
 
     artifact: str | None = Field(default=None, min_length=1, max_length=4096,
                                  description="artifact folder on the server; default: the configured one")
+    precision: Literal["fp32", "fp16", "bf16", "int8", "auto"] | None = Field(
+        default=None, description="precision of this load (e.g. fp32 -> int8); default: DAPO_PRECISION")

@@ -44,7 +44,8 @@ class Settings(BaseSettings):
 
     # --- model -------------------------------------------------------------------------
     artifact: Path = DEMO_ARTIFACT
-    backend: Literal["onnxruntime", "torch"] = "onnxruntime"
+    # openvino: CPU stations (the `openvino` extra); see docs/cpu-backends.md
+    backend: Literal["onnxruntime", "openvino", "torch"] = "onnxruntime"
     # Execution providers in preference order (e.g. TensorRT,CUDA,CPU); None = backend's choice.
     providers: Annotated[list[str] | None, NoDecode] = None
     trt_cache_dir: str | None = None
@@ -52,7 +53,11 @@ class Settings(BaseSettings):
     device: str | None = None  # torch backend: "cuda", "cuda:1", "cpu"; None = cuda if available
     # torch backend: compute dtype. onnxruntime: which graph, fp32 = encoder.onnx, fp16 =
     # encoder_fp16.onnx (baked with `dapo bake --fp16`; fp32 inputs/outputs); bf16 is torch-only.
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    # openvino: fp32 (explicit f32), bf16 (CPUs with native bf16 only), int8 (encoder_int8.xml).
+    # int8 (onnxruntime: encoder_int8_ort.onnx, openvino) from `dapo quantize` / `dapo bake --int8`.
+    # auto (onnxruntime, openvino): at load, the fastest on this CPU of the precisions the artifact
+    # carries that passed their accuracy check (service.runtime.precision).
+    precision: Literal["fp32", "fp16", "bf16", "int8", "auto"] = "fp32"
     warmup: bool = True
 
     # --- batching (Triton-style dynamic batching) ---------------------------------------
@@ -78,7 +83,8 @@ class Settings(BaseSettings):
     # longer side to at most this many px (smaller images keep their size); a request may ask
     # for another cap, or the original size with heatmap_max_side=0
     heatmap_max_side: int = Field(default=1024, ge=0, le=16384)
-    # threads for decode / preprocess / postprocess; None = one per CPU available to the process
+    # threads for decode / preprocess / postprocess, and the openvino backend's inference threads;
+    # None = one per CPU available to the process (openvino: one per physical core)
     cpu_threads: int | None = Field(default=None, ge=1, le=1024)
 
     # --- closing the loop with the line (service.server.line.loop): sinks, samples, feedback ----
