@@ -40,7 +40,9 @@ def bake_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--prompts", choices=["learned", "handcrafted"], default="learned")
     b.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
     b.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
-    b.add_argument("--image-size", type=int, default=518)
+    b.add_argument("--image-size", type=int, default=None,
+                   help="input size to bake at (default: the checkpoint's; 518 for --prompts handcrafted); "
+                        "a checkpoint baked at another size gets its positional table resized")
     b.add_argument("--vocab", help="defect words: comma list or @file (default: the checkpoint's)")
     b.add_argument("--add-defect", help="extra defect words appended to the vocabulary (zero-shot, no retraining)")
     b.add_argument("--products", help="JSON file {product: {defect_types, image_threshold, pixel_threshold}}")
@@ -70,7 +72,10 @@ def bake(args: argparse.Namespace) -> int:
         if args.checkpoint:
             from training.checkpoint import load_checkpoint
 
-            model, meta = load_checkpoint(args.checkpoint)
+            try:
+                model, meta = load_checkpoint(args.checkpoint, image_size=args.image_size)
+            except ValueError as e:
+                sys.exit(f"dapo bake: {e}")
             imported = meta.get("provenance")  # an imported authors' checkpoint says where it came from
             vocab = words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
             vocab += [w for w in words(args.add_defect or "") if w not in vocab]
@@ -81,7 +86,14 @@ def bake(args: argparse.Namespace) -> int:
             from training.backbone import BackboneSpec
             from training.model import DapoConfig, DapoModel
 
-            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
+            from training.checkpoint import check_image_size
+
+            size = args.image_size or 518
+            try:
+                check_image_size(args.backbone, size)
+            except ValueError as e:
+                sys.exit(f"dapo bake: {e}")
+            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=size)
             model = DapoModel(DapoConfig(backbone=spec))
             vocab = words(args.vocab or ",".join(B.DEMO_VOCAB))
             prompts = "handcrafted"
