@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from service.runtime.artifact import EncoderGeometry
-from service.runtime.backends.base import EncoderOutputs
+from service.runtime.backends.base import FEATURE_OUTPUTS, GRAPH_OUTPUTS, EncoderOutputs
 from service.runtime.backends.torch_model import load_encoder
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -24,11 +24,18 @@ class TorchBackend:
         self.dtype = DTYPES[precision]
         self.model = load_encoder(str(weights), geometry, device=device, dtype=self.dtype)
         self.provider = f"{self.device.type}:{precision}"
+        self.has_features = True
 
     @torch.inference_mode()
-    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False,
+            features: bool = False) -> EncoderOutputs:
         x = torch.from_numpy(np.ascontiguousarray(pixel_values, dtype=np.float32)).to(self.device, self.dtype)
         a = torch.from_numpy(np.ascontiguousarray(allowed, dtype=bool)).to(self.device)
-        outs = self.model(x, a)
-        outs = outs if class_probs else outs[:-1]  # the per-class maps stay on the device
-        return EncoderOutputs(*(t.float().cpu().numpy() if t.dtype != torch.uint8 else t.cpu().numpy() for t in outs))
+        outs = dict(zip((*GRAPH_OUTPUTS, *FEATURE_OUTPUTS), self.model(x, a)))
+        if not class_probs:
+            del outs["class_probs"]  # the per-class maps stay on the device
+        if not features:
+            for name in FEATURE_OUTPUTS:
+                del outs[name]
+        return EncoderOutputs(**{n: t.float().cpu().numpy() if t.dtype != torch.uint8 else t.cpu().numpy()
+                                 for n, t in outs.items()})
