@@ -108,8 +108,11 @@ def text_features_for(model: DapoModel, words: list[str], prompts: str) -> torch
 
 def _compare(ref: EncoderOutputs, other: EncoderOutputs) -> tuple[dict[str, float], float]:
     diffs = {n: float(np.max(np.abs(getattr(ref, n).astype(np.float64) - getattr(other, n))))
-             for n in (*GRAPH_OUTPUTS, *FEATURE_OUTPUTS) if n != "type_map" and getattr(other, n) is not None}
+             for n in (*GRAPH_OUTPUTS, *FEATURE_OUTPUTS)
+             if n not in ("type_map", "defect_type_map") and getattr(other, n) is not None}
     mismatch = float(np.mean(ref.type_map != other.type_map))
+    if other.defect_type_map is not None:
+        mismatch = max(mismatch, float(np.mean(ref.defect_type_map != other.defect_type_map)))
     return diffs, mismatch
 
 

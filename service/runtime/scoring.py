@@ -28,6 +28,8 @@ class Policy:
     pixel_threshold: float | None
     gaussian_sigma: float
     image_score: str = "global"
+    product: str | None = None
+    references: bool = False  # fuse the product's reference bank (service.runtime.references)
 
 
 def allowed_classes(manifest: Manifest, product: str | None = None,

@@ -14,6 +14,8 @@ head), so everything large stays where the encoder runs and only compact results
              class_max     (B, C)      max over pixels of each class's probability map
     optional class_probs   (B, C, S, S) per-class probability maps; only fetched on request
                            (evaluation's multi-type metrics), never on the serving path
+    optional defect_type_map (B, S, S) uint8 argmax over the allowed *defect* classes (normal excluded):
+                           the type of a pixel that the reference branch finds anomalous
     optional patch_features (B, g*g, F) the backbone's own patch tokens at `reference_taps`
                            (each tap L2-normalised, concatenated, scaled to unit norm): what a
                            product's reference bank holds and is searched with (artifacts baked
@@ -30,7 +32,7 @@ import numpy as np
 INPUT_NAMES = ("pixel_values", "allowed")
 OUTPUT_NAMES = ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max")
 GRAPH_OUTPUTS = (*OUTPUT_NAMES, "class_probs")
-FEATURE_OUTPUTS = ("patch_features", "global_feature")  # fetched only for products with references
+FEATURE_OUTPUTS = ("defect_type_map", "patch_features", "global_feature")  # fetched only for products with references
 
 
 def reference_taps(taps: list[int]) -> list[int]:
@@ -50,6 +52,7 @@ class EncoderOutputs:
     type_map: np.ndarray
     class_max: np.ndarray
     class_probs: np.ndarray | None = None
+    defect_type_map: np.ndarray | None = None
     patch_features: np.ndarray | None = None
     global_feature: np.ndarray | None = None
 

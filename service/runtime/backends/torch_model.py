@@ -82,8 +82,11 @@ class ScoringHead(nn.Module):
         masked = up.masked_fill(~allowed[:, :, None, None], -1.0)
         type_map = masked.argmax(dim=1).to(torch.uint8)
         class_max = up.amax(dim=(2, 3))
+        # the type of a pixel that something else (the reference branch) calls defective: the
+        # argmax over the allowed defect classes alone, normal excluded
+        defect_type_map = (masked[:, 1:].argmax(dim=1) + 1).to(torch.uint8)
         return (anomaly_score.float(), type_scores.float(), anomaly_map.float(), type_map, class_max.float(),
-                up.float())
+                up.float(), defect_type_map)
 
 
 class _Attention(nn.Module):
