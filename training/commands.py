@@ -275,6 +275,12 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--pixel-quantile", type=float, default=0.999)
     c.add_argument("--drift-bins", type=int, default=DRIFT_BINS,
                    help="quantile bins of the good-score baseline the service's drift PSI uses")
+    c.add_argument("--references", type=int, default=0, metavar="K",
+                   help="also keep up to K good images per product as references (patch and global features, "
+                        "fused with DAPO's maps when serving; docs/references.md); 0 = thresholds only")
+    c.add_argument("--coreset-limit", type=int, default=None,
+                   help="most patch features kept per product (greedy coreset past it; default: measured)")
+    c.add_argument("--fusion", choices=["max", "mean"], default="max", help="how the z-scored branches are fused")
 
 
 def calibrate(args: argparse.Namespace) -> int:
@@ -286,8 +292,20 @@ def calibrate(args: argparse.Namespace) -> int:
     if not args.data:
         sys.exit("dapo calibrate: give --data DIR (good parts) and/or --feedback DB (operator verdicts)")
     samples = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0]
-    print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
-                                     drift_bins=args.drift_bins), indent=2))
+    refs = None
+    if args.references:
+        from training.references import DEFAULT_CORESET_LIMIT, ReferenceOptions
+
+        try:
+            refs = ReferenceOptions(args.references, args.coreset_limit or DEFAULT_CORESET_LIMIT, args.fusion)
+        except ValueError as e:
+            sys.exit(f"dapo calibrate: {e}")
+    try:
+        table = run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
+                                drift_bins=args.drift_bins, references=refs)
+    except ValueError as e:
+        sys.exit(f"dapo calibrate: {e}")
+    print(json.dumps(table, indent=2))
     return 0
 
 

@@ -180,10 +180,11 @@ class Detector:
         pixel_values = self.pixel_values(decoded.image)
         return Prepared(filename, decoded.width, decoded.height, pixel_values, decoded.view, decode_ms, ms_since(t1))
 
-    def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
+    def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False,
+              features: bool = False) -> EncoderOutputs:
         """The backend on a batch (what the server's micro-batcher calls, in its threads); with
         reference banks, the reference features come along (the batch may mix products)."""
-        if self.references:
+        if self.references or features:
             return self.backend.run(pixel_values, allowed, class_probs=class_probs, features=True)
         if class_probs:
             return self.backend.run(pixel_values, allowed, class_probs=True)

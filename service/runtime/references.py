@@ -299,8 +299,8 @@ class ReferenceSet:
     def branches(self, outputs: EncoderOutputs, bank: Bank, image_score_mode: str) -> Branches:
         """One image's outputs (leading axis 1, with features) against one bank."""
         pm, mx, gd = self.search(outputs.patch_features, bank.patches, outputs.global_feature, bank.globals)
-        return Branches(outputs.anomaly_map[0], dapo_image_score(outputs, image_score_mode), pm[0], float(mx[0]),
-                        float(gd[0]))
+        return Branches(dapo_map=outputs.anomaly_map[0], dapo_image=dapo_image_score(outputs, image_score_mode),
+                        nn_map=pm[0], nn_global=float(gd[0]), nn_patch_max=float(mx[0]))
 
     def apply(self, outputs: EncoderOutputs, product: str, image_score_mode: str,
               pixel_threshold: float | None) -> EncoderOutputs:
