@@ -249,6 +249,11 @@ def eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--image-score", choices=["global", "global_max"], help="override the manifest's image score")
     e.add_argument("--json", help="write the full result as JSON")
     e.add_argument("--csv", help="write the per-category table as CSV")
+    e.add_argument("--references", metavar="K[,K...]",
+                   help="few-shot protocol: K good images per category as references (0 = zero-shot), each branch "
+                        "alone and fused (docs/references.md)")
+    e.add_argument("--reference-split", help="split the references come from (default: the first max(K) good "
+                                             "images of the evaluated data, left out of its test set)")
     e.add_argument("--quiet", action="store_true")
 
 
@@ -258,10 +263,31 @@ def evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import format_table, write_reports
 
     samples = load_samples(args.layout, args.data, args.split)
+    if args.references:
+        return evaluate_few_shot(args, samples)
     result = run_eval(args.artifact, samples, backend=args.backend, batch_size=args.batch_size, sigma=args.sigma,
                       use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score)
     print(format_table(result))
     write_reports(result, args.json, args.csv)
+    return 0
+
+
+def evaluate_few_shot(args: argparse.Namespace, samples: list) -> int:
+    from service.runtime.detector import Detector, RuntimeOptions
+    from training.few_shot import few_shot, format_few_shot
+
+    try:
+        ks = sorted({int(k) for k in args.references.split(",")})
+    except ValueError:
+        sys.exit(f"dapo eval: --references takes K[,K...] (integers), got {args.references!r}")
+    if ks[0] < 0:
+        sys.exit("dapo eval: --references must be >= 0")
+    refs = load_samples(args.layout, args.data, args.reference_split) if args.reference_split else None
+    detector = Detector.load(args.artifact, RuntimeOptions(backend=args.backend))
+    result = few_shot(detector, samples, ks, refs, batch_size=args.batch_size, progress=not args.quiet)
+    print(format_few_shot(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
     return 0
 
 
