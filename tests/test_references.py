@@ -177,3 +177,29 @@ def test_squash_is_monotone_and_centred():
     z = np.array([-10.0, 0.0, 2.0, 30.0])
     s = squash(z)
     assert s[1] == 0.5 and np.all(np.diff(s) > 0) and s[-1] < 1.0
+
+
+def test_a_schema_2_manifest_is_upgraded_to_products_without_references(demo_artifact, tmp_path):
+    folder = tmp_path / "v2"
+    shutil.copytree(demo_artifact, folder)
+    data = json.loads((folder / "manifest.json").read_text())
+    data["schema_version"] = 2
+    for product in data["products"].values():
+        product.pop("references", None)
+    (folder / "manifest.json").write_text(json.dumps(data))
+    m = load_manifest(folder)
+    assert m.schema_version == 3 and all(p.references is None for p in m.products.values())
+    assert not Detector.load(folder).references
+
+
+def test_eval_few_shot_reports_each_branch_and_the_fusion(banked, textures, tmp_path):
+    out = tmp_path / "fs.json"
+    run = subprocess.run([sys.executable, "-m", "service.cli", "eval", "--artifact", str(banked), "--data",
+                          str(textures), "--layout", "folder", "--references", "0,2", "--quiet", "--json", str(out)],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    table = json.loads(out.read_text())["table"]
+    assert set(table) == {"0", "2"} and set(table["0"]) == {"dapo"}
+    assert set(table["2"]) == {"dapo", "nn_patch", "nn_global", "fused_max", "fused_mean"}
+    assert 0.0 <= table["2"]["fused_max"]["image_auroc"] <= 1.0
+    assert "fused_max" in run.stdout
