@@ -203,3 +203,25 @@ def test_eval_few_shot_reports_each_branch_and_the_fusion(banked, textures, tmp_
     assert set(table["2"]) == {"dapo", "nn_patch", "nn_global", "fused_max", "fused_mean"}
     assert 0.0 <= table["2"]["fused_max"]["image_auroc"] <= 1.0
     assert "fused_max" in run.stdout
+
+
+def test_hot_reload_verifies_a_bank_like_every_file(banked, demo_artifact, textures, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(banked, bad)
+    bank = bad / "references" / "wood.safetensors"
+    data = bytearray(bank.read_bytes())
+    data[-5] ^= 0xFF
+    bank.write_bytes(bytes(data))
+    admin = {"X-API-Key": "admin-key-for-references"}
+    buf = io.BytesIO()
+    Image.open(wood(textures, "scratch")[0]).save(buf, "PNG")
+    files = [("image", ("s.png", buf.getvalue(), "image/png"))]
+    settings = Settings(artifact=demo_artifact, max_batch_size=1, max_queue_delay_ms=0, log_level="WARNING",
+                        admin_keys=[admin["X-API-Key"]])
+    with TestClient(create_app(settings, configure_logs=False)) as client:
+        r = client.post("/v1/model/reload", headers=admin, json={"artifact": str(bad)})
+        assert r.status_code == 422 and "wood.safetensors" in r.json()["error"]["message"]
+        r = client.post("/v1/model/reload", headers=admin, json={"artifact": str(banked)})
+        assert r.status_code == 200, r.text
+        result = client.post("/detect", files=files, data={"product": "wood"}, headers=admin).json()
+    assert result["results"][0]["references_used"] is True
