@@ -252,6 +252,7 @@ def eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--references", metavar="K[,K...]",
                    help="few-shot protocol: K good images per category as references (0 = zero-shot), each branch "
                         "alone and fused (docs/references.md)")
+    e.add_argument("--coreset-limit", type=int, help="most patch features per bank (default: calibrate's)")
     e.add_argument("--reference-split", help="split the references come from (default: the first max(K) good "
                                              "images of the evaluated data, left out of its test set)")
     e.add_argument("--quiet", action="store_true")
@@ -284,7 +285,8 @@ def evaluate_few_shot(args: argparse.Namespace, samples: list) -> int:
         sys.exit("dapo eval: --references must be >= 0")
     refs = load_samples(args.layout, args.data, args.reference_split) if args.reference_split else None
     detector = Detector.load(args.artifact, RuntimeOptions(backend=args.backend))
-    result = few_shot(detector, samples, ks, refs, batch_size=args.batch_size, progress=not args.quiet)
+    result = few_shot(detector, samples, ks, refs, batch_size=args.batch_size, coreset_limit=args.coreset_limit,
+                      progress=not args.quiet)
     print(format_few_shot(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))
