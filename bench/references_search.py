@@ -34,7 +34,8 @@ def main() -> None:
     import onnxruntime as ort
     import torch
 
-    from service.runtime.references import OrtSearch, TorchSearch
+    from service.runtime.backends.torch_backend import TorchSearch
+    from service.runtime.references import OrtSearch
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--grid", type=int, default=37)

@@ -16,7 +16,8 @@ from PIL import Image
 
 from service.runtime.artifact import ArtifactError, load_manifest
 from service.runtime.detector import Detector
-from service.runtime.references import OrtSearch, TorchSearch, squash
+from service.runtime.backends.torch_backend import TorchSearch
+from service.runtime.references import OrtSearch, squash
 from service.server.app import create_app
 from service.server.settings import Settings
 from training.references import ReferenceOptions, greedy_coreset, product_references, search_for

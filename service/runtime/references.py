@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -188,41 +187,11 @@ class OrtSearch:
         return pm, mx, gd
 
 
-class TorchSearch:
-    """The same search in torch, on the torch backend's device."""
-
-    def __init__(self, device: str, grid: int, image_size: int):
-        self.device, self.grid, self.image_size = device, grid, image_size
-        self.provider = f"torch:{device}"
-        self._cache: dict[int, object] = {}
-        self._lock = threading.Lock()
-
-    def _on_device(self, array: np.ndarray):
-        import torch
-
-        with self._lock:  # the bank crosses to the device once, not per call
-            key = id(array)
-            if key not in self._cache:
-                self._cache[key] = (array, torch.from_numpy(array).to(self.device))
-            return self._cache[key][1]
-
-    def __call__(self, queries, bank, global_, global_bank):
-        import torch
-        import torch.nn.functional as F
-
-        with torch.inference_mode():
-            q = torch.from_numpy(np.ascontiguousarray(queries, np.float32)).to(self.device)
-            g = torch.from_numpy(np.ascontiguousarray(global_, np.float32)).to(self.device)
-            d = torch.cdist(q, self._on_device(bank)[None].expand(q.shape[0], -1, -1)).amin(-1)
-            gd = torch.cdist(g[None], self._on_device(global_bank)[None])[0].amin(-1)
-            grid = d.reshape(-1, 1, self.grid, self.grid)
-            up = F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
-            return up[:, 0].cpu().numpy(), d.amax(-1).cpu().numpy(), gd.cpu().numpy()
-
-
 def make_search(backend, grid: int, image_size: int):
     """The search on the backend's own providers (ORT) or device (torch)."""
     if getattr(backend, "name", "") == "torch":
+        from service.runtime.backends.torch_backend import TorchSearch
+
         return TorchSearch(str(backend.device), grid, image_size)
     providers = getattr(backend, "providers", None) or ["CPUExecutionProvider"]
     return OrtSearch(list(providers), grid, image_size)
