@@ -308,7 +308,7 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
                         "fused with DAPO's maps when serving; docs/references.md); 0 = thresholds only")
     c.add_argument("--coreset-limit", type=int, default=None,
                    help="most patch features kept per product (greedy coreset past it; default: measured)")
-    c.add_argument("--fusion", choices=["max", "mean"], default="max", help="how the z-scored branches are fused")
+    c.add_argument("--fusion", choices=["max", "mean"], default="mean", help="how the z-scored branches are fused")
 
 
 def calibrate(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ FEW_SAMPLES, FEW_SAMPLES_STD = 5, 0.25  # below 5 values: std >= 25 % of the mea
 class ReferenceOptions:
     images: int  # K: good images kept per product (all of them if fewer)
     coreset_limit: int = DEFAULT_CORESET_LIMIT
-    fusion: str = "max"
+    fusion: str = "mean"  # measured against max in docs/references.md
     seed: int = 0
     batch_size: int = 8
 

@@ -83,7 +83,7 @@ class References(BaseModel):
     images: int = Field(ge=1)  # good images it was built from
     patches: int = Field(ge=1)  # patch features kept (after coreset subsampling)
     coreset_limit: int = Field(ge=1)  # most patches kept (greedy coreset past it)
-    fusion: Literal["max", "mean"] = "max"  # how the z-scored branches are combined
+    fusion: Literal["max", "mean"] = "mean"  # how the z-scored branches are combined (measured: docs/references.md)
     dapo_map: BranchStats  # DAPO's anomaly map, per pixel
     nn_map: BranchStats  # nearest-neighbour patch distance, per pixel (upsampled)
     dapo_image: BranchStats  # DAPO's image score (the manifest's image_score mode)
