@@ -55,7 +55,7 @@ def build(work: Path, refs: int) -> tuple[Path, Path, Path]:
         shutil.rmtree(banked)
     shutil.copytree(plain, banked)
     good = [s for s in load_dataset("folder", str(data)) if s.label == 0]
-    table = calibrate_references(banked, good, ReferenceOptions(refs), 0.99, 0.999, 4)
+    calibrate_references(banked, good, ReferenceOptions(refs), 0.99, 0.999, 4)
     return plain, banked, data / "wood" / "scratch"
 
 
@@ -79,10 +79,10 @@ def main() -> None:
 
     plain, banked, defects = build(Path(args.work), args.references)
     buf = io.BytesIO()
-    Image.open(sorted(defects.glob("*.png"))[0]).convert("RGB").save(buf, "PNG")
+    Image.open(min(defects.glob("*.png"))).convert("RGB").save(buf, "PNG")
     image = buf.getvalue()
     times: dict[str, list[float]] = {"references": [], "references=false": [], "no bank": []}
-    common = dict(max_batch_size=1, max_queue_delay_ms=0, log_level="WARNING")
+    common = {"max_batch_size": 1, "max_queue_delay_ms": 0, "log_level": "WARNING"}
     with TestClient(create_app(Settings(artifact=banked, **common), configure_logs=False)) as on, \
             TestClient(create_app(Settings(artifact=plain, **common), configure_logs=False)) as off:
         for client, q, p in ((on, "", "wood"), (on, "references=false", "wood"), (off, "", None)):

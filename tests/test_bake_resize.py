@@ -39,7 +39,7 @@ def test_bake_cli_bakes_at_the_asked_size_and_self_checks_there(checkpoint, tmp_
     folder, _ = checkpoint
     out = tmp_path / "art"
     run = subprocess.run([sys.executable, "-m", "service.cli", "bake", "--checkpoint", str(folder), "--image-size",
-                          "160", "--out", str(out)], capture_output=True, text=True)
+                          "160", "--out", str(out)], capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     m = load_manifest(out)
@@ -54,7 +54,7 @@ def test_bake_cli_bakes_at_the_asked_size_and_self_checks_there(checkpoint, tmp_
 def test_bake_cli_refuses_a_size_the_patch_grid_cannot_take(checkpoint, tmp_path):
     folder, _ = checkpoint
     run = subprocess.run([sys.executable, "-m", "service.cli", "bake", "--checkpoint", str(folder), "--image-size",
-                          "150", "--out", str(tmp_path / "art")], capture_output=True, text=True)
+                          "150", "--out", str(tmp_path / "art")], capture_output=True, text=True, check=False)
     assert run.returncode != 0
     assert "not a multiple of the patch size 16" in run.stderr and "use 144 or 160" in run.stderr
     assert not (tmp_path / "art").exists()

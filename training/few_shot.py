@@ -27,7 +27,13 @@ from service.runtime.detector import Detector
 from service.runtime.references import Branches, ReferenceSet, dapo_image_score
 from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
 from training.metrics import binary_metrics, mean_over
-from training.references import ReferenceOptions, encode, load_images, product_references, search_for
+from training.references import (
+    ReferenceOptions,
+    encode,
+    load_images,
+    product_references,
+    search_for,
+)
 
 ROWS = ("dapo", "nn_patch", "nn_global", "fused_max", "fused_mean")
 KEYS = ("image_auroc", "pixel_auroc", "aupro")

@@ -26,7 +26,14 @@ from tqdm import tqdm
 from service.runtime.artifact import BranchStats, References
 from service.runtime.backends.base import EncoderOutputs
 from service.runtime.detector import Detector
-from service.runtime.references import FUSIONS, Bank, Branches, ReferenceSet, bank_file, make_search
+from service.runtime.references import (
+    FUSIONS,
+    Bank,
+    Branches,
+    ReferenceSet,
+    bank_file,
+    make_search,
+)
 
 # Most patch features kept per product before the greedy coreset subsamples (measured in
 # docs/references.md: ViT-S/14 @336 has 576 patches per image, so 16 images give 9216; 2304 keeps

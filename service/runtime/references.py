@@ -61,7 +61,7 @@ class Bank:
     globals: np.ndarray  # (K, E) float32
     info: References
 
-    def without(self, image: int) -> "Bank":
+    def without(self, image: int) -> Bank:
         """The bank less one image's features (leave-one-out at calibration)."""
         keep = self.sources != image
         others = np.arange(len(self.globals)) != image
@@ -248,7 +248,7 @@ class ReferenceSet:
         self.search = search
 
     @classmethod
-    def load(cls, folder: Path | None, manifest: Manifest, backend) -> "ReferenceSet":
+    def load(cls, folder: Path | None, manifest: Manifest, backend) -> ReferenceSet:
         infos = {p: prod.references for p, prod in manifest.products.items() if prod.references is not None}
         if not infos or folder is None:
             return cls({})
