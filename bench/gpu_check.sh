@@ -3,7 +3,8 @@
 #   bake a random-weight ViT-L/14@518 artifact (the production geometry; weights do not change
 #   speed) -> bare encoder sweep (torch fp32/bf16/fp16; ONNX Runtime CUDA / TensorRT when
 #   onnxruntime-gpu is installed, fp16 graph included) -> /detect single-image latency against the
-#   bare encoder -> end-to-end throughput under concurrent load. Every result is JSON in $OUT.
+#   bare encoder -> end-to-end throughput under concurrent load -> the reference search (a product's
+#   bank) per provider. Every result is JSON in $OUT.
 # Targets for a GPU node: >= 390 images/s end to end, p50 <= 20 ms for a single image.
 # Needs the `train` extra (to bake) and the service install; run from the repository root:
 #   OUT=/tmp/dapo-gpu bash bench/gpu_check.sh
@@ -23,4 +24,8 @@ python3 -m service.cli bench --artifact "$ART" --mode e2e --images 32 --rounds 3
 python3 -m service.cli bench --artifact "$ART" --mode load --concurrency 256 --requests 6000 \
   --server-env DAPO_BACKEND=torch --server-env DAPO_PRECISION=bf16 --server-env DAPO_MAX_BATCH_SIZE=64 \
   --server-env DAPO_MAX_QUEUE_SIZE=512 --server-env DAPO_MAX_INFLIGHT_REQUESTS=512 > "$OUT/load_torch_bf16.json"
+# the reference search (a product's bank, docs/references.md) on the same providers as the encoder:
+# ViT-L/14@518 geometry (37 x 37 patches, two taps of width 1024), a 16-image bank at the coreset limit
+python3 bench/references_search.py --grid 37 --dim 2048 --global-dim 768 --bank 2304 --images 16 \
+  --providers TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider > "$OUT/references_search.json"
 echo done

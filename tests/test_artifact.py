@@ -85,7 +85,7 @@ def test_schema_1_manifest_is_upgraded_on_load(copy):
 
     _as_schema_1(copy)
     m = load_manifest(copy)
-    assert SCHEMA_VERSION == 2 and m.schema_version == 2
+    assert SCHEMA_VERSION == 3 and m.schema_version == 3
     assert m.onnx_encoders == {"fp32": "encoder.onnx"} and m.onnx_file("fp16") is None
     # the named step on its own: fills only what is missing
     assert upgrade_v1({"files": {"encoder.onnx": {}}})["onnx_encoders"] == {"fp32": "encoder.onnx"}

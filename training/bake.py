@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from service.runtime.artifact import (BackboneInfo, FileEntry, Manifest, Product, VocabEntry, Verification, file_entry,
                                       load_manifest, write_manifest)
 from service.runtime.backends import create_backend
-from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
+from service.runtime.backends.base import FEATURE_OUTPUTS, GRAPH_OUTPUTS, EncoderOutputs
 from training.backbone import TINY, BackboneSpec
 from training.data.vocab import defect_words
 from training.export import (ExportModule, encoder_geometry, export_onnx, export_onnx_fp16, export_safetensors,
@@ -108,8 +108,11 @@ def text_features_for(model: DapoModel, words: list[str], prompts: str) -> torch
 
 def _compare(ref: EncoderOutputs, other: EncoderOutputs) -> tuple[dict[str, float], float]:
     diffs = {n: float(np.max(np.abs(getattr(ref, n).astype(np.float64) - getattr(other, n))))
-             for n in GRAPH_OUTPUTS if n != "type_map"}
+             for n in (*GRAPH_OUTPUTS, *FEATURE_OUTPUTS)
+             if n not in ("type_map", "defect_type_map") and getattr(other, n) is not None}
     mismatch = float(np.mean(ref.type_map != other.type_map))
+    if other.defect_type_map is not None:
+        mismatch = max(mismatch, float(np.mean(ref.defect_type_map != other.defect_type_map)))
     return diffs, mismatch
 
 
@@ -158,7 +161,7 @@ def verify_export(module: ExportModule, folder: Path, manifest: Manifest, batch:
     mismatch = 0.0
     for name in backends:
         out = create_backend(folder, manifest, backend=name, providers=["CPUExecutionProvider"], device="cpu") \
-            .run(pixels, allowed, class_probs=True)
+            .run(pixels, allowed, class_probs=True, features=True)
         diffs, mm = _compare(ref, out)
         for k, v in diffs.items():
             worst[f"{name}.{k}"] = v
@@ -199,7 +202,7 @@ def run_onnx_fp16_isolated(path: Path, pixels: np.ndarray, allowed: np.ndarray,
             raise RuntimeError(f"{path.name}: ONNX Runtime {onnxruntime.__version__} (CPUExecutionProvider) failed to "
                                f"load or run the fp16 graph ({how}){': ' + tail if tail else ''}")
         with np.load(result) as z:
-            return EncoderOutputs(*(z[n] for n in GRAPH_OUTPUTS))
+            return EncoderOutputs(**{n: z[n] for n in GRAPH_OUTPUTS})
 
 
 @torch.no_grad()

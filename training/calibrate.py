@@ -25,9 +25,11 @@ from training.evaluate import run_artifact
 
 def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 0.99,
               pixel_quantile: float = 0.999, backend: str = "onnxruntime", progress: bool = False,
-              drift_bins: int = DRIFT_BINS, tiling: Tiling | None = None) -> dict:
+              drift_bins: int = DRIFT_BINS, tiling: Tiling | None = None, references=None) -> dict:
     """Return {product: {image_threshold, pixel_threshold, images, score_mean, score_std}} and
-    update the manifest (thresholds and score baseline per product)."""
+    update the manifest (thresholds and score baseline per product). `references`
+    (training.references.ReferenceOptions) also keeps a reference bank per product, and the
+    thresholds are then quantiles of the fused leave-one-out scores."""
     for q in (image_quantile, pixel_quantile):
         if not 0.0 < q <= 1.0:
             raise ValueError(f"quantiles must be within (0, 1], got {q}")
@@ -38,6 +40,11 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
         raise ValueError(f"calibration takes good parts only; {bad[0]} is labelled defective")
     if not good:
         raise ValueError("no good images to calibrate on")
+    if references is not None:
+        from training.references import calibrate_references
+
+        return calibrate_references(artifact, good, references, image_quantile, pixel_quantile, drift_bins,
+                                    backend=backend, progress=progress)
     detector = Detector.load(artifact, RuntimeOptions(backend=backend))
     if tiling is not None:
         detector = with_tiling(detector, sorted({s.product for s in good}), tiling)

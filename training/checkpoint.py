@@ -45,16 +45,41 @@ def read_config(folder: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def load_checkpoint(folder: str | Path, strict: bool = True) -> tuple[DapoModel, dict]:
-    """Rebuild the model (backbone from its spec) and load the learned parameters."""
+def load_checkpoint(folder: str | Path, strict: bool = True, image_size: int | None = None) -> tuple[DapoModel, dict]:
+    """Rebuild the model (backbone from its spec) and load the learned parameters.
+
+    `image_size` rebuilds the tower at another input size than the one trained at (`dapo bake
+    --image-size`): OpenCLIP resizes the positional table when it loads the backbone weights;
+    the learned prompts and adapters have one entry per block and per tap, never per patch, so
+    they load unchanged. A size the patch grid cannot take is refused before anything is built."""
     folder = Path(folder)
     meta = read_config(folder)
     config = DapoConfig.from_dict(meta["model"])
+    if image_size is not None:
+        check_image_size(config.backbone.name, image_size)
+        config.backbone.image_size = image_size
     if config.backbone.pretrained == BACKBONE:
         config.backbone.pretrained = str(folder / BACKBONE)
     model = DapoModel(config)
     load_learned(model, load_file(str(folder / LEARNED)), strict=strict, source=str(folder / LEARNED))
     return model, meta
+
+
+def check_image_size(backbone: str, image_size: int) -> None:
+    """Refuse a size that is not a whole number of patches (the patch embedding would silently
+    drop the remainder, and the positional table would not fit the grid)."""
+    import open_clip
+
+    from training.backbone import _model_name
+
+    cfg = open_clip.get_model_config(_model_name(backbone)) or {}
+    patch = cfg.get("vision_cfg", {}).get("patch_size")
+    if image_size <= 0:
+        raise ValueError(f"image size must be positive, got {image_size}")
+    if isinstance(patch, int) and image_size % patch:
+        lower, upper = image_size - image_size % patch, image_size - image_size % patch + patch
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch} of {backbone}: "
+                         f"the patch grid cannot take it; use {max(lower, patch)} or {upper}")
 
 
 def load_learned(model: DapoModel, tensors: dict[str, torch.Tensor], strict: bool = True, source: str = "") -> None:

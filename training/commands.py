@@ -40,7 +40,9 @@ def bake_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--prompts", choices=["learned", "handcrafted"], default="learned")
     b.add_argument("--backbone", default="ViT-L-14-336-quickgelu", help="OpenCLIP name or model-config JSON")
     b.add_argument("--pretrained", default="openai", help="OpenCLIP tag or local weights file ('' = random)")
-    b.add_argument("--image-size", type=int, default=518)
+    b.add_argument("--image-size", type=int, default=None,
+                   help="input size to bake at (default: the checkpoint's; 518 for --prompts handcrafted); "
+                        "a checkpoint baked at another size gets its positional table resized")
     b.add_argument("--vocab", help="defect words: comma list or @file (default: the checkpoint's)")
     b.add_argument("--add-defect", help="extra defect words appended to the vocabulary (zero-shot, no retraining)")
     b.add_argument("--products", help="JSON file {product: {defect_types, image_threshold, pixel_threshold}}")
@@ -100,7 +102,10 @@ def bake(args: argparse.Namespace) -> int:
         if args.checkpoint:
             from training.checkpoint import load_checkpoint
 
-            model, meta = load_checkpoint(args.checkpoint)
+            try:
+                model, meta = load_checkpoint(args.checkpoint, image_size=args.image_size)
+            except ValueError as e:
+                sys.exit(f"dapo bake: {e}")
             imported = meta.get("provenance")  # an imported authors' checkpoint says where it came from
             vocab = words(args.vocab) if args.vocab else list(meta.get("vocabulary", []))
             vocab += [w for w in words(args.add_defect or "") if w not in vocab]
@@ -111,7 +116,14 @@ def bake(args: argparse.Namespace) -> int:
             from training.backbone import BackboneSpec
             from training.model import DapoConfig, DapoModel
 
-            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=args.image_size)
+            from training.checkpoint import check_image_size
+
+            size = args.image_size or 518
+            try:
+                check_image_size(args.backbone, size)
+            except ValueError as e:
+                sys.exit(f"dapo bake: {e}")
+            spec = BackboneSpec(name=args.backbone, pretrained=args.pretrained or None, image_size=size)
             model = DapoModel(DapoConfig(backbone=spec))
             vocab = words(args.vocab or ",".join(B.DEMO_VOCAB))
             prompts = "handcrafted"
@@ -276,6 +288,12 @@ def eval_arguments(e: argparse.ArgumentParser) -> None:
                    "(maps resized bilinearly; compares tiled and untiled products on the same pixels)")
     e.add_argument("--json", help="write the full result as JSON")
     e.add_argument("--csv", help="write the per-category table as CSV")
+    e.add_argument("--references", metavar="K[,K...]",
+                   help="few-shot protocol: K good images per category as references (0 = zero-shot), each branch "
+                        "alone and fused (docs/references.md)")
+    e.add_argument("--coreset-limit", type=int, help="most patch features per bank (default: calibrate's)")
+    e.add_argument("--reference-split", help="split the references come from (default: the first max(K) good "
+                                             "images of the evaluated data, left out of its test set)")
     e.add_argument("--quiet", action="store_true")
 
 
@@ -285,12 +303,34 @@ def evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import format_table, write_reports
 
     samples = load_samples(args.layout, args.data, args.split)
+    if args.references:
+        return evaluate_few_shot(args, samples)
     result = run_eval(args.artifact, samples, backend=args.backend, precision=args.precision,
                       batch_size=args.batch_size, sigma=args.sigma,
                       use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score,
                       map_size=args.map_size)
     print(format_table(result))
     write_reports(result, args.json, args.csv)
+    return 0
+
+
+def evaluate_few_shot(args: argparse.Namespace, samples: list) -> int:
+    from service.runtime.detector import Detector, RuntimeOptions
+    from training.few_shot import few_shot, format_few_shot
+
+    try:
+        ks = sorted({int(k) for k in args.references.split(",")})
+    except ValueError:
+        sys.exit(f"dapo eval: --references takes K[,K...] (integers), got {args.references!r}")
+    if ks[0] < 0:
+        sys.exit("dapo eval: --references must be >= 0")
+    refs = load_samples(args.layout, args.data, args.reference_split) if args.reference_split else None
+    detector = Detector.load(args.artifact, RuntimeOptions(backend=args.backend))
+    result = few_shot(detector, samples, ks, refs, batch_size=args.batch_size, coreset_limit=args.coreset_limit,
+                      progress=not args.quiet)
+    print(format_few_shot(result))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=float))
     return 0
 
 
@@ -307,6 +347,12 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--tile", type=int, metavar="PX", help="make the products in --data tiled: tiles of PX x PX "
                    "original pixels (docs/tiling.md), calibrated through the tiled path")
     c.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="overlap of neighbouring tiles (--tile)")
+    c.add_argument("--references", type=int, default=0, metavar="K",
+                   help="also keep up to K good images per product as references (patch and global features, "
+                        "fused with DAPO's maps when serving; docs/references.md); 0 = thresholds only")
+    c.add_argument("--coreset-limit", type=int, default=None,
+                   help="most patch features kept per product (greedy coreset past it; default: measured)")
+    c.add_argument("--fusion", choices=["max", "mean"], default="mean", help="how the z-scored branches are fused")
 
 
 def calibrate(args: argparse.Namespace) -> int:
@@ -333,8 +379,23 @@ def calibrate(args: argparse.Namespace) -> int:
                      f"{e.errors()[0]['msg']}")
     elif args.tile_overlap:
         sys.exit("dapo calibrate: --tile-overlap needs --tile")
-    print(json.dumps(run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
-                                     drift_bins=args.drift_bins, tiling=tiling), indent=2))
+    refs = None
+    if args.references:
+        if tiling is not None:
+            sys.exit("dapo calibrate: --references with --tile is not supported yet (a tiled product's bank "
+                     "must be built from tiles); calibrate the tiling and the references separately")
+        from training.references import DEFAULT_CORESET_LIMIT, ReferenceOptions
+
+        try:
+            refs = ReferenceOptions(args.references, args.coreset_limit or DEFAULT_CORESET_LIMIT, args.fusion)
+        except ValueError as e:
+            sys.exit(f"dapo calibrate: {e}")
+    try:
+        table = run_calibration(args.artifact, samples, args.image_quantile, args.pixel_quantile,
+                                drift_bins=args.drift_bins, tiling=tiling, references=refs)
+    except ValueError as e:
+        sys.exit(f"dapo calibrate: {e}")
+    print(json.dumps(table, indent=2))
     return 0
 
 

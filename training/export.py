@@ -20,8 +20,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from service.runtime.artifact import EncoderGeometry
-from service.runtime.backends.base import GRAPH_OUTPUTS, INPUT_NAMES
-from service.runtime.backends.torch_model import ScoringHead, state_dict_for_export
+from service.runtime.backends.base import FEATURE_OUTPUTS, GRAPH_OUTPUTS, INPUT_NAMES, reference_taps
+from service.runtime.backends.torch_model import ScoringHead, reference_features, state_dict_for_export
 from training.model import DapoModel
 
 OPSET = 18
@@ -45,22 +45,26 @@ class ExportModule(nn.Module):
         self.head = ScoringHead(text_features, abnormal, geo.grid, geo.image_size, geo.temperature)
 
     def forward(self, pixel_values: torch.Tensor, allowed: torch.Tensor):
-        global_feat, patches = self.model.encode_image(pixel_values)
-        return self.head(global_feat, patches, allowed)
+        """The contract outputs, then FEATURE_OUTPUTS (the reference search's inputs)."""
+        raw: list[torch.Tensor] = []
+        global_feat, patches = self.model.visual_prompts(self.model.clip.visual, pixel_values, raw=raw)
+        taps = self.model.visual_prompts.taps
+        keep = [raw[taps.index(t)] for t in reference_taps(taps)]
+        return (*self.head(global_feat, patches, allowed), reference_features(keep), global_feat.float())
 
 
 def export_onnx(module: ExportModule, path: Path, image_size: int, n_classes: int) -> Path:
     """Trace to ONNX with a dynamic batch axis on every input and output."""
     module.eval()
     example = (torch.randn(2, 3, image_size, image_size), torch.ones(2, n_classes, dtype=torch.bool))
-    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *GRAPH_OUTPUTS)}
+    dynamic = {name: {0: "batch"} for name in (*INPUT_NAMES, *GRAPH_OUTPUTS, *FEATURE_OUTPUTS)}
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # the fused MHA kernel has no ONNX symbolic
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example, str(path), input_names=list(INPUT_NAMES),
-                              output_names=list(GRAPH_OUTPUTS), dynamic_axes=dynamic, opset_version=OPSET,
+                              output_names=[*GRAPH_OUTPUTS, *FEATURE_OUTPUTS], dynamic_axes=dynamic, opset_version=OPSET,
                               dynamo=False)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -56,12 +56,17 @@ class DeepVisualPrompts(nn.Module):
         self.taps = list(taps)
         self.alpha = alpha
 
-    def forward(self, visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Global feature (B, D) and per-tap patch features [(B, g*g, D)], all L2-normalised."""
+    def forward(self, visual: nn.Module, pixels: torch.Tensor, raw: list[torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Global feature (B, D) and per-tap patch features [(B, g*g, D)], all L2-normalised.
+        `raw`, if given, receives each tap's patch tokens before its adapter (the export's
+        reference features)."""
         n = self.tokens.shape[1]
         x = embed_patches(visual, pixels)
         x = insert_slots(x, self.tokens[0]) if n else x
         x, tapped = run_deep_layers(visual.transformer.resblocks, x, self.tokens, self.alpha, taps=set(self.taps))
         patches = [F.normalize(adapter(t[:, 1 + n:]), dim=-1) for adapter, t in zip(self.adapters, tapped)]
+        if raw is not None:
+            raw.extend(t[:, 1 + n:] for t in tapped)
         x = remove_slots(x, n)
         return F.normalize(pool_global(visual, x), dim=-1), patches

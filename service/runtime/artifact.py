@@ -13,6 +13,8 @@ An artifact is a self-describing folder (like a Triton model repository entry):
                                 quantised by NNCF for OpenVINO, calibrated on good parts
     encoder_int8_ort.onnx       optional: ONNX Runtime's own INT8 graph, written only where it
                                 measured faster than fp32 and passed its accuracy check
+    references/<product>.safetensors  optional (`dapo calibrate --references K`): a product's bank
+                                of good-part features (see `service.runtime.references`)
 
 Both encoder files implement one contract (see `service.runtime.backends.base`): inputs
 `pixel_values` (B, 3, S, S) float32 and `allowed` (B, C) bool; outputs `anomaly_score`,
@@ -30,7 +32,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
-SCHEMA_VERSION = 2  # see UPGRADES for what each version added
+SCHEMA_VERSION = 3  # see UPGRADES for what each version added
 MANIFEST = "manifest.json"
 DEMO_ARTIFACT = Path("model_artifacts/demo")  # where `dapo bake --demo` writes and `dapo serve` looks
 
@@ -90,6 +92,27 @@ class Tiling(BaseModel):
         if self.overlap >= self.tile:
             raise ValueError(f"tiling overlap {self.overlap} must be smaller than the tile {self.tile}")
         return self
+class BranchStats(BaseModel):
+    """A score branch's distribution on a product's good parts, leave-one-out: what turns it into
+    a z-score, so that branches of different units can be fused without defective samples."""
+
+    mean: float
+    std: float = Field(gt=0.0)
+
+
+class References(BaseModel):
+    """A product's reference bank (`dapo calibrate --references K`); see service.runtime.references."""
+
+    file: str  # the bank's safetensors file, listed (sha256) in `files`
+    images: int = Field(ge=1)  # good images it was built from
+    patches: int = Field(ge=1)  # patch features kept (after coreset subsampling)
+    coreset_limit: int = Field(ge=1)  # most patches kept (greedy coreset past it)
+    fusion: Literal["max", "mean"] = "mean"  # how the z-scored branches are combined (measured: docs/references.md)
+    dapo_map: BranchStats  # DAPO's anomaly map, per pixel
+    nn_map: BranchStats  # nearest-neighbour patch distance, per pixel (upsampled)
+    dapo_image: BranchStats  # DAPO's image score (the manifest's image_score mode)
+    nn_global: BranchStats  # nearest-neighbour distance of the global feature
+    nn_patch_max: BranchStats  # max over the image's patches of the nearest-neighbour distance
 
 
 class Product(BaseModel):
@@ -102,6 +125,7 @@ class Product(BaseModel):
     pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     baseline: ScoreBaseline | None = None  # written by `dapo calibrate`; None = no drift statistic
     tiling: Tiling | None = None  # `dapo calibrate --tile PX` or `dapo bake --products`; None = untiled
+    references: References | None = None  # schema 3; None = zero-shot only
 
 
 class BackboneInfo(BaseModel):
@@ -223,6 +247,9 @@ class Manifest(BaseModel):
             unknown = set(prod.defect_types or []) - set(names[1:])
             if unknown:
                 raise ValueError(f"product {pname!r} names unknown defect types {sorted(unknown)}")
+        banks = {p.references.file for p in self.products.values() if p.references is not None}
+        if banks - set(self.files):
+            raise ValueError(f"products' references name files missing from files: {sorted(banks - set(self.files))}")
         unlisted = {f for f in self.onnx_encoders.values() if f not in self.files}
         unlisted |= {f for x in self.openvino_encoders.values() for f in (x, ir_weights(x)) if f not in self.files}
         if unlisted:
@@ -288,8 +315,17 @@ def upgrade_v1(data: dict) -> dict:
     return data
 
 
+def upgrade_v2(data: dict) -> dict:
+    """Schema 2 -> 3: products may carry a reference bank (`references`); a manifest written
+    before has none, so every product stays zero-shot. Nothing to fill in."""
+    for product in (data.get("products") or {}).values():
+        if isinstance(product, dict):
+            product.setdefault("references", None)
+    return data
+
+
 # UPGRADES[v] turns a schema-v manifest (as parsed JSON) into a schema-(v + 1) one
-UPGRADES = {1: upgrade_v1}
+UPGRADES = {1: upgrade_v1, 2: upgrade_v2}
 
 
 def upgrade_manifest(data: dict, where: Path) -> dict:

@@ -37,6 +37,7 @@ from PIL import Image
 
 from service.runtime import imaging, postprocess, scoring, tiling
 from service.runtime.artifact import Manifest, Tiling, load_manifest
+from service.runtime.references import ReferenceSet
 from service.runtime.backends.base import Backend, EncoderOutputs
 
 BackendName = Literal["onnxruntime", "openvino", "torch"]
@@ -151,6 +152,8 @@ class Detector:
         self.backend = backend
         self.folder = folder
         self.name, self.version = manifest.name, manifest.version  # the artifact's identity
+        # the products' reference banks (files verified with the manifest), searched on the backend's providers
+        self.references = ReferenceSet.load(folder, manifest, backend)
 
     @classmethod
     def load(cls, folder: str | Path, options: RuntimeOptions | None = None) -> "Detector":
@@ -167,11 +170,17 @@ class Detector:
     # --- stages -------------------------------------------------------------------------
     def policy(self, product: str | None = None, defect_types: list[str] | None = None,
                threshold: float | None = None, *, gaussian_sigma: float | None = None,
-               image_score: str | None = None) -> scoring.Policy:
+               image_score: str | None = None, references: bool = True) -> scoring.Policy:
         """The call's scoring policy (raises ScoringError for unknown names or a bad threshold).
-        `gaussian_sigma` / `image_score` override the manifest's (evaluation studies only)."""
+        `gaussian_sigma` / `image_score` override the manifest's (evaluation studies only);
+        `references` False leaves a product's reference bank out (zero-shot DAPO alone)."""
         resolved = scoring.policy(self.manifest, product, defect_types, threshold)
-        overrides = {k: v for k, v in {"gaussian_sigma": gaussian_sigma, "image_score": image_score}.items()
+        # a tiled product's bank would have to hold tile features (issue 23, item 2: not built
+        # yet), so its references are off and its answers say so (`references_used: false`)
+        use = (references and product is not None and product in self.references.banks
+               and resolved.tiling is None)
+        overrides = {k: v for k, v in {"gaussian_sigma": gaussian_sigma, "image_score": image_score,
+                                       "product": product, "references": use or None}.items()
                      if v is not None}
         return replace(resolved, **overrides) if overrides else resolved
 
@@ -213,17 +222,32 @@ class Detector:
         return Prepared(filename, decoded.width, decoded.height, pixel_values, decoded.view, decode_ms, ms_since(t1),
                         tiling.TiledInput(g, cut, tiles.image_score))
 
-    def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
-        """The backend on a batch (what the server's micro-batcher calls, in its threads)."""
+    def infer(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False,
+              features: bool = False) -> EncoderOutputs:
+        """The backend on a batch (what the server's micro-batcher calls, in its threads); with
+        reference banks, the reference features come along (the batch may mix products)."""
+        if self.references or features:
+            return self.backend.run(pixel_values, allowed, class_probs=class_probs, features=True)
         if class_probs:
             return self.backend.run(pixel_values, allowed, class_probs=True)
         return self.backend.run(pixel_values, allowed)
 
+    def with_references(self, outputs: EncoderOutputs, policy: scoring.Policy
+                        ) -> tuple[EncoderOutputs, scoring.Policy]:
+        """One image's outputs fused with its product's bank when the policy says so (the
+        nearest-neighbour search runs on the backend's providers, in the caller's thread)."""
+        if not policy.references or policy.product is None:
+            return outputs, policy
+        fused = self.references.apply(outputs, policy.product, policy.image_score, policy.pixel_threshold)
+        return fused, replace(policy, image_score="global")  # the fused score is the image score
+
     def score(self, outputs: EncoderOutputs, policy: scoring.Policy, prepared: Prepared | None = None) -> Scores:
         """One image's outputs (leading axis 1; a tiled image's: one per input) -> its score and
-        smoothed map at the model size (tiled: stitched, `tiled_maps`)."""
+        smoothed map at the model size (tiled: stitched, `tiled_maps`; a tiled product's policy
+        never asks for references, see `policy`)."""
         if prepared is not None and prepared.tiles is not None:
             return self._tiled_score(outputs, policy, prepared.tiles)
+        outputs, policy = self.with_references(outputs, policy)
         amap = scoring.smooth(outputs.anomaly_map[0], policy.gaussian_sigma)
         value = scoring.image_score(outputs.anomaly_score[0], amap, policy.image_score)
         probs = outputs.class_probs[0] if outputs.class_probs is not None else None
@@ -250,14 +274,19 @@ class Detector:
 
     def render(self, prepared: Prepared, outputs: EncoderOutputs, policy: scoring.Policy,
                options: postprocess.RenderOptions) -> dict[str, Any]:
-        """The result fields of one image at its original resolution (masks, regions, maps)."""
+        """The result fields of one image at its original resolution (masks, regions, maps), and
+        whether the product's references were used."""
         if prepared.tiles is not None:
             value, anomaly, types = self.tiled_maps(outputs, policy, prepared.tiles)
             maps = postprocess.stitched_maps(anomaly, types, policy, prepared.width, prepared.height)
-            return postprocess.render_maps(maps, value, outputs.type_scores[0], policy, self.class_names, options,
-                                           prepared.image)
-        return postprocess.postprocess(outputs, policy, prepared.width, prepared.height, self.class_names,
-                                       options, prepared.image)
+            fields = postprocess.render_maps(maps, value, outputs.type_scores[0], policy, self.class_names, options,
+                                             prepared.image)
+        else:
+            outputs, fused_policy = self.with_references(outputs, policy)
+            fields = postprocess.postprocess(outputs, fused_policy, prepared.width, prepared.height,
+                                             self.class_names, options, prepared.image)
+        fields["references_used"] = policy.references
+        return fields
 
     def warm_up(self, batch_sizes: Sequence[int]) -> None:
         """Run zero images at each batch size once, so the first real call is not the slow one."""

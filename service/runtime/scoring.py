@@ -29,6 +29,8 @@ class Policy:
     gaussian_sigma: float
     image_score: str = "global"
     tiling: Tiling | None = None  # the product's tiling (service.runtime.tiling); None = untiled
+    product: str | None = None
+    references: bool = False  # fuse the product's reference bank (service.runtime.references)
 
 
 def allowed_classes(manifest: Manifest, product: str | None = None,

@@ -166,6 +166,8 @@ async def detect(
     threshold: Annotated[float | None, Query(ge=0.0, le=1.0)] = None,
     defect_types: Annotated[str | None, Query(description="comma list restricting the competing types")] = None,
     heatmap_max_side: Annotated[int | None, Query(ge=0, le=65535, description=HEATMAP_MAX_SIDE_DOC)] = None,
+    references: Annotated[bool, Query(description="fuse the product's reference bank, if it has one "
+                                             "(false: DAPO's zero-shot answer alone, for comparison)")] = True,
     x_api_key: ApiKey = None,
     idempotency_key: Annotated[str | None, Header(json_schema_extra=IDEMPOTENCY_KEY_SCHEMA)] = None,
 ) -> Response:
@@ -179,7 +181,8 @@ async def detect(
         options = postprocess.RenderOptions(
             mask_format, heatmap, overlay, settings.min_region_px, settings.max_regions,
             settings.heatmap_max_side if heatmap_max_side is None else heatmap_max_side)
-        return await _detect(request, state, model, principal, options, threshold, defect_types, idempotency_key)
+        return await _detect(request, state, model, principal, options, threshold, defect_types, idempotency_key,
+                             references)
     finally:
         model.usage.release()
         state.inflight -= 1
@@ -196,12 +199,13 @@ def admit(state: ServiceState) -> None:
 
 async def _detect(request: Request, state: ServiceState, model: LoadedModel, principal: str,
                   options: postprocess.RenderOptions, threshold: float | None, defect_types: str | None,
-                  idempotency_key: str | None) -> Response:
+                  idempotency_key: str | None, references: bool = True) -> Response:
     key = check_idempotency_key(idempotency_key)
     form = await read_form(request, state)
     try:
         echo = echo_fields(form)
-        policy = model.detector.policy(echo.get("product"), parse_defect_types(defect_types), threshold)
+        policy = model.detector.policy(echo.get("product"), parse_defect_types(defect_types), threshold,
+                                       references=references)
         uploads = await collect_uploads(form)
     finally:
         await form.close()
@@ -250,7 +254,9 @@ async def model_info(request: Request, x_api_key: ApiKey = None) -> JSONResponse
     if model is None:
         model = require_ready(state)
     m, backend, s = model.detector.manifest, model.detector.backend, state.settings
-    products = {name: scoring.product_settings(m, name).model_dump() for name in m.products}
+    banks = model.detector.references.sizes()
+    products = {name: {**scoring.product_settings(m, name).model_dump(), "references": banks.get(name)}
+                for name in m.products}
     return JSONResponse({
         **model.ref(),
         "description": m.description,

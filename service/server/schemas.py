@@ -73,6 +73,9 @@ class Result(_Strict):
     overlay_png: str | None = Field(default=None, description="base64 PNG: the heatmap blended over the image, "
                                     "same size as heatmap_png")
     timing_ms: Timing
+    references_used: bool = Field(description=(
+        "whether the product's reference bank (good parts, `dapo calibrate --references`) was fused with "
+        "DAPO's zero-shot map and score; false without a bank or with references=false"))
     product: str | None = None
     part_id: str | None = None
     station_id: str | None = None

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.runtime.backends.base import GRAPH_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
+from service.runtime.backends.base import FEATURE_OUTPUTS, INPUT_NAMES, OUTPUT_NAMES, EncoderOutputs
 
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 TENSORRT = "TensorrtExecutionProvider"
@@ -102,17 +102,24 @@ class OrtBackend:
         # and the device->host copy of the compact outputs are all that cross the bus; per-class
         # maps are never bound, so they stay on the device. None = on whenever not on the CPU EP.
         self.io_binding = self.provider != "CPUExecutionProvider" if io_binding is None else io_binding
+        self.has_features = set(FEATURE_OUTPUTS) <= {o.name for o in self.session.get_outputs()}
+        self.providers = self.session.get_providers()  # what the reference search runs on too
 
-    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False,
+            features: bool = False) -> EncoderOutputs:
         feeds = dict(zip(INPUT_NAMES, (np.ascontiguousarray(pixel_values, dtype=np.float32),
                                        np.ascontiguousarray(allowed, dtype=bool))))
-        names = GRAPH_OUTPUTS if class_probs else OUTPUT_NAMES  # ORT copies out only what is asked
+        if features and not self.has_features:
+            raise ValueError(f"{self.model_path.name} has no {FEATURE_OUTPUTS} outputs (baked before references): "
+                             "re-bake the artifact to use references")
+        # ORT copies out only what is asked
+        names = (*OUTPUT_NAMES, *(("class_probs",) if class_probs else ()), *(FEATURE_OUTPUTS if features else ()))
         if not self.io_binding:
-            return EncoderOutputs(*self.session.run(list(names), feeds))
+            return EncoderOutputs(**dict(zip(names, self.session.run(list(names), feeds))))
         binding = self.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         for name in names:
             binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)
-        return EncoderOutputs(*binding.copy_outputs_to_cpu())
+        return EncoderOutputs(**dict(zip(names, binding.copy_outputs_to_cpu())))

@@ -13,6 +13,7 @@ on a GPU; the module runs in fp32, fp16 or bf16.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.runtime.artifact import EncoderGeometry
+from service.runtime.backends.base import reference_taps
 
 
 def similarity_logits(features: torch.Tensor, text: torch.Tensor, inv_tau: float) -> torch.Tensor:
@@ -45,6 +47,13 @@ class EncoderOptions:
     ln_pre: bool = True  # False = OpenCLIP no_ln_pre (e.g. DINOv2)
     norm_eps: float = DEFAULT_NORM_EPS  # every LayerNorm of the tower
     mlp_width: int | None = None  # None = 4 * width
+
+
+def reference_features(tapped: list[torch.Tensor]) -> torch.Tensor:
+    """Patch tokens (B, N, W) of the `reference_taps` blocks -> (B, N, F): each tap L2-normalised,
+    concatenated, scaled to unit norm (so a squared distance is 2 - 2 cos, within [0, 4])."""
+    scale = 1.0 / math.sqrt(len(tapped))
+    return torch.cat([F.normalize(t.float(), dim=-1) for t in tapped], dim=-1) * scale
 
 
 class ScoringHead(nn.Module):
@@ -73,8 +82,11 @@ class ScoringHead(nn.Module):
         masked = up.masked_fill(~allowed[:, :, None, None], -1.0)
         type_map = masked.argmax(dim=1).to(torch.uint8)
         class_max = up.amax(dim=(2, 3))
+        # the type of a pixel that something else (the reference branch) calls defective: the
+        # argmax over the allowed defect classes alone, normal excluded
+        defect_type_map = (masked[:, 1:].argmax(dim=1) + 1).to(torch.uint8)
         return (anomaly_score.float(), type_scores.float(), anomaly_map.float(), type_map, class_max.float(),
-                up.float())
+                up.float(), defect_type_map)
 
 
 class _Attention(nn.Module):
@@ -152,7 +164,8 @@ class DapoImageEncoder(nn.Module):
         cls = self.class_embedding.to(x.dtype).view(1, 1, -1).expand(x.shape[0], -1, -1)
         x = self.ln_pre(torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype))
         x = torch.cat([x[:, :1], self.prompt_tokens[0].expand(x.shape[0], -1, -1).to(x.dtype), x[:, 1:]], dim=1)
-        patches = []
+        patches, raw = [], []
+        keep = set(reference_taps(self.taps))
         for i, block in enumerate(self.blocks):
             if i > 0:
                 slots = self.alpha * x[:, 1:1 + n] + (1.0 - self.alpha) * self.prompt_tokens[i].to(x.dtype)
@@ -160,8 +173,10 @@ class DapoImageEncoder(nn.Module):
             x = block(x)
             if i + 1 in self.taps:
                 patches.append(F.normalize(self.adapters[self.taps.index(i + 1)](x[:, 1 + n:]), dim=-1))
+            if i + 1 in keep:
+                raw.append(x[:, 1 + n:])
         pooled = F.normalize(self.ln_post(x[:, 0]) @ self.proj, dim=-1)
-        return self.head(pooled, patches, allowed)
+        return (*self.head(pooled, patches, allowed), reference_features(raw), pooled.float())
 
 
 def state_dict_for_export(visual: nn.Module, prompt_tokens: torch.Tensor, adapters: nn.ModuleList) -> dict:
