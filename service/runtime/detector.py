@@ -99,21 +99,20 @@ class Prepared:
 
 
 def split_outputs(outputs: EncoderOutputs, counts: Sequence[int]) -> list[EncoderOutputs]:
-    """A batch's outputs -> one EncoderOutputs per image, `counts[i]` consecutive items each."""
-    names = [n for n in ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max", "class_probs")
-             if getattr(outputs, n) is not None]
+    """A batch's outputs -> one EncoderOutputs per image, `counts[i]` consecutive items each
+    (every output the backend gave, feature outputs included)."""
+    names = outputs._names()
     bounds = np.cumsum([0, *counts])
     return [EncoderOutputs(**{n: getattr(outputs, n)[a:b] for n in names}) for a, b in itertools.pairwise(bounds)]
 
 
 def join_outputs(items: Sequence[EncoderOutputs]) -> EncoderOutputs:
-    """One image's per-input outputs (each leading axis 1, e.g. from the batcher) -> one."""
+    """One image's per-input outputs (each leading axis 1, e.g. from the batcher) -> one; an
+    output that some input lacks is left out."""
     if len(items) == 1:
         return items[0]
-    probs = [i.class_probs for i in items]
-    return EncoderOutputs(*(np.concatenate([getattr(i, n) for i in items]) for n in
-                            ("anomaly_score", "type_scores", "anomaly_map", "type_map", "class_max")),
-                          None if any(p is None for p in probs) else np.concatenate(probs))
+    names = [n for n in items[0]._names() if all(getattr(i, n) is not None for i in items)]
+    return EncoderOutputs(**{n: np.concatenate([getattr(i, n) for i in items]) for n in names})
 
 
 @dataclass
