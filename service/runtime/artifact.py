@@ -73,6 +73,9 @@ class Product(BaseModel):
     image_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     pixel_threshold: float | None = Field(default=None, ge=0.0, le=1.0)
     baseline: ScoreBaseline | None = None  # written by `dapo calibrate`; None = no drift statistic
+    # the line's cycle: a /detect for this product not answered within it gets 504 (the service's
+    # DAPO_REQUEST_TIMEOUT_MS when None; a request's X-Deadline-Ms header wins); older manifests load unchanged
+    timeout_ms: int | None = Field(default=None, ge=1, le=3_600_000)
 
 
 class BackboneInfo(BaseModel):

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from service.runtime import postprocess, scoring
 from service.runtime.detector import Prepared, Upload, ms_since
+from service.server.deadlines import RequestGuard
 from service.server.state import LoadedModel, ServiceState
 
 T = TypeVar("T")
@@ -49,13 +50,24 @@ def timed_render(model: LoadedModel, prep: Prepared, outputs: Any, policy: scori
 
 
 async def detect(state: ServiceState, model: LoadedModel, uploads: list[Upload], policy: scoring.Policy,
-                 options: postprocess.RenderOptions, echo: dict[str, str]) -> list[dict[str, Any]]:
-    """The results list of a /detect answer, in upload order."""
+                 options: postprocess.RenderOptions, echo: dict[str, str],
+                 guard: RequestGuard | None = None) -> list[dict[str, Any]]:
+    """The results list of a /detect answer, in upload order. With a `guard` (the request's
+    deadline and caller, service.server.deadlines) the decoded request is admitted by expected
+    wait, dropped from the line if its deadline passes or its caller leaves, and a late answer
+    becomes DeadlineExceeded."""
     prepared = await prepare_all(state, model, uploads, options.view_max_side if options.overlay else None)
-    batch_results = await model.batcher.submit_many([(p.pixel_values, policy.allowed) for p in prepared])
+    items = [(p.pixel_values, policy.allowed) for p in prepared]
+    if guard is None:
+        batch_results = await model.batcher.submit_many(items)
+    else:
+        guard.admit(len(items))
+        batch_results = await guard.submit(items)
     rendered = await asyncio.gather(*(
         run_cpu(state, timed_render, model, p, r.outputs, policy, options)
         for p, r in zip(prepared, batch_results, strict=True)))
+    if guard is not None:
+        guard.deliver(len(items))
     results = []
     for prep, br, (fields, post_ms) in zip(prepared, batch_results, rendered, strict=True):
         result: dict[str, Any] = {"filename": prep.filename, **fields}
