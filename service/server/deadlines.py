@@ -91,16 +91,18 @@ class RequestGuard:
         self.deadline = self.deadline.with_budget_ms(ms)
         self.ticket.deadline = self.deadline.at
 
-    def check(self) -> None:
-        """Raise now if the caller left or the deadline passed (nothing is queued yet)."""
+    def check(self, images: int) -> None:
+        """Raise now if the caller left or the deadline passed (nothing is queued yet: the
+        `images` count as dropped, never encoded)."""
         reason = self.ticket.reason(time.perf_counter())
         if reason is not None:
             self.ticket.dropped = reason
+            self.observer.observe_dropped(reason.cause, images)
             raise reason
 
     def admit(self, images: int) -> None:
         """Admission by expected wait, with the request's real image count and budget."""
-        self.check()
+        self.check(images)
         if self.admission is None:
             return
         d = self.admission.decide(images, self.deadline.budget_s, self.deadline.elapsed(), redeem=False)
@@ -111,7 +113,7 @@ class RequestGuard:
     async def submit(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[BatchResult]:
         """Queue the images under the ticket; the request is dropped at its deadline or when the
         caller disconnects, whichever comes first, with every image not yet encoded."""
-        self.check()
+        self.check(len(items))
         try:
             futures = self.batcher.enqueue(items, self.ticket)
         except QueueFull as e:
