@@ -165,12 +165,17 @@ def test_retry_after_grows_with_the_queue(gated):
         for step in range(3):
             queued = pool.submit(httpx.post, url + "/detect", files=many, timeout=120)
             wait_for(lambda: model.batcher.live_depth() == 8 * (step + 1))
-            r = httpx.post(url + "/detect", files=FILES, headers={"X-Deadline-Ms": "1000"}, timeout=60)
+            r = httpx.post(url + "/detect", files=FILES, timeout=60,
+                           headers={"X-Deadline-Ms": "1000", "Idempotency-Key": f"late-{step}"})
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
             retry_after.append(int(r.headers["retry-after"]))
         assert retry_after[0] >= 4  # 8 images ahead at 0.5 s, minus the 1 s budget
         assert retry_after[0] < retry_after[1] < retry_after[2], retry_after
-        assert metric(url, "dapo_admission_promised_images") >= 1
+        assert model.admission.promised_images == 3  # each refusal with a key is expected back
+        # a refused caller coming back before its time finds its own promise, not a longer line
+        again = httpx.post(url + "/detect", files=FILES, timeout=60,
+                           headers={"X-Deadline-Ms": "1000", "Idempotency-Key": "late-0"})
+        assert again.status_code == 503 and model.admission.promised_images == 3
         backend.gate.set()
         assert held.result().status_code == 200 and queued.result().status_code == 200
 
@@ -193,5 +198,8 @@ def test_service_times_interpolate_between_measured_batch_sizes():
     times.seed(8, 0.8)
     assert times.estimate(4) == pytest.approx(0.4)
     assert times.estimate(16) == pytest.approx(1.6)
-    times.observe(8, 1.8)
-    assert 0.8 < times.estimate(8) < 1.8  # an EWMA follows, smoothing
+    times.observe(8, 1.8)  # the first real batch replaces the warm-up's figure
+    assert times.estimate(8) == pytest.approx(1.8)
+    times.observe(8, 1.0)  # later ones are averaged, and their spread is added (a safety margin)
+    mean = 1.8 + 0.3 * (1.0 - 1.8)
+    assert times.estimate(8) == pytest.approx(mean + 2.0 * 0.3 * 0.8)

@@ -13,9 +13,9 @@ refusal books its images as a *promise* due at that time; later requests count t
 before they would finish as work ahead of them, and later refusals are scheduled after all
 promises. So under sustained overload the retries are spread at the rate the encoder serves
 them and a retry made when asked is accepted, instead of every retry meeting a line refilled by
-newcomers. A promise is redeemed by the retry carrying the same `Idempotency-Key` (or, without
-one, by the first request arriving once it is due) and forgotten `PROMISE_GRACE_S` after it was
-due (the caller gave up). Event-loop only.
+newcomers. Only a request with an `Idempotency-Key` books a promise (its retry is recognised by
+the key and redeems it); a promise is forgotten `PROMISE_GRACE_S` after it was due (the caller
+gave up). An idle encoder always admits (so an overestimate corrects itself). Event-loop only.
 """
 from __future__ import annotations
 
@@ -96,10 +96,6 @@ class Admission:
                 if p.key == key:
                     del self._promises[i]
                     return
-        for i, p in enumerate(self._promises):
-            if p.key is None and p.due <= now:
-                del self._promises[i]
-                return
 
     def _promised_before(self, now: float, images: int) -> tuple[int, float | None]:
         """Promised images due before this request would finish, and that finish."""
@@ -124,6 +120,8 @@ class Admission:
         _, finish = self._promised_before(now, images)
         if finish is None:
             return Decision(True, None, 0)
+        if self._idle():  # nothing to wait for: try (an overestimate must not lock the encoder out for good)
+            return Decision(True, finish, 0)
         rest = self.after_batch.value + (self.before_batch.value if before_body else 0.0)
         expected = finish + rest
         if budget_s is None or elapsed_s + expected <= budget_s:
@@ -131,14 +129,20 @@ class Admission:
         retry = self._schedule(images, now, elapsed_s + rest - budget_s, key)
         return Decision(False, expected, retry)
 
+    def _idle(self) -> bool:
+        return not self.batcher.running_batches() and self.batcher.live_depth() == 0
+
     def _schedule(self, images: int, now: float, slack_s: float, key: str | None) -> int:
-        """Book a promise behind all others; the whole seconds until it (at least 1)."""
+        """The whole seconds (at least 1) until the request would fit behind the line and every
+        promise; a request with an Idempotency-Key (a retry can be recognised) books a promise.
+        A request without one books none: an impolite client re-posting at once without a key
+        would otherwise fill the book with retries that never come as promised."""
         total = sum(p.images for p in self._promises)
         finish = self.finish_s(images, now, total) or 0.0
         retry = max(1, math.ceil(finish + slack_s))
-        due = now + retry
-        self._promises.append(_Promise(due, images, key))
-        self._promises.sort(key=lambda p: p.due)
+        if key is not None:
+            self._promises.append(_Promise(now + retry, images, key))
+            self._promises.sort(key=lambda p: p.due)
         return retry
 
     def retry_after(self) -> int:

@@ -11,26 +11,42 @@ from __future__ import annotations
 import bisect
 
 EWMA_ALPHA = 0.3  # weight of the newest batch: follows a change within a few batches, smooths noise
+# estimates are the EWMA mean plus this many EWMA mean absolute deviations: on a shared or
+# throttled machine batch times scatter, and admitting on the mean alone would let the slower
+# half of the admitted requests finish after their deadline (encoder work for nobody)
+SPREAD_FACTOR = 2.0
 
 
 class ServiceTimes:
     """Seconds per batch, by batch size."""
 
-    def __init__(self, alpha: float = EWMA_ALPHA):
-        self.alpha = alpha
-        self._seconds: dict[int, float] = {}
+    def __init__(self, alpha: float = EWMA_ALPHA, spread_factor: float = SPREAD_FACTOR):
+        self.alpha, self.spread_factor = alpha, spread_factor
+        self._mean: dict[int, float] = {}
+        self._dev: dict[int, float] = {}
+        self._seconds: dict[int, float] = {}  # mean + spread_factor * deviation, what `estimate` uses
+        self._seeded: set[int] = set()  # sizes known only from the warm-up so far
 
     def __bool__(self) -> bool:
         return bool(self._seconds)
 
     def seed(self, size: int, seconds: float) -> None:
-        """A first measure (the warm-up); replaced outright, not averaged with an older seed."""
-        self._seconds[size] = max(seconds, 1e-6)
+        """A provisional measure (the warm-up, often taken while the machine is still busy
+        starting): the first real batch of that size replaces it rather than averaging with it."""
+        self._mean[size], self._dev[size] = max(seconds, 1e-6), 0.0
+        self._seconds[size] = self._mean[size]
+        self._seeded.add(size)
 
     def observe(self, size: int, seconds: float) -> None:
-        old = self._seconds.get(size)
         value = max(seconds, 1e-6)
-        self._seconds[size] = value if old is None else old + self.alpha * (value - old)
+        old = self._mean.get(size)
+        if old is None or size in self._seeded:
+            self._seeded.discard(size)
+            self._mean[size], self._dev[size] = value, 0.0
+        else:
+            self._dev[size] += self.alpha * (abs(value - old) - self._dev[size])
+            self._mean[size] = old + self.alpha * (value - old)
+        self._seconds[size] = self._mean[size] + self.spread_factor * self._dev[size]
 
     def estimate(self, size: int) -> float | None:
         """Expected seconds for a batch of `size` images; None before any measure."""
