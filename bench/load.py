@@ -151,6 +151,7 @@ async def drive(url: str, duration: float, max_requests: int, concurrency: int, 
     uploads = uploads or images()
     retry_pairs: list[tuple[float, float]] = []  # (Retry-After given, seconds until a retry was accepted)
     unresolved_refusals = 0
+    unresolved_at_end: list[int] = []
     counts: dict[str, int] = {}
     accepted: list[float] = []
     refused: list[float] = []
@@ -218,6 +219,7 @@ async def drive(url: str, duration: float, max_requests: int, concurrency: int, 
                 else:  # 504: the deadline passed; the line moves on to the next part
                     unresolved_refusals += len(refusals)
                     part_key, refusals = uuid.uuid4().hex, []
+            unresolved_at_end.append(len(refusals))  # still refused when the run ended
 
         started = time.monotonic()
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
@@ -226,6 +228,7 @@ async def drive(url: str, duration: float, max_requests: int, concurrency: int, 
     return {
         "retry_after_check": {
             "refusals_with_accepted_retry": len(ratios), "refusals_never_accepted": unresolved_refusals,
+            "refusals_pending_at_end": sum(unresolved_at_end),
             "within_2x": sum(1 for q in ratios if 0.5 <= q <= 2.0),
             "fraction_within_2x": round(sum(1 for q in ratios if 0.5 <= q <= 2.0) / len(ratios), 4) if ratios else None,
             "ratio_accepted_after_over_retry_after": {

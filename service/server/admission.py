@@ -38,11 +38,12 @@ class Decision:
     retry_after_s: int  # when refused: the Retry-After value
 
 
-@dataclass
+@dataclass(eq=False)  # identity: promises are told apart by who made them
 class _Promise:
-    due: float
+    due: float  # when the refused caller comes back (perf_counter)
     images: int
     key: str | None
+    budget_s: float  # its deadline, counted from `due`
 
 
 class Ewma:
@@ -68,90 +69,120 @@ class Admission:
         self._promises: list[_Promise] = []  # ordered by due
 
     # --- the model ----------------------------------------------------------------------
-    def finish_s(self, images: int, now: float, ahead: int = 0) -> float | None:
-        """Seconds from `now` until `images` more images, queued behind what waits now (plus
-        `ahead` promised ones), are encoded; None before any batch time is known."""
+    def _simulate(self, now: float, arrivals: list[tuple[float, int, object]]) -> tuple[dict[object, float], float]:
+        """Play the line forward from `now`: the batches running, the images waiting, then each
+        arrival `(time, images, tag)` joining the line at its time (FIFO); batches take up to
+        `max_batch_size` images as soon as a worker is free. Returns when each tagged arrival's
+        last image is encoded, and when the last batch ends."""
         b = self.batcher
         times = b.service_times
-        if not times:
-            return None
-        free = [max(0.0, started + (times.estimate(size) or 0.0) - now) for size, started in b.running_batches()]
-        free += [0.0] * max(0, b.workers - len(free))
+        free = [now + max(0.0, started + (times.estimate(size) or 0.0) - now) for size, started in b.running_batches()]
+        free += [now] * max(0, b.workers - len(free))
         heapq.heapify(free)
-        remaining, end = b.live_depth() + ahead + images, 0.0
-        while remaining > 0:
-            size = min(b.max_batch_size, remaining)
-            end = heapq.heappop(free) + (times.estimate(size) or 0.0)
+        line: list[list] = [[now, b.live_depth(), None]] if b.live_depth() else []
+        pending = sorted(arrivals, key=lambda a: a[0])
+        done: dict[object, float] = {}
+        last = max(free) if free else now
+        i = 0
+        while line or i < len(pending):
+            w = heapq.heappop(free)
+            if not line:
+                w = max(w, pending[i][0])
+            while i < len(pending) and pending[i][0] <= w:
+                line.append(list(pending[i]))
+                i += 1
+            size, taken = 0, []
+            while line and size < b.max_batch_size:
+                k = min(line[0][1], b.max_batch_size - size)
+                line[0][1] -= k
+                size += k
+                if line[0][1] == 0:
+                    taken.append(line.pop(0)[2])
+            end = w + (times.estimate(size) or 0.0)
+            for tag in taken:
+                if tag is not None:
+                    done[tag] = end
+            last = max(last, end)
             heapq.heappush(free, end)
-            remaining -= size
-        return end
+        return done, last
+
+    def _promise_arrivals(self) -> list[tuple[float, int, object]]:
+        return [(p.due + self.before_batch.value, p.images, p) for p in self._promises]
+
+    def _late_promises(self, done: dict[object, float]) -> set[int]:
+        after = self.after_batch.value
+        return {id(p) for p in self._promises if p in done and done[p] + after > p.due + p.budget_s}
 
     def _forget_stale(self, now: float) -> None:
         self._promises = [p for p in self._promises if p.due + PROMISE_GRACE_S > now][-MAX_PROMISES:]
 
     def _redeem(self, now: float, key: str | None) -> None:
-        """This arrival is (probably) a promised retry: its images stop counting as promised."""
+        """This arrival is a promised retry (same Idempotency-Key): it stops counting as promised."""
         if key is not None:
             for i, p in enumerate(self._promises):
                 if p.key == key:
                     del self._promises[i]
                     return
 
-    def _promised_before(self, now: float, images: int) -> tuple[int, float | None]:
-        """Promised images due before this request would finish, and that finish."""
-        ahead, finish = 0, self.finish_s(images, now)
-        for p in self._promises:
-            if finish is None or p.due >= now + finish:
-                break
-            ahead += p.images
-            finish = self.finish_s(images, now, ahead)
-        return ahead, finish
+    def _idle(self) -> bool:
+        return not self.batcher.running_batches() and self.batcher.live_depth() == 0
 
     # --- decisions ----------------------------------------------------------------------
     def decide(self, images: int, budget_s: float | None, elapsed_s: float, *, before_body: bool = False,
                key: str | None = None, redeem: bool = True) -> Decision:
         """Admit, or refuse with when to retry. `elapsed_s`: time since the request arrived;
         `before_body`: the body is not read yet (its decode time is still to come); `redeem`:
-        this is the request's first decision (a promised retry counts once)."""
+        this is the request's first decision (a promised retry counts once).
+
+        Admitted when the request's answer is expected within its budget AND it makes no promised
+        retry late that would have been in time without it (it joins the line before them)."""
         now = self.clock()
         self._forget_stale(now)
         if redeem:
             self._redeem(now, key)
-        _, finish = self._promised_before(now, images)
-        if finish is None:
+        if not self.batcher.service_times:
             return Decision(True, None, 0)
+        pre = self.before_batch.value if before_body else 0.0
+        after = self.after_batch.value
+        me = object()
+        promised = self._promise_arrivals()
+        done, _ = self._simulate(now, [(now + pre, images, me), *promised])
+        expected = done[me] - now + after
         if self._idle():  # nothing to wait for: try (an overestimate must not lock the encoder out for good)
-            return Decision(True, finish, 0)
-        rest = self.after_batch.value + (self.before_batch.value if before_body else 0.0)
-        expected = finish + rest
-        if budget_s is None or elapsed_s + expected <= budget_s:
             return Decision(True, expected, 0)
-        retry = self._schedule(images, now, elapsed_s + rest - budget_s, key)
-        return Decision(False, expected, retry)
+        if budget_s is None:
+            return Decision(True, expected, 0)
+        fits = elapsed_s + expected <= budget_s
+        if fits and self._promises:
+            baseline, _ = self._simulate(now, promised)
+            fits = not (self._late_promises(done) - self._late_promises(baseline))
+        if fits:
+            return Decision(True, expected, 0)
+        return Decision(False, expected, self._schedule(images, now, budget_s, key))
 
-    def _idle(self) -> bool:
-        return not self.batcher.running_batches() and self.batcher.live_depth() == 0
-
-    def _schedule(self, images: int, now: float, slack_s: float, key: str | None) -> int:
-        """The whole seconds (at least 1) until the request would fit behind the line and every
-        promise; a request with an Idempotency-Key (a retry can be recognised) books a promise.
-        A request without one books none: an impolite client re-posting at once without a key
-        would otherwise fill the book with retries that never come as promised."""
-        total = sum(p.images for p in self._promises)
-        finish = self.finish_s(images, now, total) or 0.0
-        retry = max(1, math.ceil(finish + slack_s))
+    def _schedule(self, images: int, now: float, budget_s: float, key: str | None) -> int:
+        """The whole seconds (at least 1) until the request, sent again with the same budget,
+        fits behind the line and every promise: when the last of them is encoded, less what its
+        budget leaves for waiting.
+        A request with an Idempotency-Key (its retry can be recognised) books a promise; one
+        without books none: an impolite client re-posting at once without a key would otherwise
+        fill the book with retries that never come as promised."""
+        _, last = self._simulate(now, self._promise_arrivals())
+        own = (self.batcher.service_times.estimate(images) or 0.0) + self.before_batch.value + self.after_batch.value
+        retry = max(1, math.ceil(last + own - budget_s - now))
         if key is not None:
-            self._promises.append(_Promise(now + retry, images, key))
+            self._promises.append(_Promise(now + retry, images, key, budget_s))
             self._promises.sort(key=lambda p: p.due)
         return retry
 
     def retry_after(self) -> int:
         """Retry-After for a refusal that is not about a deadline (the count guards): the time
         the line now waiting needs to drain, at least 1; the configured value before any measure."""
-        finish = self.finish_s(0, self.clock())
-        if finish is None:
+        if not self.batcher.service_times:
             return self.fallback_retry_after_s
-        return max(1, math.ceil(finish))
+        now = self.clock()
+        _, last = self._simulate(now, [])
+        return max(1, math.ceil(last - now))
 
     @property
     def promised_images(self) -> int:
