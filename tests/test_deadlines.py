@@ -164,7 +164,7 @@ def test_retry_after_grows_with_the_queue(gated):
         retry_after = []
         for step in range(3):
             queued = pool.submit(httpx.post, url + "/detect", files=many, timeout=120)
-            wait_for(lambda: model.batcher.live_depth() == 8 * (step + 1))
+            wait_for(lambda n=8 * (step + 1): model.batcher.live_depth() == n)
             r = httpx.post(url + "/detect", files=FILES, headers={"X-Deadline-Ms": "1000"}, timeout=60)
             assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded", r.text
             retry_after.append(int(r.headers["retry-after"]))

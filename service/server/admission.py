@@ -36,6 +36,7 @@ class Decision:
     admit: bool
     expected_s: float | None  # expected seconds from now to the answer (None: nothing measured yet)
     retry_after_s: int  # when refused: the Retry-After value
+    promised: bool = False  # the request is a retry that was promised its place (redeemed a promise)
 
 
 @dataclass(eq=False)  # identity: promises are told apart by who made them
@@ -116,48 +117,51 @@ class Admission:
     def _forget_stale(self, now: float) -> None:
         self._promises = [p for p in self._promises if p.due + PROMISE_GRACE_S > now][-MAX_PROMISES:]
 
-    def _redeem(self, now: float, key: str | None) -> None:
+    def _redeem(self, now: float, key: str | None) -> bool:
         """This arrival is a promised retry (same Idempotency-Key): it stops counting as promised."""
         if key is not None:
             for i, p in enumerate(self._promises):
                 if p.key == key:
                     del self._promises[i]
-                    return
+                    return True
+        return False
 
     def _idle(self) -> bool:
         return not self.batcher.running_batches() and self.batcher.live_depth() == 0
 
     # --- decisions ----------------------------------------------------------------------
     def decide(self, images: int, budget_s: float | None, elapsed_s: float, *, before_body: bool = False,
-               key: str | None = None, redeem: bool = True) -> Decision:
+               key: str | None = None, redeem: bool = True, promised: bool = False) -> Decision:
         """Admit, or refuse with when to retry. `elapsed_s`: time since the request arrived;
         `before_body`: the body is not read yet (its decode time is still to come); `redeem`:
-        this is the request's first decision (a promised retry counts once).
+        this is the request's first decision (a promised retry counts once); `promised`: an
+        earlier decision found it to be a promised retry.
 
-        Admitted when the request's answer is expected within its budget AND it makes no promised
-        retry late that would have been in time without it (it joins the line before them)."""
+        Admitted when the request's answer is expected within its budget AND, unless it is a
+        promised retry itself, it makes no promised retry late that would have been in time
+        without it (a newcomer joins the line before them; a promised retry had its place)."""
         now = self.clock()
         self._forget_stale(now)
         if redeem:
-            self._redeem(now, key)
+            promised = self._redeem(now, key) or promised
         if not self.batcher.service_times:
             return Decision(True, None, 0)
         pre = self.before_batch.value if before_body else 0.0
         after = self.after_batch.value
         me = object()
-        promised = self._promise_arrivals()
-        done, _ = self._simulate(now, [(now + pre, images, me), *promised])
+        arrivals = self._promise_arrivals()
+        done, _ = self._simulate(now, [(now + pre, images, me), *arrivals])
         expected = done[me] - now + after
         if self._idle():  # nothing to wait for: try (an overestimate must not lock the encoder out for good)
-            return Decision(True, expected, 0)
+            return Decision(True, expected, 0, promised)
         if budget_s is None:
-            return Decision(True, expected, 0)
+            return Decision(True, expected, 0, promised)
         fits = elapsed_s + expected <= budget_s
-        if fits and self._promises:
-            baseline, _ = self._simulate(now, promised)
+        if fits and self._promises and not promised:
+            baseline, _ = self._simulate(now, arrivals)
             fits = not (self._late_promises(done) - self._late_promises(baseline))
         if fits:
-            return Decision(True, expected, 0)
+            return Decision(True, expected, 0, promised)
         return Decision(False, expected, self._schedule(images, now, budget_s, key))
 
     def _schedule(self, images: int, now: float, budget_s: float, key: str | None) -> int:

@@ -114,7 +114,7 @@ class Ticket:
     deadline: float | None = None
     left: bool = False
     dropped: Dropped | None = None
-    items: list["_Item"] = field(default_factory=list)
+    items: list[_Item] = field(default_factory=list)
 
     def leave(self) -> None:
         self.left = True

@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 
 from service.server.admission import Admission
-from service.server.batching import BatchResult, ClientLeft, DeadlineExceeded, MicroBatcher, QueueFull, Ticket
+from service.server.batching import (
+    BatchResult,
+    DeadlineExceeded,
+    MicroBatcher,
+    QueueFull,
+    Ticket,
+)
 from service.server.errors import ApiError, retry_headers
 
 DEADLINE_HEADER = "X-Deadline-Ms"
@@ -58,7 +64,7 @@ class Deadline:
         at = self.at
         return at is not None and (now if now is not None else time.perf_counter()) >= at
 
-    def with_budget_ms(self, ms: int | None) -> "Deadline":
+    def with_budget_ms(self, ms: int | None) -> Deadline:
         """The same arrival with another budget (the product's, known once the form is read)."""
         return Deadline(None if ms is None else ms / 1000.0, self.start)
 
@@ -81,6 +87,7 @@ class RequestGuard:
     observer: Any  # service.server.metrics.Metrics
     key: str | None = None
     ticket: Ticket = field(default_factory=Ticket)
+    promised: bool = False  # a retry the admission had promised its place (service.server.admission)
     queued_at: float | None = None
     encoded_at: float | None = None
 
@@ -105,7 +112,8 @@ class RequestGuard:
         self.check(images)
         if self.admission is None:
             return
-        d = self.admission.decide(images, self.deadline.budget_s, self.deadline.elapsed(), redeem=False)
+        d = self.admission.decide(images, self.deadline.budget_s, self.deadline.elapsed(), redeem=False,
+                                  promised=self.promised)
         if not d.admit:
             raise overloaded(d.retry_after_s, f"expected answer in {d.expected_s:.1f} s, "
                                               f"after the deadline of {self.deadline.budget_s:.1f} s")

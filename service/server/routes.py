@@ -215,6 +215,7 @@ def admit_by_expected_wait(guard: RequestGuard) -> None:
     d = guard.admission.decide(1, guard.deadline.budget_s, guard.deadline.elapsed(), before_body=True,
                                key=guard.key)
     guard.observer.promised.set(guard.admission.promised_images)
+    guard.promised = d.promised
     if not d.admit:
         raise overloaded(d.retry_after_s, f"expected answer in {d.expected_s:.1f} s, after the deadline of "
                                           f"{guard.deadline.budget_s:.1f} s")
