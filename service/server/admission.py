@@ -29,6 +29,7 @@ from service.server.batching import MicroBatcher
 EWMA_ALPHA = 0.2
 PROMISE_GRACE_S = 2.0  # a promised retry later than this past its time is not coming
 MAX_PROMISES = 10_000  # memory guard: beyond it the oldest promise is forgotten
+MAX_RESCHEDULE_S = 600  # a promised retry refused again is given the first second it fits, up to this
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,24 @@ class Admission:
             fits = not (self._late_promises(done) - self._late_promises(baseline))
         if fits:
             return Decision(True, expected, 0, promised)
+        if promised:  # keeps its place in line: the first moment it fits, not behind every later promise
+            return Decision(False, expected, self._reschedule(images, now, budget_s, key))
         return Decision(False, expected, self._schedule(images, now, budget_s, key))
+
+    def _reschedule(self, images: int, now: float, budget_s: float, key: str | None) -> int:
+        """For a promised retry that still does not fit (its batch ahead ran longer than
+        estimated): the first whole second at which it would, with the promises as they are."""
+        arrivals, pre, after = self._promise_arrivals(), self.before_batch.value, self.after_batch.value
+        me = object()
+        retry = 1
+        for retry in range(1, MAX_RESCHEDULE_S + 1):
+            done, _ = self._simulate(now, [(now + retry + pre, images, me), *arrivals])
+            if done[me] + after <= now + retry + budget_s:
+                break
+        if key is not None:
+            self._promises.append(_Promise(now + retry, images, key, budget_s))
+            self._promises.sort(key=lambda p: p.due)
+        return retry
 
     def _schedule(self, images: int, now: float, budget_s: float, key: str | None) -> int:
         """The whole seconds (at least 1) until the request, sent again with the same budget,

@@ -132,17 +132,18 @@ class Ticket:
             return DeadlineExceeded("the request's deadline passed while its images waited for a batch")
         return None
 
-    def drop(self, reason: Dropped) -> int:
+    def drop(self, reason: Dropped) -> tuple[int, int]:
         """Fail every image of the request not answered yet; returns how many were never encoded
-        (images already in a running batch are failed too - the caller gets its answer now -
-        but their encoding is not undone)."""
+        and how many were in a running batch (failed too - the caller gets its answer now - but
+        their encoding is not undone)."""
         self.dropped = reason
-        never_encoded = 0
+        never_encoded = in_batch = 0
         for item in self.items:
             if not item.future.done():
                 item.future.set_exception(reason)
                 never_encoded += not item.batched
-        return never_encoded
+                in_batch += item.batched
+        return never_encoded, in_batch
 
 
 @dataclass
@@ -273,9 +274,12 @@ class MicroBatcher:
     def drop(self, ticket: Ticket, reason: Dropped) -> None:
         """Take a request out of the line (its deadline timer, its disconnect watcher, or the
         collector calls this); counts the images that will never be encoded, by cause."""
-        dropped = ticket.drop(reason)
+        dropped, in_batch = ticket.drop(reason)
         if dropped:
             self.observer.observe_dropped(reason.cause, dropped)
+        if in_batch:  # encoded (or being encoded) for nobody
+            self.observer.observe_dropped("late" if isinstance(reason, DeadlineExceeded) else "abandoned",
+                                          in_batch)
 
     async def _next_item(self) -> _Item | None:
         """Wait for an image; None once stopping and nothing is left."""

@@ -37,8 +37,8 @@ class Metrics:
         self.queue_depth = Gauge("dapo_queue_depth", "Images waiting for a batch", registry=r)
         # deadlines (service.server.deadlines / admission): what the encoder did for nobody
         self.dropped = Counter("dapo_images_dropped_total",
-                               "Images not answered, by cause: deadline / disconnected (taken out of the line, "
-                               "never encoded), late (encoded, but the deadline passed before the answer)",
+                               "Images not answered, by cause: deadline / disconnected (taken out of the line, never "
+                               "encoded), late (encoded, deadline passed before the answer), abandoned (encoded, caller left)",
                                ["cause"], registry=r)
         self.delivered = Counter("dapo_images_delivered_total",
                                  "Images in 200 answers sent before the deadline to a caller still connected",
