@@ -113,7 +113,7 @@ class RequestGuard:
         if self.admission is None:
             return
         d = self.admission.decide(images, self.deadline.budget_s, self.deadline.elapsed(), redeem=False,
-                                  promised=self.promised)
+                                  promised=self.promised, key=self.key)  # refused here: booked again
         if not d.admit:
             raise overloaded(d.retry_after_s, f"expected answer in {d.expected_s:.1f} s, "
                                               f"after the deadline of {self.deadline.budget_s:.1f} s")
