@@ -126,6 +126,9 @@ class Product(BaseModel):
     baseline: ScoreBaseline | None = None  # written by `dapo calibrate`; None = no drift statistic
     tiling: Tiling | None = None  # `dapo calibrate --tile PX` or `dapo bake --products`; None = untiled
     references: References | None = None  # schema 3; None = zero-shot only
+    # the line's cycle: a /detect for this product not answered within it gets 504 (the service's
+    # DAPO_REQUEST_TIMEOUT_MS when None; a request's X-Deadline-Ms header wins); older manifests load unchanged
+    timeout_ms: int | None = Field(default=None, ge=1, le=3_600_000)
 
 
 class BackboneInfo(BaseModel):

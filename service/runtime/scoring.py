@@ -67,7 +67,7 @@ def product_settings(manifest: Manifest, product: str | None = None) -> Product:
         defect_types=prod.defect_types if prod.defect_types is not None else manifest.defect_names,
         image_threshold=prod.image_threshold if prod.image_threshold is not None else manifest.image_threshold,
         pixel_threshold=prod.pixel_threshold if prod.pixel_threshold is not None else manifest.pixel_threshold,
-        tiling=prod.tiling)
+        tiling=prod.tiling, timeout_ms=prod.timeout_ms)
 
 
 def policy(manifest: Manifest, product: str | None = None, defect_types: list[str] | None = None,

@@ -28,6 +28,7 @@ from service.runtime.artifact import MANIFEST, load_manifest, sha256_file
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.runtime.precision import precision_info
+from service.server.admission import Admission, seed_service_times
 from service.server.batching import MicroBatcher
 from service.server.line.feedback_routes import router as feedback_router
 from service.server import openapi_contract
@@ -69,14 +70,17 @@ async def open_model(settings: Settings, metrics: Metrics, backend: Backend | No
     Used at start-up and, beside the serving model, by a hot reload (service.server.reload)."""
     detector = await asyncio.to_thread(load_detector, settings, backend)
     manifest_sha256 = await asyncio.to_thread(sha256_file, Path(settings.artifact) / MANIFEST)
-    if settings.warmup:
-        await asyncio.to_thread(detector.warm_up, sorted({1, settings.max_batch_size}))
     batcher = MicroBatcher(detector.infer, max_batch_size=settings.max_batch_size,
                            max_queue_delay_ms=settings.max_queue_delay_ms, max_queue_size=settings.max_queue_size,
                            workers=settings.workers, observer=metrics)
+    if settings.warmup:
+        sizes = sorted({1, settings.max_batch_size})
+        await asyncio.to_thread(detector.warm_up, sizes)
+        await asyncio.to_thread(seed_service_times, detector.warm_up, batcher, sizes)  # admission's first measure
     await batcher.start()
     metrics.models_loaded.inc()
-    return LoadedModel(detector, batcher, Path(settings.artifact), manifest_sha256)
+    return LoadedModel(detector, batcher, Path(settings.artifact), manifest_sha256,
+                       admission=Admission(batcher, settings.retry_after_s))
 
 
 async def close_model(model: LoadedModel, metrics: Metrics) -> None:

@@ -12,6 +12,13 @@ The queue is bounded in images: a request whose images do not all fit is refused
 exception fails only that batch's futures (BackendError -> 503) and the collector carries on.
 `stop()` refuses new work, lets queued and running batches finish, then returns.
 
+Each request's images travel under one `Ticket` (its deadline and whether its caller is still
+there). Before an image joins a batch the collector looks at its ticket: a request whose
+deadline has passed or whose client disconnected is dropped whole - every image of it, tiles
+of a tiled request included - with `DeadlineExceeded` / `ClientLeft`, and no image of it is
+encoded. Every batch's time is recorded per batch size (`ServiceTimes`) for admission by
+expected wait (service.server.admission).
+
 The waiting line is a deque plus an Event rather than asyncio.Queue with wait_for, because
 cancelling a timed-out Queue.get can lose an item on Python 3.11.
 """
@@ -29,6 +36,7 @@ from typing import Protocol
 import numpy as np
 
 from service.runtime.backends.base import EncoderOutputs
+from service.server.service_times import ServiceTimes
 
 # (pixel_values (B, 3, S, S), allowed (B, C)) -> outputs: `Detector.infer` (or a backend's `run`)
 Infer = Callable[[np.ndarray, np.ndarray], EncoderOutputs]
@@ -44,16 +52,38 @@ class BackendError(RuntimeError):
     """The backend failed on the batch this image was part of."""
 
 
+class Dropped(RuntimeError):
+    """The request was taken out of the line before any of its images was encoded."""
+
+    cause = "dropped"
+
+
+class DeadlineExceeded(Dropped):
+    """The request's deadline passed (in the line, or before its answer was ready) -> 504."""
+
+    cause = "deadline"
+
+
+class ClientLeft(Dropped):
+    """The caller disconnected while its images waited: nobody would read the answer."""
+
+    cause = "disconnected"
+
+
 class BatchObserver(Protocol):
     """Metrics hooks; `service.server.metrics.Metrics` implements them."""
 
     def observe_batch(self, size: int, inference_s: float) -> None: ...
     def observe_queue_wait(self, seconds: float) -> None: ...
     def set_queue_depth(self, depth: int) -> None: ...
+    def observe_dropped(self, cause: str, images: int) -> None: ...
 
 
 class _NoObserver:
     def observe_batch(self, size: int, inference_s: float) -> None:
+        pass
+
+    def observe_dropped(self, cause: str, images: int) -> None:
         pass
 
     def observe_queue_wait(self, seconds: float) -> None:
@@ -74,11 +104,56 @@ class BatchResult:
 
 
 @dataclass
+class Ticket:
+    """One request in the line: the unit that is dropped (all its images - tiles too - together).
+
+    `deadline` is a `time.perf_counter()` instant (None = none); `leave()` is called when the
+    caller disconnects. The batcher fills `items` at admission; a tiled request (several images
+    per upload) submits all its tiles under one ticket, so they are dropped together."""
+
+    deadline: float | None = None
+    left: bool = False
+    dropped: Dropped | None = None
+    items: list[_Item] = field(default_factory=list)
+
+    def leave(self) -> None:
+        self.left = True
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now if now is not None else time.perf_counter()) >= self.deadline
+
+    def reason(self, now: float) -> Dropped | None:
+        """Why this request should not be encoded now (None: it should)."""
+        if self.dropped is not None:
+            return self.dropped
+        if self.left:
+            return ClientLeft("the client disconnected before its images were encoded")
+        if self.expired(now):
+            return DeadlineExceeded("the request's deadline passed while its images waited for a batch")
+        return None
+
+    def drop(self, reason: Dropped) -> tuple[int, int]:
+        """Fail every image of the request not answered yet; returns how many were never encoded
+        and how many were in a running batch (failed too - the caller gets its answer now - but
+        their encoding is not undone)."""
+        self.dropped = reason
+        never_encoded = in_batch = 0
+        for item in self.items:
+            if not item.future.done():
+                item.future.set_exception(reason)
+                never_encoded += not item.batched
+                in_batch += item.batched
+        return never_encoded, in_batch
+
+
+@dataclass
 class _Item:
     pixel_values: np.ndarray
     allowed: np.ndarray
     future: asyncio.Future
+    ticket: Ticket
     enqueued: float = field(default_factory=time.perf_counter)
+    batched: bool = False  # taken into a batch: from here on it is encoded whatever happens
 
 
 class MicroBatcher:
@@ -93,6 +168,8 @@ class MicroBatcher:
         self.max_queue_size = max_queue_size
         self.workers = workers
         self.observer: BatchObserver = observer or _NoObserver()
+        self.service_times = ServiceTimes()  # seconds per batch size (seeded by the warm-up)
+        self._busy: dict[int, tuple[int, float]] = {}  # running batches: id -> (size, started)
         self._pending: deque[_Item] = deque()
         self._wakeup: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -119,6 +196,14 @@ class MicroBatcher:
         """Images waiting for a batch (not counting those being inferred)."""
         return len(self._pending)
 
+    def live_depth(self) -> int:
+        """Images waiting whose request still wants them (what admission counts)."""
+        return sum(1 for item in self._pending if not item.future.done())
+
+    def running_batches(self) -> list[tuple[int, float]]:
+        """(size, perf_counter start) of each batch being inferred now."""
+        return list(self._busy.values())
+
     async def stop(self) -> None:
         """Refuse new work, finish everything queued or running, release the threads."""
         self._closing = True
@@ -137,9 +222,11 @@ class MicroBatcher:
         """Queue one image (3, S, S) with its allowed classes (C,) and await its result."""
         return (await self.submit_many([(pixel_values, allowed)]))[0]
 
-    async def submit_many(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[BatchResult]:
-        """Queue all of a request's images or none of them (QueueFull), then await them all."""
-        futures = self.enqueue(items)
+    async def submit_many(self, items: list[tuple[np.ndarray, np.ndarray]],
+                          ticket: Ticket | None = None) -> list[BatchResult]:
+        """Queue all of a request's images or none of them (QueueFull), then await them all.
+        All images under one `ticket` are dropped together (deadline passed, caller gone)."""
+        futures = self.enqueue(items, ticket)
         try:
             return list(await asyncio.gather(*futures))
         except BaseException:
@@ -147,17 +234,20 @@ class MicroBatcher:
                 f.cancel()
             raise
 
-    def enqueue(self, items: list[tuple[np.ndarray, np.ndarray]]) -> list[asyncio.Future]:
+    def enqueue(self, items: list[tuple[np.ndarray, np.ndarray]],
+                ticket: Ticket | None = None) -> list[asyncio.Future]:
         """All-or-nothing admission; runs without awaiting, so the capacity check is atomic."""
         if self._closing or self._collector is None or self._collector.done():
             raise QueueFull("the service is shutting down")
         if len(self._pending) + len(items) > self.max_queue_size:
             raise QueueFull(f"queue full ({len(self._pending)} of {self.max_queue_size} images waiting)")
         loop = asyncio.get_running_loop()
+        ticket = ticket if ticket is not None else Ticket()
         futures = []
         for pixel_values, allowed in items:
-            item = _Item(pixel_values, allowed, loop.create_future())
+            item = _Item(pixel_values, allowed, loop.create_future(), ticket)
             self._pending.append(item)
+            ticket.items.append(item)
             futures.append(item.future)
         self.observer.set_queue_depth(len(self._pending))
         assert self._wakeup is not None
@@ -166,12 +256,30 @@ class MicroBatcher:
 
     # --- the collector ------------------------------------------------------------------
     def _pop_live(self) -> _Item | None:
-        """The oldest waiting image whose request still wants it (cancelled ones are dropped)."""
+        """The oldest waiting image whose request still wants it. Cancelled ones are skipped; a
+        request whose deadline passed or whose caller left is dropped whole, here, unencoded."""
         while self._pending:
             item = self._pending.popleft()
-            if not item.future.done():
+            if item.future.done():
+                continue
+            now = time.perf_counter()
+            reason = item.ticket.reason(now)
+            if reason is None:
+                item.batched = True
                 return item
+            self.observer.observe_queue_wait(now - item.enqueued)
+            self.drop(item.ticket, reason)
         return None
+
+    def drop(self, ticket: Ticket, reason: Dropped) -> None:
+        """Take a request out of the line (its deadline timer, its disconnect watcher, or the
+        collector calls this); counts the images that will never be encoded, by cause."""
+        dropped, in_batch = ticket.drop(reason)
+        if dropped:
+            self.observer.observe_dropped(reason.cause, dropped)
+        if in_batch:  # encoded (or being encoded) for nobody
+            self.observer.observe_dropped("late" if isinstance(reason, DeadlineExceeded) else "abandoned",
+                                          in_batch)
 
     async def _next_item(self) -> _Item | None:
         """Wait for an image; None once stopping and nothing is left."""
@@ -223,6 +331,7 @@ class MicroBatcher:
         """Run one batch in a worker thread and resolve its futures; never raises."""
         assert self._slots is not None
         started = time.perf_counter()
+        self._busy[id(batch)] = (len(batch), started)
         try:
             for item in batch:
                 self.observer.observe_queue_wait(started - item.enqueued)
@@ -233,6 +342,7 @@ class MicroBatcher:
             if len(outputs) != len(batch):
                 raise RuntimeError(f"backend returned {len(outputs)} results for a batch of {len(batch)}")
             inference_s = time.perf_counter() - started
+            self.service_times.observe(len(batch), inference_s)
             self.observer.observe_batch(len(batch), inference_s)
             for i, item in enumerate(batch):
                 if not item.future.done():
@@ -245,4 +355,5 @@ class MicroBatcher:
                 if not item.future.done():
                     item.future.set_exception(err)
         finally:
+            self._busy.pop(id(batch), None)
             self._slots.release()

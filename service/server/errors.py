@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from service.server.batching import BackendError, QueueFull
+from service.server.batching import BackendError, ClientLeft, DeadlineExceeded, Dropped, QueueFull
 from service.runtime.imaging import ImageError
 from service.server.logs import current_request_id
 from service.runtime.scoring import ScoringError
@@ -121,6 +121,17 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:  # nobody reads this answer
         return envelope(400, "client_disconnected", "client disconnected", request_id_of(request))
 
+    async def dropped(request: Request, exc: Dropped) -> JSONResponse:
+        """504 deadline_exceeded / 499 client_disconnected for the request that was dropped; a
+        concurrent duplicate (same Idempotency-Key) that waited on it gets 503 `retry` instead."""
+        guard = getattr(request.state, "guard", None)
+        if guard is None or guard.ticket.dropped is not exc:
+            return envelope(503, "retry", f"the original request with this Idempotency-Key was dropped ({exc}); retry",
+                            request_id_of(request), retry_headers(0))
+        if isinstance(exc, DeadlineExceeded):
+            return envelope(504, "deadline_exceeded", str(exc), request_id_of(request))
+        return envelope(499, "client_disconnected", str(exc), request_id_of(request))
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
         return envelope(500, "internal_error", "internal error", request_id_of(request))
@@ -131,6 +142,8 @@ def install_handlers(app: FastAPI, retry_after_s: int = 1) -> None:
     app.add_exception_handler(IdempotencyConflict, idem_conflict)
     for exc_type in (QueueFull, BackendError, IdempotencyInterrupted, StateUnavailable):
         app.add_exception_handler(exc_type, unavailable)
+    for exc_type in (DeadlineExceeded, ClientLeft):
+        app.add_exception_handler(exc_type, dropped)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ClientDisconnect, client_gone)

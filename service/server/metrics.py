@@ -35,6 +35,19 @@ class Metrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.images = Counter("dapo_images_processed_total", "Images that went through the backend", registry=r)
         self.queue_depth = Gauge("dapo_queue_depth", "Images waiting for a batch", registry=r)
+        # deadlines (service.server.deadlines / admission): what the encoder did for nobody
+        self.dropped = Counter("dapo_images_dropped_total",
+                               "Images not answered, by cause: deadline / disconnected (taken out of the line, never "
+                               "encoded), late (encoded, deadline passed before the answer), abandoned (encoded, caller left)",
+                               ["cause"], registry=r)
+        self.delivered = Counter("dapo_images_delivered_total",
+                                 "Images in 200 answers sent before the deadline to a caller still connected",
+                                 registry=r)
+        self.goodput = Gauge("dapo_goodput_ratio",
+                             "Images delivered / images encoded since start (1 = no encoder work wasted)",
+                             registry=r)
+        self.promised = Gauge("dapo_admission_promised_images",
+                              "Images of refused requests expected back at their Retry-After", registry=r)
         self.in_flight = Gauge("dapo_requests_in_flight", "HTTP requests being served", registry=r)
         # model lifecycle (hot swap: service.server.reload)
         self.reloads = Counter("dapo_model_reloads_total", "Model reloads by result (ok, failed)", ["result"],
@@ -54,6 +67,7 @@ class Metrics:
         self.models_loaded = Gauge("dapo_models_loaded",
                                    "Models in memory: 1, or 2 while a replaced one finishes its requests",
                                    registry=r)
+        self._encoded = self._delivered = 0  # goodput's terms (the counters above, as plain numbers)
         self.loop = LoopMetrics(r)  # sinks, kept samples, operator feedback
         # the shared state of a fleet (DAPO_STATE_URL; service.server.fleet.link)
         self.state_up = Gauge("dapo_state_up", "1 while the shared state (Redis) answers; 0 during an outage",
@@ -67,6 +81,20 @@ class Metrics:
         self.batch_size.observe(size)
         self.inference.observe(inference_s)
         self.images.inc(size)
+        self._encoded += size
+        self._update_goodput()
+
+    def observe_dropped(self, cause: str, images: int) -> None:
+        self.dropped.labels(cause).inc(images)
+
+    def observe_delivered(self, images: int) -> None:
+        self.delivered.inc(images)
+        self._delivered += images
+        self._update_goodput()
+
+    def _update_goodput(self) -> None:
+        if self._encoded:
+            self.goodput.set(self._delivered / self._encoded)
 
     def observe_queue_wait(self, seconds: float) -> None:
         self.queue_wait.observe(max(seconds, 0.0))

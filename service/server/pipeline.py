@@ -22,6 +22,7 @@ from service.runtime.artifact import Tiling
 from service.runtime.detector import Prepared, Upload, join_outputs, ms_since
 from service.server.batching import BatchResult
 from service.server.errors import ApiError
+from service.server.deadlines import RequestGuard
 from service.server.state import LoadedModel, ServiceState
 
 T = TypeVar("T")
@@ -66,8 +67,13 @@ def group(results: list[BatchResult], prepared: list[Prepared]) -> list[list[Bat
 
 
 async def detect(state: ServiceState, model: LoadedModel, uploads: list[Upload], policy: scoring.Policy,
-                 options: postprocess.RenderOptions, echo: dict[str, str]) -> list[dict[str, Any]]:
-    """The results list of a /detect answer, in upload order."""
+                 options: postprocess.RenderOptions, echo: dict[str, str],
+                 guard: RequestGuard | None = None) -> list[dict[str, Any]]:
+    """The results list of a /detect answer, in upload order. A tiled product's image is its
+    whole-image input plus its tiles, all queued under the request's one ticket. With a `guard`
+    (the request's deadline and caller, service.server.deadlines) the decoded request is admitted
+    by expected wait, dropped from the line (every tile with it) if its deadline passes or its
+    caller leaves, and a late answer becomes DeadlineExceeded."""
     prepared = await prepare_all(state, model, uploads, options.view_max_side if options.overlay else None,
                                  policy.tiling)
     items = [(x, policy.allowed) for p in prepared for x in p.inputs()]
@@ -75,10 +81,17 @@ async def detect(state: ServiceState, model: LoadedModel, uploads: list[Upload],
         raise ApiError(413, "too_many_tiles", f"{len(prepared)} image(s) of a tiled product make {len(items)} encoder "
                        f"inputs (whole image + tiles each); at most {model.batcher.max_queue_size} (DAPO_MAX_QUEUE_SIZE) "
                        "fit in one request: send fewer images per request")
-    batch_results = group(await model.batcher.submit_many(items), prepared)
+    if guard is None:
+        flat = await model.batcher.submit_many(items)
+    else:
+        guard.admit(len(items))
+        flat = await guard.submit(items)
+    batch_results = group(flat, prepared)
     rendered = await asyncio.gather(*(
         run_cpu(state, timed_render, model, p, join_outputs([r.outputs for r in rs]), policy, options)
         for p, rs in zip(prepared, batch_results, strict=True)))
+    if guard is not None:
+        guard.deliver(len(items))
     results = []
     for prep, rs, (fields, post_ms) in zip(prepared, batch_results, rendered, strict=True):
         result: dict[str, Any] = {"filename": prep.filename, **fields}

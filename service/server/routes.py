@@ -7,7 +7,9 @@ still documented in OpenAPI through `openapi_extra`.
 """
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,6 +26,9 @@ from service.runtime.detector import Upload
 from service.runtime.precision import precision_info
 from service.server import pipeline
 from service.server.answers import new_answer_id
+from service.server.batching import ClientLeft
+from service.server.deadlines import (DEADLINE_HEADER, MAX_DEADLINE_MS, Deadline, RequestGuard, budget_ms,
+                                      overloaded, watch_disconnect)
 from service.server.errors import ApiError, retry_headers, validation_message
 from service.server.openapi_contract import component_ref
 from service.server.reload import ReloadFailed, ReloadInProgress
@@ -49,11 +54,16 @@ DETECT_LINKS = {"submitFeedback": {
 ECHO_FIELDS = ("product", "part_id", "station_id", "recipe_id")
 MAX_FILENAME_LEN = 255
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503)}
+    code: {"model": ErrorResponse} for code in (400, 401, 413, 415, 422, 503, 504)}
 _PRINTABLE = re.compile(r"^[\x21-\x7e]+$")
 # Stated in the schema only: the route checks it itself (check_idempotency_key), after the key
 # and readiness checks, so the order of answers stays as it was.
 IDEMPOTENCY_KEY_SCHEMA = {"pattern": r"^[\x21-\x7e]+$", "minLength": 1, "maxLength": MAX_IDEMPOTENCY_KEY_LEN}
+DEADLINE_DOC = (
+    f"{DEADLINE_HEADER}: how long the caller waits, in ms from when the server receives the request "
+    "(default: the product's timeout_ms, else DAPO_REQUEST_TIMEOUT_MS). A request that cannot be answered "
+    "in time is refused at once (503 overloaded, Retry-After); one whose deadline passes gets 504 "
+    "deadline_exceeded, never a late 200")
 HEATMAP_MAX_SIDE_DOC = (
     "heatmap_png and overlay_png are the original size divided by the smallest power of two (1, 2, 4, ...) "
     "that makes the longer side at most this many px; 0 = the original size; "
@@ -170,37 +180,71 @@ async def detect(
                                              "(false: DAPO's zero-shot answer alone, for comparison)")] = True,
     x_api_key: ApiKey = None,
     idempotency_key: Annotated[str | None, Header(json_schema_extra=IDEMPOTENCY_KEY_SCHEMA)] = None,
+    x_deadline_ms: Annotated[int | None, Header(ge=1, le=MAX_DEADLINE_MS, description=DEADLINE_DOC)] = None,
 ) -> Response:
+    arrived = time.perf_counter()  # the deadline's clock starts here
     state = service_of(request)
     principal = authenticate(state, x_api_key)
     model = require_ready(state)  # this request's model, to the end, whatever swaps meanwhile
-    admit(state)  # before the body is read: overload is refused at once, not after decoding
+    key = check_idempotency_key(idempotency_key)
+    admit(state, model)  # before the body is read: overload is refused at once, not after decoding
     model.usage.acquire()  # a swapped-out model is closed only after its last request
     try:
         settings = state.settings
+        guard = RequestGuard(Deadline(precheck_budget_s(model, settings.request_timeout_ms, x_deadline_ms), arrived),
+                             model.batcher, model.admission, state.metrics,
+                             key=f"{principal}:{key}" if key is not None else None)
+        request.state.guard = guard  # the error handlers tell this request's own drop from another's
+        admit_by_expected_wait(guard)
         options = postprocess.RenderOptions(
             mask_format, heatmap, overlay, settings.min_region_px, settings.max_regions,
             settings.heatmap_max_side if heatmap_max_side is None else heatmap_max_side)
-        return await _detect(request, state, model, principal, options, threshold, defect_types, idempotency_key,
-                             references)
+        return await _detect(request, state, model, principal, options, threshold, defect_types, key, guard,
+                             x_deadline_ms, references)
     finally:
         model.usage.release()
         state.inflight -= 1
 
 
-def admit(state: ServiceState) -> None:
+def admit(state: ServiceState, model: LoadedModel) -> None:
     """Count one more /detect in progress, or 503 with Retry-After when the limit is reached."""
     if state.inflight >= state.settings.max_inflight_requests:
+        retry = model.admission.retry_after() if model.admission is not None else state.settings.retry_after_s
         raise ApiError(503, "overloaded",
                        f"{state.inflight} requests in progress (limit {state.settings.max_inflight_requests})",
-                       retry_headers(state.settings.retry_after_s))
+                       retry_headers(retry))
     state.inflight += 1
+
+
+def precheck_budget_s(model: LoadedModel, default_ms: int, header_ms: int | None) -> float | None:
+    """The budget known before the form is read: the header's, else the longest a product or
+    the default allows (the product is a form field: the exact budget is set once it is read)."""
+    if header_ms is not None:
+        return header_ms / 1000.0
+    products = [p.timeout_ms for p in model.manifest.products.values() if p.timeout_ms is not None]
+    if not products:
+        return default_ms / 1000.0 if default_ms else None
+    if not default_ms:
+        return None  # a product without a deadline may come
+    return max([default_ms, *products]) / 1000.0
+
+
+def admit_by_expected_wait(guard: RequestGuard) -> None:
+    """Refuse before the body is read when even one image would be answered too late."""
+    if guard.admission is None:
+        return
+    d = guard.admission.decide(1, guard.deadline.budget_s, guard.deadline.elapsed(), before_body=True,
+                               key=guard.key)
+    guard.observer.promised.set(guard.admission.promised_images)
+    guard.promised = d.promised
+    if not d.admit:
+        raise overloaded(d.retry_after_s, f"expected answer in {d.expected_s:.1f} s, after the deadline of "
+                                          f"{guard.deadline.budget_s:.1f} s")
 
 
 async def _detect(request: Request, state: ServiceState, model: LoadedModel, principal: str,
                   options: postprocess.RenderOptions, threshold: float | None, defect_types: str | None,
-                  idempotency_key: str | None, references: bool = True) -> Response:
-    key = check_idempotency_key(idempotency_key)
+                  key: str | None, guard: RequestGuard, header_ms: int | None, references: bool = True) -> Response:
     form = await read_form(request, state)
     try:
         echo = echo_fields(form)
@@ -209,10 +253,28 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
         uploads = await collect_uploads(form)
     finally:
         await form.close()
+    product = model.manifest.products.get(echo.get("product") or "")
+    guard.set_budget_ms(budget_ms(header_ms, product.timeout_ms if product else None,
+                                  state.settings.request_timeout_ms))
     request_id = request.state.request_id
 
+    def caller_left() -> None:
+        guard.ticket.leave()
+        model.batcher.drop(guard.ticket, ClientLeft("the client disconnected before its images were encoded"))
+
+    watcher = asyncio.create_task(watch_disconnect(request.receive, caller_left))
+    try:
+        return await _answer(request, state, model, uploads, policy, options, echo, key, guard, principal,
+                             request_id)
+    finally:
+        watcher.cancel()
+
+
+async def _answer(request: Request, state: ServiceState, model: LoadedModel, uploads: list[Upload],
+                  policy: scoring.Policy, options: postprocess.RenderOptions, echo: dict[str, str],
+                  key: str | None, guard: RequestGuard, principal: str, request_id: str) -> Response:
     async def produce() -> StoredResponse:
-        results = await pipeline.detect(state, model, uploads, policy, options, echo)
+        results = await pipeline.detect(state, model, uploads, policy, options, echo, guard)
         state.quality.observe(model.manifest, results, echo)
         answer_id = new_answer_id()  # the server's id of this answer; request_id stays the caller's
         body = {"request_id": request_id, "answer_id": answer_id, "model": model.ref(), "results": results}
@@ -229,6 +291,8 @@ async def _detect(request: Request, state: ServiceState, model: LoadedModel, pri
             state, request_fingerprint, "/detect", request.query_params.multi_items(), sorted(echo.items()),
             [("image", u.filename, u.data) for u in uploads])
         stored, replayed = await state.idempotency.run(f"{principal}:{key}", fingerprint, produce)
+    if not replayed:
+        guard.delivered(len(guard.ticket.items))  # images, tiles included: goodput's unit
     headers = {"Idempotent-Replayed": "true"} if replayed else {}
     return Response(stored.body, status_code=stored.status, media_type=stored.media_type, headers=headers)
 

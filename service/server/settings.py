@@ -68,7 +68,11 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=64)  # inference threads (concurrent batches)
     # /detect requests in progress (reading, decoding, queued, postprocessing); beyond it 503 at once
     max_inflight_requests: int = Field(default=64, ge=1)
+    # Retry-After before any batch time is measured (afterwards it is computed from the expected wait)
     retry_after_s: int = Field(default=1, ge=0)
+    # default deadline of a /detect request, ms from its arrival (header X-Deadline-Ms and a
+    # product's manifest `timeout_ms` override it); past it: 504 deadline_exceeded; 0 = none
+    request_timeout_ms: int = Field(default=30_000, ge=0, le=3_600_000)
 
     # --- request limits ---------------------------------------------------------------
     max_body_bytes: int = Field(default=50 * 1024 * 1024, ge=1)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from service.runtime.artifact import Manifest
 from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, ImageLimits
+from service.server.admission import Admission
 from service.server.batching import MicroBatcher
 from service.server.line.loop import LineLoop
 from service.server.metrics import Metrics
@@ -93,6 +94,7 @@ class LoadedModel:
     batcher: MicroBatcher
     artifact: Path
     artifact_sha256: str
+    admission: Admission | None = field(default=None, compare=False, repr=False)  # by expected wait
     usage: Usage = field(default_factory=Usage, compare=False, repr=False)
 
     @property
