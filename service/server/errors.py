@@ -30,7 +30,7 @@ log = logging.getLogger("dapo.errors")
 # ApiError, envelope or ImageError (and the maps below) and fails on one missing here: a new code
 # is added here and documented in docs/api.md, or CI says which is missing.
 ERROR_CODES: frozenset[str] = frozenset({
-    "ambiguous_request_id", "bad_request", "client_disconnected", "duplicate_feedback", "error",
+    "ambiguous_request_id", "bad_request", "client_disconnected", "deadline_exceeded", "duplicate_feedback", "error",
     "feedback_db_unavailable", "feedback_disabled", "feedback_expired", "forbidden",
     "idempotency_conflict", "image_too_large", "inference_failed", "internal_error",
     "invalid_artifact", "invalid_feedback", "invalid_image", "invalid_parameter",
