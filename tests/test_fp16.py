@@ -141,7 +141,7 @@ def test_missing_fp16_file_is_a_clear_error(demo_artifact):
     assert m.onnx_file("fp16") is None
     with pytest.raises(ArtifactError, match=r"encoder_fp16\.onnx: .* has no fp16 ONNX encoder.*--fp16"):
         create_backend(demo_artifact, m, "onnxruntime", precision="fp16")
-    with pytest.raises(ValueError, match="onnxruntime backend serves precision fp32 or fp16, not 'bf16'"):
+    with pytest.raises(ValueError, match="onnxruntime backend serves precision fp32, fp16, int8 or auto, not 'bf16'"):
         create_backend(demo_artifact, m, "onnxruntime", precision="bf16")
     assert create_backend(demo_artifact, m, "onnxruntime").model_path.name == "encoder.onnx"
 
@@ -207,11 +207,13 @@ def test_bench_sweeps_onnxruntime_fp16(fp16_artifact, demo_artifact, capsys):
     from service.bench import bench_encoder
 
     rows = bench_encoder(fp16_artifact, ["onnxruntime"], ["fp16", "bf16"], [1, 2], seconds=0.0)
+    assert "cpu_isa" in rows[0]  # the first row says which CPU the figures come from
+    rows = rows[1:]
     assert [(r["precision"], r["batch"]) for r in rows] == [("fp32", 1), ("fp32", 2), ("fp16", 1), ("fp16", 2)]
     for r in rows[2:]:
         assert 0 < max(r["max_abs_diff_vs_ort_fp32"].values()) < FP16_TOLERANCE
     rows = bench_encoder(demo_artifact, ["onnxruntime"], ["fp16"], [1], seconds=0.0)
-    assert [r["precision"] for r in rows] == ["fp32"]
+    assert [r["precision"] for r in rows[1:]] == ["fp32"]
     assert "no encoder_fp16.onnx" in capsys.readouterr().err
 
 

@@ -63,7 +63,7 @@ def barrier(app, sub) -> str:
     it sent before this marker (a duplicate, a late result) has arrived once the marker has:
     a condition to wait for, instead of a fixed sleep that a busy machine can outlast."""
     body = detect(app, [png(999)], product="disc", station_id="st-barrier")
-    marker = f"{body['request_id']}:0"
+    marker = f"{body['answer_id']}:0"  # the dedupe key names the answer (docs/fleet.md)
     sub.wait_for(lambda m: any(x.topic.endswith("/result") and x.json()["id"] == marker for x in m), timeout=20)
     return marker
 
