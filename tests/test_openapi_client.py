@@ -98,7 +98,7 @@ def test_generated_client_detects_then_gives_feedback(served, client_package):
     link = spec["paths"]["/detect"]["post"]["responses"]["200"]["links"]["submitFeedback"]
     assert link["operationId"] == "submitFeedback"
     linked = resolve(link["requestBody"], answer.to_dict())
-    assert linked == {"request_id": answer.request_id, "index": 0}
+    assert linked == {"answer_id": answer.answer_id, "index": 0}
     verdict = "false_positive" if result.is_anomalous else "correct"  # both mean: this part is good
     feedback = models.FeedbackIn.from_dict({**linked, "verdict": verdict, "note": "generated client"})
     stored = submit_feedback.sync_detailed(client=client, body=feedback)

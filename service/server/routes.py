@@ -47,9 +47,9 @@ ApiKey = Annotated[str | None, Security(API_KEY)]
 # A /detect answer leads to feedback on any of its images: the answer's request_id names it.
 DETECT_LINKS = {"submitFeedback": {
     "operationId": "submitFeedback",
-    "requestBody": {"request_id": "$response.body#/request_id", "index": 0},
-    "description": "An operator's verdict on one image of this answer: its request_id, and the image's "
-                   "index in `results` (upload order)."}}
+    "requestBody": {"answer_id": "$response.body#/answer_id", "index": 0},
+    "description": "An operator's verdict on one image of this answer: its answer_id (the server's id, "
+                   "unique), and the image's index in `results` (upload order)."}}
 
 ECHO_FIELDS = ("product", "part_id", "station_id", "recipe_id")
 MAX_FILENAME_LEN = 255
@@ -180,7 +180,8 @@ async def detect(
                                              "(false: DAPO's zero-shot answer alone, for comparison)")] = True,
     x_api_key: ApiKey = None,
     idempotency_key: Annotated[str | None, Header(json_schema_extra=IDEMPOTENCY_KEY_SCHEMA)] = None,
-    x_deadline_ms: Annotated[int | None, Header(ge=1, le=MAX_DEADLINE_MS, description=DEADLINE_DOC)] = None,
+    # typed `int` (not `int | None`): a header is never null, and the schema must not offer "null"
+    x_deadline_ms: Annotated[int, Header(ge=1, le=MAX_DEADLINE_MS, description=DEADLINE_DOC)] = None,
 ) -> Response:
     arrived = time.perf_counter()  # the deadline's clock starts here
     state = service_of(request)

@@ -49,13 +49,19 @@ MAX_BODY_BYTES = 16 * 1024
 class FeedbackIn(BaseModel):
     """POST /v1/feedback body."""
 
-    model_config = ConfigDict(extra="forbid")
+    # The schema requires answer_id, the way a MES names an answer (docs/api.md). The service also
+    # takes request_id alone, as clients of the earlier API send it (refused when ambiguous); the
+    # schema leaves that out on purpose: an "either of two" rule (a top-level anyOf) makes client
+    # generators drop the model, and nothing the schema allows is ever refused for lack of an id.
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: schema.setdefault(
+        "required", []).insert(0, "answer_id"))
 
-    answer_id: str | None = Field(default=None, min_length=1, max_length=64,
-                                  description="answer_id of the /detect answer (preferred: unique)")
-    request_id: str | None = Field(default=None, min_length=1, max_length=128,
-                                   description="X-Request-ID of the /detect answer; refused (409) when several "
-                                               "answers share it")
+    # typed `str` with a None default (not `str | None`): absent is allowed, null is not
+    answer_id: str = Field(default=None, min_length=1, max_length=64,  # type: ignore[assignment]
+                           description="answer_id of the /detect answer (preferred: unique)")
+    request_id: str = Field(default=None, min_length=1, max_length=128,  # type: ignore[assignment]
+                            description="X-Request-ID of the /detect answer; refused (409) when several "
+                                        "answers share it")
     index: int = Field(default=0, ge=0, description="which image of that request (upload order)")
     verdict: Verdict
     defect_type: str | None = Field(default=None, min_length=1, max_length=64,
