@@ -16,12 +16,12 @@ import argparse
 import io
 import json
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
+from loop_overhead import run_blocks, summarise  # bench/ is on sys.path when a bench script runs
 from service.bench import test_images
 from service.server.local_server import Server, free_port
 
@@ -54,8 +54,6 @@ def interleaved(artifact: Path, envs: dict[str, dict[str, str]], blocks: int, bl
     encoder = create_backend(artifact, manifest, backend="onnxruntime")
     encoder.run(pixels[0], allowed)
     names = list(envs)
-    times = {k: {"enc": [], "det": []} for k in names}
-    per_block: dict[str, list[float]] = {k: [] for k in names}
     servers = {k: Server(artifact, env) for k, env in envs.items()}
     try:
         for s in servers.values():
@@ -64,37 +62,13 @@ def interleaved(artifact: Path, envs: dict[str, dict[str, str]], blocks: int, bl
         for client in clients.values():
             for data in images[:2]:
                 client.post("/detect", files={"image": ("warm", data, mime)}, data={"product": "x"})
-        k = 0
-        for b in range(blocks):
-            for name in (names if b % 2 == 0 else names[::-1]):
-                enc_t, det_t = [], []
-                for _ in range(block):
-                    i = k % len(images)
-                    k += 1
-                    t = time.perf_counter()
-                    encoder.run(pixels[i], allowed)
-                    enc_t.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    clients[name].post("/detect", files={"image": ("part", images[i], mime)}).raise_for_status()
-                    det_t.append(time.perf_counter() - t)
-                times[name]["enc"] += enc_t
-                times[name]["det"] += det_t
-                per_block[name].append(sum(det_t) / sum(enc_t))
+        times, per_block = run_blocks(clients, tuple(names), encoder, pixels, allowed, images, mime, blocks, block)
         for client in clients.values():
             client.close()
     finally:
         for s in servers.values():
             s.stop()
-    ratio = {k: sum(v["det"]) / sum(v["enc"]) for k, v in times.items()}
-    median = {k: statistics.median(v) for k, v in per_block.items()}
-    a, b = names
-    return {"requests_per_config": len(times[a]["det"]),
-            "encoder_ms_per_image": {k: round(1000 * statistics.mean(v["enc"]), 2) for k, v in times.items()},
-            "detect_ms_per_image": {k: round(1000 * statistics.mean(v["det"]), 2) for k, v in times.items()},
-            "ratio_detect_over_encoder": {k: round(v, 3) for k, v in ratio.items()},
-            f"{b}_over_{a}": round(ratio[b] / ratio[a], 4),
-            "median_block_ratio": {k: round(v, 3) for k, v in median.items()},
-            f"{b}_over_{a}_median_block": round(median[b] / median[a], 4)}
+    return summarise(times, per_block, *names)
 
 
 def redis_memory_per_1000(artifact: Path, env: dict[str, str], redis_port: int, answers: int, fmt: str) -> dict:

@@ -176,41 +176,55 @@ def interleaved(artifact: Path, on: dict[str, str], blocks: int, block: int, fmt
     allowed = np.ones((1, len(manifest.vocabulary)), bool)
     encoder = create_backend(artifact, manifest, backend="onnxruntime")
     encoder.run(pixels[0], allowed)
-    times: dict[str, dict[str, list[float]]] = {k: {"enc": [], "det": []} for k in ("off", "on")}
-    per_block: dict[str, list[float]] = {"off": [], "on": []}
     with Server(artifact, {}) as off_server, Server(artifact, on) as on_server:
         clients = {"off": httpx.Client(base_url=off_server.url, timeout=120),
                    "on": httpx.Client(base_url=on_server.url, timeout=120)}
         for client in clients.values():
             for data in images[:2]:
                 client.post("/detect", files={"image": ("warm", data, mime)}).raise_for_status()
-        k = 0
-        for b in range(blocks):
-            for name in (("off", "on") if b % 2 == 0 else ("on", "off")):
-                enc_t, det_t = [], []
-                for _ in range(block):
-                    i = k % len(images)
-                    k += 1
-                    t = time.perf_counter()
-                    encoder.run(pixels[i], allowed)
-                    enc_t.append(time.perf_counter() - t)
-                    t = time.perf_counter()
-                    clients[name].post("/detect", files={"image": ("part", images[i], mime)}).raise_for_status()
-                    det_t.append(time.perf_counter() - t)
-                times[name]["enc"] += enc_t
-                times[name]["det"] += det_t
-                per_block[name].append(sum(det_t) / sum(enc_t))
+        times, per_block = run_blocks(clients, ("off", "on"), encoder, pixels, allowed, images, mime, blocks, block)
         for client in clients.values():
             client.close()
+    return summarise(times, per_block, "off", "on")
+
+
+def run_blocks(clients: dict, names: tuple[str, str], encoder, pixels: list, allowed, images: list[bytes],
+               mime: str, blocks: int, block: int) -> tuple[dict, dict]:
+    """Blocks of `block` single-image requests alternating between the two servers (a, b, b, a,
+    ...), each paired with a bare-encoder run on the same image: machine drift hits both alike.
+    Returns per-name encoder and /detect times, and each block's /detect-over-encoder ratio."""
+    times: dict[str, dict[str, list[float]]] = {k: {"enc": [], "det": []} for k in names}
+    per_block: dict[str, list[float]] = {k: [] for k in names}
+    k = 0
+    for b in range(blocks):
+        for name in (names if b % 2 == 0 else names[::-1]):
+            enc_t, det_t = [], []
+            for _ in range(block):
+                i = k % len(images)
+                k += 1
+                t = time.perf_counter()
+                encoder.run(pixels[i], allowed)
+                enc_t.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                clients[name].post("/detect", files={"image": ("part", images[i], mime)}).raise_for_status()
+                det_t.append(time.perf_counter() - t)
+            times[name]["enc"] += enc_t
+            times[name]["det"] += det_t
+            per_block[name].append(sum(det_t) / sum(enc_t))
+    return times, per_block
+
+
+def summarise(times: dict, per_block: dict, a: str, b: str) -> dict:
+    """/detect over encoder per configuration, and b's ratio over a's (whole run and median block)."""
     ratio = {k: sum(v["det"]) / sum(v["enc"]) for k, v in times.items()}
-    median_block = {k: statistics.median(v) for k, v in per_block.items()}
-    return {"requests_per_config": len(times["on"]["det"]),
+    median = {k: statistics.median(v) for k, v in per_block.items()}
+    return {"requests_per_config": len(times[b]["det"]),
             "encoder_ms_per_image": {k: round(1000 * statistics.mean(v["enc"]), 2) for k, v in times.items()},
             "detect_ms_per_image": {k: round(1000 * statistics.mean(v["det"]), 2) for k, v in times.items()},
             "ratio_detect_over_encoder": {k: round(v, 3) for k, v in ratio.items()},
-            "on_over_off": round(ratio["on"] / ratio["off"], 4),
-            "median_block_ratio": {k: round(v, 3) for k, v in median_block.items()},
-            "on_over_off_median_block": round(median_block["on"] / median_block["off"], 4)}
+            f"{b}_over_{a}": round(ratio[b] / ratio[a], 4),
+            "median_block_ratio": {k: round(v, 3) for k, v in median.items()},
+            f"{b}_over_{a}_median_block": round(median[b] / median[a], 4)}
 
 
 def main() -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from service.runtime.artifact import (
 )
 from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from service.runtime.detector import Detector, RuntimeOptions
-from service.runtime.precision import TOLERANCES, TYPE_MAP_TOLERANCES, cpu_isa
+from service.runtime.precision import TOLERANCES, TYPE_MAP_TOLERANCES, cpu_isa, median_run_ms
 
 log = logging.getLogger("dapo.quantize")
 
@@ -136,16 +135,6 @@ def quantize_openvino(folder: Path, manifest: Manifest, calib: np.ndarray) -> Pa
     return out
 
 
-def _median_ms(backend, x: np.ndarray, allowed: np.ndarray) -> float:
-    backend.run(x, allowed)
-    times = []
-    for _ in range(SPEED_RUNS):
-        t = time.perf_counter()
-        backend.run(x, allowed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000.0
-
-
 class _Reader:
     """onnxruntime.quantization's CalibrationDataReader over the calibration pixels."""
 
@@ -235,7 +224,7 @@ def _ort_int8(folder: Path, manifest: Manifest, calib: np.ndarray, check: np.nda
     cpu = ["CPUExecutionProvider"]
     fp32 = OrtBackend(folder / manifest.onnx_file("fp32"), providers=cpu)
     x, one = check[:1], _allowed(manifest, 1)
-    fp32_ms = _median_ms(fp32, x, one)
+    fp32_ms = median_run_ms(fp32, x, one, warm=1, runs=SPEED_RUNS)
     out: dict = {"fp32_ms_batch1": round(fp32_ms, 2), "variants": {}, "kept": None}
     with tempfile.TemporaryDirectory(prefix="dapo-int8-", dir=folder.parent) as work:
         t = time.perf_counter()
@@ -245,7 +234,7 @@ def _ort_int8(folder: Path, manifest: Manifest, calib: np.ndarray, check: np.nda
         for name, path in variants.items():
             backend = OrtBackend(path, providers=cpu, precision="int8")
             verdict = _check(fp32, backend, check, manifest)
-            ms = _median_ms(backend, x, one)
+            ms = median_run_ms(backend, x, one, warm=1, runs=SPEED_RUNS)
             out["variants"][name] = {"passed": verdict.passed, "ms_batch1": round(ms, 2),
                                      "speedup_vs_fp32": round(fp32_ms / ms, 3), "max_abs_diff": verdict.max_abs_diff,
                                      "type_map_flips": verdict.type_map_mismatch_fraction}

@@ -102,11 +102,13 @@ def candidates(manifest, backend: str, isa: str) -> tuple[list[str], dict[str, s
     return out, skipped
 
 
-def _time_batch1(backend, x: np.ndarray, allowed: np.ndarray) -> float:
-    for _ in range(AUTO_WARM):
+def median_run_ms(backend, x: np.ndarray, allowed: np.ndarray, warm: int = AUTO_WARM, runs: int = AUTO_RUNS) -> float:
+    """Median ms of `runs` timed calls after `warm` untimed ones (auto's measurement; bake's
+    INT8 check times its candidates the same way)."""
+    for _ in range(warm):
         backend.run(x, allowed)
     times = []
-    for _ in range(AUTO_RUNS):
+    for _ in range(runs):
         t = time.perf_counter()
         backend.run(x, allowed)
         times.append(time.perf_counter() - t)
@@ -144,7 +146,7 @@ def choose(manifest, backend: str, build, seed: int = 0):
                                                                                    "bf16"):
             skipped[precision] = "outside its tolerance of fp32 at load"
             continue
-        timings[precision] = round(_time_batch1(candidate, x, allowed), 3)
+        timings[precision] = round(median_run_ms(candidate, x, allowed), 3)
         if timings[precision] < best_ms:
             best, best_ms, best_precision = candidate, timings[precision], precision
     if best is None:
