@@ -159,6 +159,8 @@ def test_redis_down_and_back_under_load(fleet, redis_server):
         redis_server.start()
         # recovers by itself: the next probe after state_retry_s finds Redis back
         wait_for(lambda: post(a, png(53), {"Idempotency-Key": "after-outage"}).status_code == 200)
+        # each replica probes on its own clock: wait for b's recovery too before asking b for a verdict
+        wait_for(lambda: post(b, png(55), {"Idempotency-Key": "after-outage-b"}).status_code == 200)
         assert metric(a, "dapo_state_up") == 1 and metric(a, "dapo_state_outages_total") == outages + 1
         fresh = post(a, png(54)).json()
         assert verdict(b, answer_id=fresh["answer_id"], index=0, verdict="correct").status_code == 201
