@@ -13,7 +13,6 @@ is sent, and its scores pushed to the drift window.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from loop_overhead import run_blocks, summarise  # bench/ is on sys.path when a bench script runs
+from loop_overhead import encoder_and_images, run_blocks, summarise  # bench/ is on sys.path when a bench script runs
 from service.bench import test_images
 from service.server.local_server import Server, free_port
 
@@ -38,21 +37,9 @@ def start_redis() -> tuple[subprocess.Popen, int]:
 def interleaved(artifact: Path, envs: dict[str, dict[str, str]], blocks: int, block: int, fmt: str) -> dict:
     """Blocks of `block` requests alternate between the servers; ratios /detect over encoder."""
     import httpx
-    import numpy as np
-    from PIL import Image
 
-    from service.runtime.artifact import load_manifest
-    from service.runtime.backends import create_backend
-    from service.runtime.imaging import preprocess
 
-    manifest = load_manifest(artifact)
-    images = test_images(16, 640, 480, fmt=fmt)
-    mime = f"image/{fmt.lower()}"
-    pixels = [preprocess(Image.open(io.BytesIO(b)).convert("RGB"), manifest.image_size, manifest.mean,
-                         manifest.std)[None] for b in images]
-    allowed = np.ones((1, len(manifest.vocabulary)), bool)
-    encoder = create_backend(artifact, manifest, backend="onnxruntime")
-    encoder.run(pixels[0], allowed)
+    images, mime, pixels, allowed, encoder = encoder_and_images(artifact, fmt)
     names = list(envs)
     servers = {k: Server(artifact, env) for k, env in envs.items()}
     try:

@@ -161,6 +161,24 @@ def interleaved(artifact: Path, on: dict[str, str], blocks: int, block: int, fmt
     (off, on, on, off, ...), each request paired with a bare-encoder run on the same image, so
     machine drift hits both configurations alike. Ratios: /detect over encoder time."""
     import httpx
+
+
+    images, mime, pixels, allowed, encoder = encoder_and_images(artifact, fmt)
+    with Server(artifact, {}) as off_server, Server(artifact, on) as on_server:
+        clients = {"off": httpx.Client(base_url=off_server.url, timeout=120),
+                   "on": httpx.Client(base_url=on_server.url, timeout=120)}
+        for client in clients.values():
+            for data in images[:2]:
+                client.post("/detect", files={"image": ("warm", data, mime)}).raise_for_status()
+        times, per_block = run_blocks(clients, ("off", "on"), encoder, pixels, allowed, images, mime, blocks, block)
+        for client in clients.values():
+            client.close()
+    return summarise(times, per_block, "off", "on")
+
+
+def encoder_and_images(artifact: Path, fmt: str) -> tuple:
+    """16 test images (bytes, mime), their encoder inputs, an all-allowed mask and a warmed bare
+    ONNX Runtime encoder: what the interleaved blocks pair each /detect with."""
     import numpy as np
     from PIL import Image
 
@@ -176,16 +194,7 @@ def interleaved(artifact: Path, on: dict[str, str], blocks: int, block: int, fmt
     allowed = np.ones((1, len(manifest.vocabulary)), bool)
     encoder = create_backend(artifact, manifest, backend="onnxruntime")
     encoder.run(pixels[0], allowed)
-    with Server(artifact, {}) as off_server, Server(artifact, on) as on_server:
-        clients = {"off": httpx.Client(base_url=off_server.url, timeout=120),
-                   "on": httpx.Client(base_url=on_server.url, timeout=120)}
-        for client in clients.values():
-            for data in images[:2]:
-                client.post("/detect", files={"image": ("warm", data, mime)}).raise_for_status()
-        times, per_block = run_blocks(clients, ("off", "on"), encoder, pixels, allowed, images, mime, blocks, block)
-        for client in clients.values():
-            client.close()
-    return summarise(times, per_block, "off", "on")
+    return images, mime, pixels, allowed, encoder
 
 
 def run_blocks(clients: dict, names: tuple[str, str], encoder, pixels: list, allowed, images: list[bytes],
