@@ -188,7 +188,9 @@ def test_a_fleet_of_two_replicas_keeps_one_process_promises(ray_url, redis_url, 
     assert len(ids) == 2
 
     def kept():
-        found = {json.loads(p.read_text())["answer_id"] for p in (fleet_dir / "samples" / "all").rglob("*.json")}
+        # only finished sidecars: a `.tmp-*` file is a write in progress, renamed away at any moment
+        found = {json.loads(p.read_text())["answer_id"] for p in (fleet_dir / "samples" / "all").rglob("*.json")
+                 if not p.name.startswith(".tmp-")}
         return ids <= found
 
     wait_for(kept)
