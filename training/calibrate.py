@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.runtime.artifact import Product, Tiling, write_manifest
+from service.runtime.artifact import Product, Tiling, read_manifest, write_manifest
 from service.runtime.detector import Detector, RuntimeOptions
 from service.runtime.drift import DRIFT_BINS, baseline_from_scores
 from training.data import Sample
@@ -45,6 +45,7 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
 
         return calibrate_references(artifact, good, references, image_quantile, pixel_quantile, drift_bins,
                                     backend=backend, progress=progress)
+    refuse_banked(artifact, sorted({s.product for s in good}))
     detector = Detector.load(artifact, RuntimeOptions(backend=backend))
     if tiling is not None:
         detector = with_tiling(detector, sorted({s.product for s in good}), tiling)
@@ -66,6 +67,19 @@ def calibrate(artifact: str | Path, good: list[Sample], image_quantile: float = 
                                           "drift_bins": drift_bins, "products": sorted(table)}
     write_manifest(artifact, type(manifest).model_validate(manifest.model_dump()))
     return table
+
+
+def refuse_banked(artifact: str | Path, products: list[str]) -> None:
+    """A product with a reference bank is calibrated with its bank (`--references K`): its
+    thresholds are quantiles of leave-one-out fused scores, which a plain calibration (each good
+    part scored against a bank that holds it) would silently replace by near-zero ones."""
+    manifest = read_manifest(artifact)
+    for product in products:
+        entry = manifest.products.get(product)
+        if entry is not None and entry.references is not None:
+            raise ValueError(f"product {product!r} has a reference bank ({entry.references.images} images): "
+                             f"calibrate it with --references {entry.references.images} (thresholds stay "
+                             f"leave-one-out, and a new --tile rebuilds the bank from tiles)")
 
 
 def with_tiling(detector: Detector, products: list[str], tiling: Tiling) -> Detector:

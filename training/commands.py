@@ -294,6 +294,10 @@ def eval_arguments(e: argparse.ArgumentParser) -> None:
     e.add_argument("--coreset-limit", type=int, help="most patch features per bank (default: calibrate's)")
     e.add_argument("--reference-split", help="split the references come from (default: the first max(K) good "
                                              "images of the evaluated data, left out of its test set)")
+    e.add_argument("--tile", type=int, metavar="PX", help="with --references: every category tiled (PX x PX "
+                   "original pixels, as dapo calibrate --tile), references built from tiles; metrics on the "
+                   "--map-size grid (default S)")
+    e.add_argument("--tile-overlap", type=int, default=0, metavar="PX", help="overlap of neighbouring tiles (--tile)")
     e.add_argument("--quiet", action="store_true")
 
 
@@ -305,6 +309,9 @@ def evaluate(args: argparse.Namespace) -> int:
     samples = load_samples(args.layout, args.data, args.split)
     if args.references:
         return evaluate_few_shot(args, samples)
+    if args.tile is not None:
+        sys.exit("dapo eval: --tile applies to the few-shot protocol (--references); a tiled product's own "
+                 "tiling (dapo calibrate --tile) is always evaluated as served")
     result = run_eval(args.artifact, samples, backend=args.backend, precision=args.precision,
                       batch_size=args.batch_size, sigma=args.sigma,
                       use_products=not args.no_products, progress=not args.quiet, image_score=args.image_score,
@@ -324,14 +331,31 @@ def evaluate_few_shot(args: argparse.Namespace, samples: list) -> int:
         sys.exit(f"dapo eval: --references takes K[,K...] (integers), got {args.references!r}")
     if ks[0] < 0:
         sys.exit("dapo eval: --references must be >= 0")
+    tiling = tiling_from_args(args, "eval")
     refs = load_samples(args.layout, args.data, args.reference_split) if args.reference_split else None
-    detector = Detector.load(args.artifact, RuntimeOptions(backend=args.backend))
+    detector = Detector.load(args.artifact, RuntimeOptions(backend=args.backend), references=False)
     result = few_shot(detector, samples, ks, refs, batch_size=args.batch_size, coreset_limit=args.coreset_limit,
-                      progress=not args.quiet)
+                      progress=not args.quiet, tiling=tiling, map_size=args.map_size)
     print(format_few_shot(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=float))
     return 0
+
+
+def tiling_from_args(args: argparse.Namespace, command: str):
+    """`--tile PX [--tile-overlap PX]` -> a Tiling (None without --tile); exits with the reason."""
+    if args.tile is None:
+        if args.tile_overlap:
+            sys.exit(f"dapo {command}: --tile-overlap needs --tile")
+        return None
+    from pydantic import ValidationError
+
+    from service.runtime.artifact import Tiling
+
+    try:
+        return Tiling(tile=args.tile, overlap=args.tile_overlap)
+    except ValidationError as e:
+        sys.exit(f"dapo {command}: --tile {args.tile} --tile-overlap {args.tile_overlap}: {e.errors()[0]['msg']}")
 
 
 # --- calibrate ------------------------------------------------------------------------------
@@ -366,28 +390,14 @@ def calibrate(args: argparse.Namespace) -> int:
     if not args.data:
         sys.exit("dapo calibrate: give --data DIR (good parts) and/or --feedback DB (operator verdicts)")
     samples = [s for s in load_samples(args.layout, args.data, args.split) if s.label == 0]
-    tiling = None
-    if args.tile is not None:
-        from pydantic import ValidationError
-
-        from service.runtime.artifact import Tiling
-
-        try:
-            tiling = Tiling(tile=args.tile, overlap=args.tile_overlap)
-        except ValidationError as e:
-            sys.exit(f"dapo calibrate: --tile {args.tile} --tile-overlap {args.tile_overlap}: "
-                     f"{e.errors()[0]['msg']}")
-    elif args.tile_overlap:
-        sys.exit("dapo calibrate: --tile-overlap needs --tile")
+    tiling = tiling_from_args(args, "calibrate")
     refs = None
     if args.references:
-        if tiling is not None:
-            sys.exit("dapo calibrate: --references with --tile is not supported yet (a tiled product's bank "
-                     "must be built from tiles); calibrate the tiling and the references separately")
         from training.references import DEFAULT_CORESET_LIMIT, ReferenceOptions
 
-        try:
-            refs = ReferenceOptions(args.references, args.coreset_limit or DEFAULT_CORESET_LIMIT, args.fusion)
+        try:  # a tiled product's bank is built from its tiles (--tile, or the tiling it already has)
+            refs = ReferenceOptions(args.references, args.coreset_limit or DEFAULT_CORESET_LIMIT, args.fusion,
+                                    tiling=tiling)
         except ValueError as e:
             sys.exit(f"dapo calibrate: {e}")
     try:

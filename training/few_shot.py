@@ -12,6 +12,11 @@ the reference features) and scored, per K, by each branch alone and fused:
     fused_max   the z-scored branches fused by max
     fused_mean  ... by mean (what serving does by default)
 Metrics: image AUROC, pixel AUROC, AUPRO (training.metrics), averaged over categories.
+
+`tiling` (`dapo eval --references K --tile PX`) runs every image through the served tiled path
+(the upload decode, tiles, stitching; references built from the pool's tiles, as
+`dapo calibrate --tile PX --references K` builds them); maps and truth are then compared on one
+`map_size` x `map_size` grid (default: the encoder's S), maps resized bilinearly.
 """
 from __future__ import annotations
 
@@ -20,18 +25,26 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import numpy as np
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service.runtime.detector import Detector
+from service.runtime import tiling as tiles_of
+from service.runtime.artifact import Tiling
+from service.runtime.detector import Detector, Upload
 from service.runtime.references import Branches, ReferenceSet, dapo_image_score
 from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
+from training.detector_eval import resize_map, truth
 from training.metrics import binary_metrics, mean_over
 from training.references import (
+    TRUSTED_FILES,
+    Encoded,
     ReferenceOptions,
-    encode,
+    encode_sources,
+    image_branches,
     load_images,
     product_references,
+    reference_policy,
     search_for,
 )
 
@@ -40,25 +53,52 @@ KEYS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 @dataclass
-class Encoded:
+class TestSet:
     labels: list[int]
-    masks: list[np.ndarray]  # (S, S) bool
-    outputs: list  # EncoderOutputs per image, with features
+    masks: list[np.ndarray]  # (S, S) bool; tiled: (map_size, map_size)
+    encoded: list[Encoded]  # per image, with features
 
 
-def encode_test(detector: Detector, samples: list[Sample], batch_size: int, progress: bool) -> Encoded:
+def encode_test(detector: Detector, samples: list[Sample], batch_size: int, progress: bool) -> TestSet:
     m = detector.manifest
     samples = with_vocabulary(samples, Vocabulary(m.defect_names))
     loader = DataLoader(AnomalyDataset(samples, size=m.image_size, mean=m.mean, std=m.std), batch_size=batch_size)
-    enc = Encoded([], [], [])
+    enc = TestSet([], [], [])
     allowed = np.ones(len(m.vocabulary), bool)
     for pixels, class_mask, labels, _ in tqdm(loader, desc="encode", disable=not progress, leave=False):
         out = detector.infer(pixels.numpy(), np.broadcast_to(allowed, (len(labels), len(allowed))), features=True)
         for i in range(len(labels)):
             enc.labels.append(int(labels[i]))
             enc.masks.append(class_mask[i].numpy() != 0)
-            enc.outputs.append(out.item(i))
+            enc.encoded.append(Encoded(out.item(i)))
     return enc
+
+
+def encode_test_tiled(detector: Detector, samples: list[Sample], tiling: Tiling, map_size: int, batch_size: int,
+                      progress: bool) -> TestSet:
+    """The test images through the served tiled path; truth drawn at map_size x map_size."""
+    samples = with_vocabulary(samples, Vocabulary(detector.manifest.defect_names))
+    allowed = np.ones(len(detector.manifest.vocabulary), bool)
+    enc = TestSet([], [], [])
+    for s in tqdm(samples, desc="encode (tiled)", disable=not progress, leave=False):
+        prepared = detector.prepare(Upload(str(s.image), s.image.read_bytes()), TRUSTED_FILES, tiles=tiling)
+        outputs = detector.infer_inputs(prepared.inputs(), allowed, batch_size=batch_size, features=True)
+        with Image.open(s.image) as im:
+            stored = im.size  # the mask's grid is the stored file's (as training.detector_eval reads it)
+        mask, _ = truth(s, (map_size, map_size), stored)
+        enc.labels.append(int(s.label != 0))
+        enc.masks.append(mask != 0)
+        enc.encoded.append(Encoded(outputs, prepared.tiles))
+    return enc
+
+
+def zero_shot(detector: Detector, e: Encoded, mode: str, tiling: Tiling | None) -> tuple[float, np.ndarray]:
+    """DAPO alone (K = 0): its image score and map, tiled as served when the images are."""
+    if e.tiles is None:
+        return dapo_image_score(e.outputs, mode), e.outputs.anomaly_map[0]
+    policy = reference_policy(detector, ReferenceOptions(1, tiling=tiling), mode)
+    amaps, value = detector.tiled_dapo(e.outputs, policy, e.tiles)
+    return value, tiles_of.stitch_mean(e.tiles.grid, np.stack(amaps[e.first_tile:]))
 
 
 def row_scores(b: Branches, info, row: str) -> tuple[float, np.ndarray | None]:
@@ -85,7 +125,8 @@ def split_references(samples: list[Sample], reference_samples: list[Sample] | No
 
 
 def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference_samples: list[Sample] | None = None,
-             batch_size: int = 16, coreset_limit: int | None = None, progress: bool = False) -> dict:
+             batch_size: int = 16, coreset_limit: int | None = None, progress: bool = False,
+             tiling: Tiling | None = None, map_size: int | None = None) -> dict:
     """{"table": {K: {row: {metric: mean over categories}}}, "per_product": {...}, "references": {...}}."""
     from training.references import DEFAULT_CORESET_LIMIT
 
@@ -93,27 +134,31 @@ def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference
     search = search_for(detector)
     holder = ReferenceSet({}, search)
     mode = detector.manifest.image_score
+    size = map_size or detector.manifest.image_size
     by_product: dict[str, list[Sample]] = defaultdict(list)
     for s in test:
         by_product[s.product].append(s)
     per_product: dict[int, dict[str, dict[str, dict]]] = defaultdict(lambda: defaultdict(dict))
     used: dict[str, int] = {}
     for product, items in sorted(by_product.items()):
-        enc = encode_test(detector, items, batch_size, progress)
+        enc = (encode_test_tiled(detector, items, tiling, size, batch_size, progress) if tiling is not None
+               else encode_test(detector, items, batch_size, progress))
         pool = pools.get(product, [])
-        images = load_images([s.image for s in pool])
-        pool_outs = encode(detector, images) if images else []
+        paths = [s.image for s in pool]
+        pool_outs = encode_sources(detector, paths, ReferenceOptions(1, tiling=tiling)) if paths else []
         used[product] = len(pool)
         for k in ks:
             if k == 0:
-                per_product[0][product]["dapo"] = _metrics(enc, [(dapo_image_score(o, mode), o.anomaly_map[0])
-                                                                 for o in enc.outputs])
+                per_product[0][product]["dapo"] = _metrics(enc, [zero_shot(detector, e, mode, tiling)
+                                                                 for e in enc.encoded])
                 continue
             if len(pool) < 1:
                 continue
-            opts = ReferenceOptions(min(k, len(pool)), coreset_limit or DEFAULT_CORESET_LIMIT)
-            built = product_references(detector, search, images[:opts.images], opts, encoded=pool_outs[:opts.images])
-            branches = [holder.branches(o, built.bank, mode) for o in enc.outputs]
+            opts = ReferenceOptions(min(k, len(pool)), coreset_limit or DEFAULT_CORESET_LIMIT, tiling=tiling)
+            first = load_images(paths[:1]) if opts.images == 1 else None  # K = 1: its mirror
+            built = product_references(detector, search, first, opts, encoded=pool_outs[:opts.images])
+            policy = reference_policy(detector, opts)
+            branches = [image_branches(detector, holder, e, built.bank, policy) for e in enc.encoded]
             for row in ROWS:
                 per_product[k][product][row] = _metrics(enc, [row_scores(b, built.bank.info, row) for b in branches])
     table = {k: {row: mean_over({p: r[row] for p, r in prods.items() if row in r}, list(KEYS))
@@ -121,10 +166,11 @@ def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference
     return {"table": table, "per_product": {k: dict(v) for k, v in per_product.items()}, "references": used}
 
 
-def _metrics(enc: Encoded, scored: list[tuple[float, np.ndarray | None]]) -> dict:
+def _metrics(enc: TestSet, scored: list[tuple[float, np.ndarray | None]]) -> dict:
     labels = np.array(enc.labels)
     scores = np.array([s for s, _ in scored])
-    maps = None if scored[0][1] is None else np.stack([m for _, m in scored]).astype(np.float32)
+    shape = enc.masks[0].shape  # a tiled image's stitched map is resized to the truth's grid
+    maps = None if scored[0][1] is None else np.stack([resize_map(m, shape[::-1]) for _, m in scored])
     res = binary_metrics(labels, scores, np.stack(enc.masks) if maps is not None else None, maps)
     return {k: float(res.get(k, math.nan)) for k in KEYS}
 

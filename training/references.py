@@ -13,6 +13,12 @@ Steps, per product (service.runtime.references says how the bank is served):
    always did) and the drift baseline.
 With K = 1 there is no other reference: the horizontally flipped image stands in for one in step
 3 only (it is never in the bank).
+
+A tiled product (`ReferenceOptions.tiling`, `dapo calibrate --tile PX --references K`) is encoded
+through the tiled path the service runs (`Detector.prepare(..., tiles=...)`: the whole image,
+then its tiles): its bank holds the patch features of the references' *tiles* and the global
+features of their whole-image passes, and its statistics come from the stitched, tiled branches
+(`ReferenceSet.tiled_branches`), so what is calibrated is what is served.
 """
 from __future__ import annotations
 
@@ -23,9 +29,11 @@ import numpy as np
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from service.runtime.artifact import BranchStats, References
+from service.runtime import scoring
+from service.runtime.artifact import BranchStats, References, Tiling
 from service.runtime.backends.base import EncoderOutputs
-from service.runtime.detector import Detector
+from service.runtime.detector import Detector, ImageLimits, Upload
+from service.runtime.tiling import TiledInput
 from service.runtime.references import (
     FUSIONS,
     Bank,
@@ -53,6 +61,7 @@ class ReferenceOptions:
     fusion: str = "mean"  # measured against max in docs/references.md
     seed: int = 0
     batch_size: int = 8
+    tiling: Tiling | None = None  # a tiled product's bank is built from tiles (module docstring)
 
     def __post_init__(self):
         if self.images < 1:
@@ -63,20 +72,90 @@ class ReferenceOptions:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
 
 
-def encode(detector: Detector, images: list[Image.Image], batch_size: int = 8,
-           progress: bool = False) -> list[EncoderOutputs]:
-    """Each image's outputs with the reference features (leading axis 1)."""
+TRUSTED_FILES = ImageLimits(max_pixels=1 << 40, max_side=1 << 20)  # local good parts, not uploads
+
+
+@dataclass
+class Encoded:
+    """One image's encoder outputs with the reference features: leading axis 1 untiled; a tiled
+    image's whole-image input, then its tiles (`tiles`)."""
+
+    outputs: EncoderOutputs
+    tiles: TiledInput | None = None
+
+    @property
+    def first_tile(self) -> int:
+        """Index of the first input whose patches go into a bank (a 1 x 1 grid's tile is the whole)."""
+        return 1 if self.tiles is not None and self.tiles.grid.count > 1 else 0
+
+    def bank_patches(self) -> np.ndarray:
+        """(P, F): the patches a bank keeps of this image (the whole image's, or every tile's)."""
+        pf = self.outputs.patch_features[self.first_tile:]
+        return pf.reshape(-1, pf.shape[-1])
+
+    def global_feature(self) -> np.ndarray:
+        """(1, E): the whole image's global feature."""
+        return self.outputs.global_feature[:1]
+
+
+def need_features(detector: Detector) -> None:
     if not detector.backend.has_features:
         raise ValueError("this artifact's encoder has no reference features (baked before references): "
                          "re-bake it with this version (dapo bake), then add references")
+
+
+def encode(detector: Detector, images: list[Image.Image], batch_size: int = 8,
+           progress: bool = False) -> list[Encoded]:
+    """Each (untiled) image's outputs with the reference features (leading axis 1)."""
+    need_features(detector)
     allowed_row = np.ones(len(detector.manifest.vocabulary), bool)
-    out: list[EncoderOutputs] = []
+    out: list[Encoded] = []
     for start in tqdm(range(0, len(images), batch_size), desc="references", disable=not progress, leave=False):
         chunk = images[start:start + batch_size]
         pv = np.stack([detector.pixel_values(im) for im in chunk])
         res = detector.backend.run(pv, np.broadcast_to(allowed_row, (len(chunk), len(allowed_row))), features=True)
-        out.extend(res.item(i) for i in range(len(chunk)))
+        out.extend(Encoded(res.item(i)) for i in range(len(chunk)))
     return out
+
+
+def encode_tiled(detector: Detector, sources: list[Upload | Image.Image], tiles: Tiling, batch_size: int = 8,
+                 progress: bool = False) -> list[Encoded]:
+    """Each image through the served tiled path (decode at the tiles' scale, cut), with features."""
+    need_features(detector)
+    allowed_row = np.ones(len(detector.manifest.vocabulary), bool)
+    out: list[Encoded] = []
+    for i, src in enumerate(tqdm(sources, desc="references (tiled)", disable=not progress, leave=False)):
+        prepared = detector.prepare(src, TRUSTED_FILES, filename=f"image[{i}]", tiles=tiles)
+        outputs = detector.infer_inputs(prepared.inputs(), allowed_row, batch_size=batch_size, features=True)
+        out.append(Encoded(outputs, prepared.tiles))
+    return out
+
+
+def encode_sources(detector: Detector, paths: list[Path], options: ReferenceOptions,
+                   progress: bool = False) -> list[Encoded]:
+    """Good images from files: untiled as PIL images (the references' own batches), tiled as the
+    files' bytes through the upload path the service decodes them by."""
+    if options.tiling is None:
+        return encode(detector, load_images(paths), options.batch_size, progress)
+    return encode_tiled(detector, [Upload(str(p), Path(p).read_bytes()) for p in paths], options.tiling,
+                        options.batch_size, progress)
+
+
+def image_branches(detector: Detector, holder: ReferenceSet, enc: Encoded, bank: Bank,
+                   policy: scoring.Policy) -> Branches:
+    """One encoded image's branches against a bank, as serving computes them (tiled or not)."""
+    if enc.tiles is None:
+        return holder.branches(enc.outputs, bank, policy.image_score)
+    amaps, value = detector.tiled_dapo(enc.outputs, policy, enc.tiles)
+    return holder.tiled_branches(enc.outputs, bank, enc.tiles, amaps, value, policy.gaussian_sigma)
+
+
+def reference_policy(detector: Detector, options: ReferenceOptions, image_score_mode: str | None = None
+                     ) -> scoring.Policy:
+    """Every class allowed (references never depend on the product filter), the manifest's
+    smoothing and image score, and the options' tiling."""
+    base = scoring.policy(detector.manifest)
+    return replace(base, tiling=options.tiling, image_score=image_score_mode or base.image_score)
 
 
 def greedy_coreset(features: np.ndarray, n: int, seed: int = 0, projection: int = CORESET_PROJECTION) -> np.ndarray:
@@ -110,12 +189,13 @@ def stats_of(values: np.ndarray) -> BranchStats:
     return BranchStats(mean=mean, std=max(float(values.std()), relative * abs(mean), STD_FLOOR))
 
 
-def build_bank(refs: list[EncoderOutputs], options: ReferenceOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def build_bank(refs: list[Encoded], options: ReferenceOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(patches (M, F), sources (M,), globals (K, E)) of the references, coreset-bounded."""
-    patches = np.concatenate([r.patch_features[0] for r in refs])
-    sources = np.concatenate([np.full(r.patch_features.shape[1], i, np.int32) for i, r in enumerate(refs)])
+    per_image = [r.bank_patches() for r in refs]
+    patches = np.concatenate(per_image)
+    sources = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(per_image)])
     keep = greedy_coreset(patches, options.coreset_limit, options.seed)
-    return patches[keep], sources[keep], np.concatenate([r.global_feature for r in refs])
+    return patches[keep], sources[keep], np.concatenate([r.global_feature() for r in refs])
 
 
 def placeholder_info(file: str, images: int, patches: int, options: ReferenceOptions) -> References:
@@ -123,7 +203,7 @@ def placeholder_info(file: str, images: int, patches: int, options: ReferenceOpt
     unit = BranchStats(mean=0.0, std=1.0)
     return References(file=file, images=images, patches=patches, coreset_limit=options.coreset_limit,
                       fusion=options.fusion, dapo_map=unit, nn_map=unit, dapo_image=unit, nn_global=unit,
-                      nn_patch_max=unit)
+                      nn_patch_max=unit, tile=options.tiling.tile if options.tiling is not None else None)
 
 
 @dataclass
@@ -134,12 +214,27 @@ class ProductReferences:
     branches: list[Branches]  # one per good image scored (references LOO, then the others)
 
 
-def product_references(detector: Detector, search, good: list[Image.Image], options: ReferenceOptions,
+def encode_mirror(detector: Detector, image: Image.Image, options: ReferenceOptions) -> Encoded:
+    """The horizontally flipped image, encoded as the references are (K = 1's stand-in)."""
+    flipped = ImageOps.mirror(image)
+    if options.tiling is None:
+        return encode(detector, [flipped], options.batch_size)[0]
+    return encode_tiled(detector, [flipped], options.tiling, options.batch_size)[0]
+
+
+def product_references(detector: Detector, search, good: list[Image.Image] | None, options: ReferenceOptions,
                        file: str = "", image_score_mode: str | None = None, progress: bool = False,
-                       encoded: list[EncoderOutputs] | None = None) -> ProductReferences:
-    """The bank from the first K of `good`, with its statistics measured on all of `good`."""
-    mode = image_score_mode or detector.manifest.image_score
-    outs = encoded if encoded is not None else encode(detector, good, options.batch_size, progress)
+                       encoded: list[Encoded] | None = None) -> ProductReferences:
+    """The bank from the first K good images, with its statistics measured on all of them:
+    `encoded` (already run, e.g. from files by `encode_sources`) or `good` (PIL images). With
+    K = 1 the first image (`good[0]`) is mirrored for the statistics."""
+    policy = reference_policy(detector, options, image_score_mode)
+    if encoded is None:
+        if options.tiling is not None:
+            encoded = encode_tiled(detector, list(good or []), options.tiling, options.batch_size, progress)
+        else:
+            encoded = encode(detector, list(good or []), options.batch_size, progress)
+    outs = encoded
     k = min(options.images, len(outs))
     refs, others = outs[:k], outs[k:]
     patches, sources, globals_ = build_bank(refs, options)
@@ -147,14 +242,16 @@ def product_references(detector: Detector, search, good: list[Image.Image], opti
     holder = ReferenceSet({}, search)
     branches: list[Branches] = []
     if k == 1:  # no other reference: the mirror image stands in for one, for the statistics only
-        flipped = encode(detector, [ImageOps.mirror(good[0])], options.batch_size)[0]
-        mirror = Bank(flipped.patch_features[0], np.zeros(flipped.patch_features.shape[1], np.int32),
-                      flipped.global_feature, bank.info)
-        branches.append(holder.branches(refs[0], mirror, mode))
-        branches.append(holder.branches(flipped, bank, mode))
+        if not good:
+            raise ValueError("one reference needs its image (good[0]) for the mirrored stand-in")
+        flipped = encode_mirror(detector, good[0], options)
+        mirror = Bank(flipped.bank_patches(), np.zeros(len(flipped.bank_patches()), np.int32),
+                      flipped.global_feature(), bank.info)
+        branches.append(image_branches(detector, holder, refs[0], mirror, policy))
+        branches.append(image_branches(detector, holder, flipped, bank, policy))
     else:
-        branches.extend(holder.branches(r, bank.without(i), mode) for i, r in enumerate(refs))
-    branches.extend(holder.branches(o, bank, mode) for o in others)
+        branches.extend(image_branches(detector, holder, r, bank.without(i), policy) for i, r in enumerate(refs))
+    branches.extend(image_branches(detector, holder, o, bank, policy) for o in others)
     info = bank.info.model_copy(update={
         "dapo_map": stats_of(np.stack([b.dapo_map for b in branches])),
         "nn_map": stats_of(np.stack([b.nn_map for b in branches])),
@@ -196,7 +293,7 @@ def calibrate_references(artifact: str | Path, good: list, options: ReferenceOpt
     from service.runtime.drift import baseline_from_scores
 
     artifact = Path(artifact)
-    detector = Detector.load(artifact, RuntimeOptions(backend=backend))
+    detector = Detector.load(artifact, RuntimeOptions(backend=backend), references=False)  # banks are rebuilt
     search = search_for(detector)
     manifest = detector.manifest.model_copy(deep=True)
     by_product: dict[str, list[Path]] = defaultdict(list)
@@ -204,9 +301,13 @@ def calibrate_references(artifact: str | Path, good: list, options: ReferenceOpt
         by_product[s.product].append(Path(s.image))
     table = {}
     for product, paths in sorted(by_product.items()):
-        images = load_images(sorted(paths))
+        paths = sorted(paths)
+        known = manifest.products.get(product)
+        opts = replace(options, tiling=options.tiling or (known.tiling if known is not None else None))
+        encoded = encode_sources(detector, paths, opts, progress)
         name, path = bank_path(artifact, product)
-        built = product_references(detector, search, images, options, name, progress=progress)
+        first = load_images(paths[:1]) if min(opts.images, len(paths)) == 1 else None  # K = 1: its mirror
+        built = product_references(detector, search, first, opts, name, progress=progress, encoded=encoded)
         fused = [b.fused(built.bank.info) for b in built.branches]
         scores = np.array([f[0] for f in fused])
         pixels = np.concatenate([f[1].ravel() for f in fused])
@@ -218,16 +319,20 @@ def calibrate_references(artifact: str | Path, good: list, options: ReferenceOpt
         path.chmod(0o644)
         manifest.files[name] = file_entry(path)
         entry = manifest.products.get(product, Product())
+        if opts.tiling is not None:
+            entry = entry.model_copy(update={"tiling": opts.tiling})
         manifest.products[product] = entry.model_copy(update={
             "image_threshold": min(image_thr, 1.0), "pixel_threshold": min(pixel_thr, 1.0),
             "baseline": baseline_from_scores(list(scores), drift_bins), "references": built.bank.info})
-        table[product] = {"image_threshold": image_thr, "pixel_threshold": pixel_thr, "images": len(images),
+        table[product] = {"image_threshold": image_thr, "pixel_threshold": pixel_thr, "images": len(paths),
                           "references": built.bank.info.images, "bank_patches": built.bank.info.patches,
-                          "fusion": options.fusion, "score_mean": float(scores.mean()),
+                          "fusion": opts.fusion, "tiling": opts.tiling.model_dump() if opts.tiling else None,
+                          "score_mean": float(scores.mean()),
                           "score_std": float(scores.std())}
     manifest.provenance["calibration"] = {"image_quantile": image_quantile, "pixel_quantile": pixel_quantile,
                                           "drift_bins": drift_bins, "products": sorted(table),
                                           "references": options.images, "coreset_limit": options.coreset_limit,
-                                          "fusion": options.fusion}
+                                          "fusion": options.fusion,
+                                          "tiling": options.tiling.model_dump() if options.tiling else None}
     write_manifest(artifact, type(manifest).model_validate(manifest.model_dump()))
     return table

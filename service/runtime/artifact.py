@@ -113,6 +113,9 @@ class References(BaseModel):
     dapo_image: BranchStats  # DAPO's image score (the manifest's image_score mode)
     nn_global: BranchStats  # nearest-neighbour distance of the global feature
     nn_patch_max: BranchStats  # max over the image's patches of the nearest-neighbour distance
+    # the tile side (original px) the bank's patches were cut at: a tiled product's bank holds its
+    # good parts' tile features (docs/tiling.md); None = whole images. Must equal the product's tiling
+    tile: int | None = Field(default=None, ge=16)
 
 
 class Product(BaseModel):

@@ -146,21 +146,22 @@ class Detector:
     """One verified artifact with its backend. Thread-safe as far as the backend is: the server
     calls `prepare`/`render` from CPU threads and `infer` from inference threads."""
 
-    def __init__(self, manifest: Manifest, backend: Backend, folder: Path | None = None):
+    def __init__(self, manifest: Manifest, backend: Backend, folder: Path | None = None, references: bool = True):
         self.manifest = manifest
         self.backend = backend
         self.folder = folder
         self.name, self.version = manifest.name, manifest.version  # the artifact's identity
         # the products' reference banks (files verified with the manifest), searched on the backend's providers
-        self.references = ReferenceSet.load(folder, manifest, backend)
+        self.references = ReferenceSet.load(folder if references else None, manifest, backend)
 
     @classmethod
-    def load(cls, folder: str | Path, options: RuntimeOptions | None = None) -> "Detector":
-        """Read and (by default) verify the artifact, then build the chosen backend."""
+    def load(cls, folder: str | Path, options: RuntimeOptions | None = None, references: bool = True) -> "Detector":
+        """Read and (by default) verify the artifact, then build the chosen backend.
+        `references` False leaves the products' banks unread (calibration, which rebuilds them)."""
         options = options or RuntimeOptions()
         folder = Path(folder)
         manifest = load_manifest(folder, verify=options.verify)
-        return cls(manifest, build_backend(folder, manifest, options), folder)
+        return cls(manifest, build_backend(folder, manifest, options), folder, references)
 
     @property
     def class_names(self) -> list[str]:
@@ -174,10 +175,7 @@ class Detector:
         `gaussian_sigma` / `image_score` override the manifest's (evaluation studies only);
         `references` False leaves a product's reference bank out (zero-shot DAPO alone)."""
         resolved = scoring.policy(self.manifest, product, defect_types, threshold)
-        # a tiled product's bank would have to hold tile features (issue 23, item 2: not built
-        # yet), so its references are off and its answers say so (`references_used: false`)
-        use = (references and product is not None and product in self.references.banks
-               and resolved.tiling is None)
+        use = references and product is not None and product in self.references.banks
         overrides = {k: v for k, v in {"gaussian_sigma": gaussian_sigma, "image_score": image_score,
                                        "product": product, "references": use or None}.items()
                      if v is not None}
@@ -242,8 +240,7 @@ class Detector:
 
     def score(self, outputs: EncoderOutputs, policy: scoring.Policy, prepared: Prepared | None = None) -> Scores:
         """One image's outputs (leading axis 1; a tiled image's: one per input) -> its score and
-        smoothed map at the model size (tiled: stitched, `tiled_maps`; a tiled product's policy
-        never asks for references, see `policy`)."""
+        smoothed map at the model size (tiled: stitched, with its bank of tiles if any: `tiled_maps`)."""
         if prepared is not None and prepared.tiles is not None:
             return self._tiled_score(outputs, policy, prepared.tiles)
         outputs, policy = self.with_references(outputs, policy)
@@ -253,17 +250,28 @@ class Detector:
         return Scores(value, scoring.is_anomalous(value, policy.image_threshold), amap,
                       outputs.type_scores[0], probs)
 
-    def tiled_maps(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput
-                   ) -> tuple[float, np.ndarray, np.ndarray]:
-        """A tiled image's outputs -> (image score, stitched smoothed anomaly map, stitched type
-        map), both (Hc, Wc): each tile smoothed and scored as an untiled image is, then blended
-        and combined by the rules of `service.runtime.tiling`."""
+    def tiled_dapo(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput
+                   ) -> tuple[list[np.ndarray], float]:
+        """A tiled image's per-input smoothed DAPO maps and its DAPO image score: each input
+        smoothed and scored as an untiled image is, the score combined by the tiling's rule."""
         first = 1 if tiles.grid.count > 1 else 0  # a 1 x 1 grid's tile is the whole-image input
         amaps = [scoring.smooth(outputs.anomaly_map[i], policy.gaussian_sigma) for i in range(len(outputs))]
         scores = [scoring.image_score(outputs.anomaly_score[i], amaps[i], policy.image_score)
                   for i in range(len(outputs))]
+        return amaps, tiling.image_score(scores[0], scores[first:], tiles.rule)
+
+    def tiled_maps(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput
+                   ) -> tuple[float, np.ndarray, np.ndarray]:
+        """A tiled image's outputs -> (image score, stitched smoothed anomaly map, stitched type
+        map), both (Hc, Wc), by the rules of `service.runtime.tiling`; with the product's bank of
+        tiles (policy.references), the fused score and maps (`ReferenceSet.apply_tiled`)."""
+        amaps, value = self.tiled_dapo(outputs, policy, tiles)
+        if policy.references and policy.product is not None:
+            return self.references.apply_tiled(outputs, policy.product, tiles, amaps, value, policy.gaussian_sigma,
+                                               policy.pixel_threshold)
+        first = 1 if tiles.grid.count > 1 else 0
         anomaly, types = tiling.stitch(tiles.grid, np.stack(amaps[first:]), outputs.type_map[first:])
-        return tiling.image_score(scores[0], scores[first:], tiles.rule), anomaly, types
+        return value, anomaly, types
 
     def _tiled_score(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput) -> Scores:
         value, anomaly, _ = self.tiled_maps(outputs, policy, tiles)
@@ -321,13 +329,14 @@ class Detector:
         return results
 
     def infer_inputs(self, inputs: Sequence[np.ndarray], allowed: np.ndarray, class_probs: bool = False,
-                     batch_size: int = 16) -> EncoderOutputs:
+                     batch_size: int = 16, features: bool = False) -> EncoderOutputs:
         """Encoder inputs (3, S, S) of one policy -> their outputs in order, `batch_size` at a
-        time (a tiled image has many inputs)."""
+        time (a tiled image has many inputs); `features`: with the reference features."""
         parts = []
         for start in range(0, len(inputs), max(1, batch_size)):
             chunk = np.stack(inputs[start:start + batch_size])
-            parts.append(self.infer(chunk, np.broadcast_to(allowed, (len(chunk), len(allowed))), class_probs))
+            parts.append(self.infer(chunk, np.broadcast_to(allowed, (len(chunk), len(allowed))), class_probs,
+                                    features))
         return join_outputs(parts)
 
 

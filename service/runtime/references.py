@@ -20,6 +20,16 @@ scores and thresholds in [0, 1] like every other score of the service. Defect *t
 from DAPO: a pixel the fused map calls defective takes the argmax over the allowed defect
 classes (`defect_type_map`).
 
+A tiled product (docs/tiling.md) keeps a bank of its good parts' *tiles*: the patch features of
+every tile (the scale the encoder sees the part at), and the global feature of the whole-image
+pass. Serving searches each tile's patches, smooths each tile's distance map as the tiled path
+smooths DAPO's, and stitches both branches' maps with the tiles' blending rule (mean of the
+covering tiles) before z-scoring and fusing on the stitched map; the image fuses DAPO's tiled
+image score, the whole image's global distance and the max over all tiles' patch distances
+(`tiled_branches`). Why this split: small defects are found at the tiles' scale and global
+texture changes by the whole part's global feature (the measurements in the references issue:
+patches of 2 x 2 tiles with the whole image's class token beat either alone).
+
 The nearest-neighbour search runs where the encoder runs: a second small ONNX graph on the
 encoder's own execution providers (squared distances ||a||^2 - 2ab + ||b||^2, a ReduceMin, the
 bilinear upsampling), or torch on the torch backend's device; never numpy on the event loop
@@ -34,8 +44,10 @@ from pathlib import Path
 
 import numpy as np
 
+from service.runtime import tiling
 from service.runtime.artifact import BranchStats, Manifest, References
 from service.runtime.backends.base import EncoderOutputs
+from service.runtime.scoring import smooth
 
 FUSED_SCALE = 4.0  # squash(z) = sigmoid(z / FUSED_SCALE): z = 0 (a typical good part) -> 0.5
 FUSIONS = ("max", "mean")
@@ -240,6 +252,17 @@ def dapo_image_score(outputs: EncoderOutputs, mode: str) -> float:
     return image_score(outputs.anomaly_score[0], outputs.anomaly_map[0], mode)
 
 
+def check_tiling(product: str, info: References, product_tiling) -> None:
+    """A bank is searched with the patches of the inputs it was built from: whole images or
+    tiles of one size. A product whose tiling no longer matches its bank is refused at load."""
+    tile = product_tiling.tile if product_tiling is not None else None
+    if info.tile != tile:
+        built = f"tiles of {info.tile} px" if info.tile else "whole images"
+        now = f"tiles of {tile} px" if tile else "untiled"
+        raise ValueError(f"product {product!r}: its reference bank {info.file} was built from {built}, but the "
+                         f"product is {now}; run dapo calibrate --references again with the product's tiling")
+
+
 class ReferenceSet:
     """Every product's bank of one artifact, and the search that runs on them."""
 
@@ -255,6 +278,8 @@ class ReferenceSet:
         if not getattr(backend, "has_features", False):
             raise ValueError("this artifact's encoder has no reference features (baked before references); "
                              "re-bake it, then run dapo calibrate --references again")
+        for p, info in infos.items():
+            check_tiling(p, info, manifest.products[p].tiling)
         banks = {p: load_bank(folder, info) for p, info in infos.items()}
         g = manifest.image_size // manifest.backbone.patch_size
         return cls(banks, make_search(backend, g, manifest.image_size))
@@ -270,6 +295,35 @@ class ReferenceSet:
         pm, mx, gd = self.search(outputs.patch_features, bank.patches, outputs.global_feature, bank.globals)
         return Branches(dapo_map=outputs.anomaly_map[0], dapo_image=dapo_image_score(outputs, image_score_mode),
                         nn_map=pm[0], nn_global=float(gd[0]), nn_patch_max=float(mx[0]))
+
+    def tiled_branches(self, outputs: EncoderOutputs, bank: Bank, tiles: tiling.TiledInput,
+                       dapo_maps: list[np.ndarray], dapo_image: float, sigma: float) -> Branches:
+        """A tiled image's outputs (the whole image, then its tiles) against a bank of tiles: every
+        map stitched onto the tiled image's canvas (module docstring). `dapo_maps` are the
+        per-input smoothed DAPO maps and `dapo_image` the tiled image score, as the tiled path
+        computes them (Detector.tiled_maps), so the DAPO branch is exactly what is served."""
+        g = tiles.grid
+        first = 1 if g.count > 1 else 0  # a 1 x 1 grid's tile is the whole-image input
+        n = len(outputs.patch_features) - first
+        whole = np.repeat(outputs.global_feature[:1], n, axis=0)  # one global query per search row
+        pm, mx, gd = self.search(outputs.patch_features[first:], bank.patches, whole, bank.globals)
+        nn = np.stack([smooth(m, sigma) for m in pm])
+        return Branches(dapo_map=tiling.stitch_mean(g, np.stack(dapo_maps[first:])), dapo_image=float(dapo_image),
+                        nn_map=tiling.stitch_mean(g, nn), nn_global=float(gd[0]), nn_patch_max=float(np.max(mx)))
+
+    def apply_tiled(self, outputs: EncoderOutputs, product: str, tiles: tiling.TiledInput,
+                    dapo_maps: list[np.ndarray], dapo_image: float, sigma: float,
+                    pixel_threshold: float | None) -> tuple[float, np.ndarray, np.ndarray]:
+        """A tiled image's (fused image score, fused stitched map, stitched type map): the type map
+        is the allowed-defect argmax of the covering tile DAPO finds most anomalous (the tiled
+        blending rule), for the pixel threshold to cut (as `apply` does untiled)."""
+        bank = self.banks[product]
+        score, amap = self.tiled_branches(outputs, bank, tiles, dapo_maps, dapo_image, sigma).fused(bank.info)
+        first = 1 if tiles.grid.count > 1 else 0
+        use_defects = pixel_threshold is not None and outputs.defect_type_map is not None
+        types = outputs.defect_type_map if use_defects else outputs.type_map
+        _, stitched = tiling.stitch(tiles.grid, np.stack(dapo_maps[first:]), types[first:])
+        return score, amap, stitched
 
     def apply(self, outputs: EncoderOutputs, product: str, image_score_mode: str,
               pixel_threshold: float | None) -> EncoderOutputs:
