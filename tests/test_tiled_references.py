@@ -19,7 +19,12 @@ from service.runtime.artifact import Tiling, read_manifest, write_manifest
 from service.runtime.detector import Detector, ImageLimits, Upload
 from service.server.app import create_app
 from service.server.settings import Settings
-from training.references import ReferenceOptions, encode_sources, product_references, search_for
+from training.references import (
+    ReferenceOptions,
+    encode_sources,
+    product_references,
+    search_for,
+)
 
 K = 4
 TILE = 32  # the textures are 64 px: 2 x 2 tiles, each seen at the encoder's S

@@ -40,7 +40,12 @@ from service.runtime.artifact import (
 )
 from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from service.runtime.detector import Detector, RuntimeOptions
-from service.runtime.precision import TOLERANCES, TYPE_MAP_TOLERANCES, cpu_isa, median_run_ms
+from service.runtime.precision import (
+    TOLERANCES,
+    TYPE_MAP_TOLERANCES,
+    cpu_isa,
+    interleaved_median_ms,
+)
 
 log = logging.getLogger("dapo.quantize")
 
@@ -224,17 +229,20 @@ def _ort_int8(folder: Path, manifest: Manifest, calib: np.ndarray, check: np.nda
     cpu = ["CPUExecutionProvider"]
     fp32 = OrtBackend(folder / manifest.onnx_file("fp32"), providers=cpu)
     x, one = check[:1], _allowed(manifest, 1)
-    fp32_ms = median_run_ms(fp32, x, one, warm=1, runs=SPEED_RUNS)
-    out: dict = {"fp32_ms_batch1": round(fp32_ms, 2), "variants": {}, "kept": None}
+    out: dict = {"variants": {}, "kept": None}
     with tempfile.TemporaryDirectory(prefix="dapo-int8-", dir=folder.parent) as work:
         t = time.perf_counter()
         variants = quantize_ort_variants(folder, manifest, calib, Path(work))
         out["seconds"] = round(time.perf_counter() - t, 2)
+        backends = {name: OrtBackend(path, providers=cpu, precision="int8") for name, path in variants.items()}
+        timed = interleaved_median_ms({"fp32": fp32, **backends}, x, one, warm=1, runs=SPEED_RUNS)  # in turns
+        fp32_ms = timed["fp32"]
+        out["fp32_ms_batch1"] = round(fp32_ms, 2)
         best = None
         for name, path in variants.items():
-            backend = OrtBackend(path, providers=cpu, precision="int8")
+            backend = backends[name]
             verdict = _check(fp32, backend, check, manifest)
-            ms = median_run_ms(backend, x, one, warm=1, runs=SPEED_RUNS)
+            ms = timed[name]
             out["variants"][name] = {"passed": verdict.passed, "ms_batch1": round(ms, 2),
                                      "speedup_vs_fp32": round(fp32_ms / ms, 3), "max_abs_diff": verdict.max_abs_diff,
                                      "type_map_flips": verdict.type_map_mismatch_fraction}

@@ -32,7 +32,7 @@ log = logging.getLogger("dapo.precision")
 # measured on the demo and a random ViT-B/16@224 well below these (see docs/cpu-backends.md).
 TOLERANCES = {"bf16": 2e-2, "int8": 5e-2}
 TYPE_MAP_TOLERANCES = {"bf16": 1e-2, "int8": 2e-2}
-AUTO_RUNS = 5  # timed batches of 1 per candidate (after 2 warm ones); the median is compared
+AUTO_RUNS = 5  # timed rounds (one batch of 1 per candidate each, after 2 warm rounds); medians compared
 AUTO_WARM = 2
 CPU_BACKENDS = ("onnxruntime", "openvino")
 
@@ -102,17 +102,22 @@ def candidates(manifest, backend: str, isa: str) -> tuple[list[str], dict[str, s
     return out, skipped
 
 
-def median_run_ms(backend, x: np.ndarray, allowed: np.ndarray, warm: int = AUTO_WARM, runs: int = AUTO_RUNS) -> float:
-    """Median ms of `runs` timed calls after `warm` untimed ones (auto's measurement; bake's
-    INT8 check times its candidates the same way)."""
+def interleaved_median_ms(backends: dict, x: np.ndarray, allowed: np.ndarray, warm: int = AUTO_WARM,
+                          runs: int = AUTO_RUNS) -> dict[str, float]:
+    """{name: median ms per call}, the backends timed **in turns** (one call of each per round,
+    after `warm` untimed rounds): a station's load that changes during the measurement (another
+    process, a thermal step) then weighs on every candidate alike, where timing one candidate
+    after the other let the load decide the choice (auto's measurement; bake's INT8 check)."""
     for _ in range(warm):
-        backend.run(x, allowed)
-    times = []
+        for backend in backends.values():
+            backend.run(x, allowed)
+    times: dict[str, list[float]] = {name: [] for name in backends}
     for _ in range(runs):
-        t = time.perf_counter()
-        backend.run(x, allowed)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000.0
+        for name, backend in backends.items():
+            t = time.perf_counter()
+            backend.run(x, allowed)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1000.0 for name, v in times.items()}
 
 
 def within_tolerance(ref, out, precision: str) -> bool:
@@ -133,7 +138,7 @@ def choose(manifest, backend: str, build, seed: int = 0):
     s, c = manifest.image_size, len(manifest.vocabulary)
     x = np.random.default_rng(seed).standard_normal((1, 3, s, s), dtype=np.float32)
     allowed = np.ones((1, c), bool)
-    best, best_ms, best_precision, timings, reference = None, float("inf"), "fp32", {}, None
+    built, reference = {}, None
     for precision in names:
         try:
             candidate = build(precision)
@@ -146,9 +151,10 @@ def choose(manifest, backend: str, build, seed: int = 0):
                                                                                    "bf16"):
             skipped[precision] = "outside its tolerance of fp32 at load"
             continue
-        timings[precision] = round(median_run_ms(candidate, x, allowed), 3)
-        if timings[precision] < best_ms:
-            best, best_ms, best_precision = candidate, timings[precision], precision
+        built[precision] = candidate
+    timings = {p: round(ms, 3) for p, ms in interleaved_median_ms(built, x, allowed).items()} if built else {}
+    best_precision = min(timings, key=timings.__getitem__) if timings else "fp32"
+    best = built.get(best_precision)
     if best is None:
         raise RuntimeError(f"precision auto: no precision of {backend} could run: {skipped}")
     choice = Choice(backend, best_precision, isa, timings, skipped)
