@@ -153,6 +153,38 @@ def aurocs(det: Detector, test: Path, kinds: tuple[str, ...], references: bool) 
         f"{k}_per_texture": [round(x, 3) for x in v] for k, v in out.items()}
 
 
+def branch_values(det: Detector, folder: Path, bank, opts, policy) -> dict[str, list[float]]:
+    """Each image's branches against the bank, as serving computes them."""
+    from training.references import encode_sources, image_branches
+
+    encoded = encode_sources(det, sorted(folder.glob("*.png")), opts)
+    bs = [image_branches(det, det.references, e, bank, policy) for e in encoded]
+    return {"dapo": [b.dapo_image for b in bs], "nn_global": [b.nn_global for b in bs],
+            "nn_patch_max": [b.nn_patch_max for b in bs],
+            "fused_mean": [b.fused(bank.info, "mean")[0] for b in bs],
+            "fused_max": [b.fused(bank.info, "max")[0] for b in bs]}
+
+
+def branch_aurocs(det: Detector, test: Path, kinds: tuple[str, ...], tile: int | None) -> dict:
+    """{kind: {branch: mean AUROC}}: each image branch of the served bank alone (its raw value;
+    z-scoring is monotone), and both fusion rules on the same branches, to measure the rule."""
+    from service.runtime.artifact import Tiling
+    from training.references import ReferenceOptions, reference_policy
+
+    opts = ReferenceOptions(1, tiling=Tiling(tile=tile) if tile else None)
+    policy = reference_policy(det, opts)
+    rows: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
+    for name in TEXTURES:
+        bank = det.references.banks[name]
+        good = branch_values(det, test / name / "good", bank, opts, policy)
+        for kind in kinds:
+            bad = branch_values(det, test / name / kind, bank, opts, policy)
+            for branch, g in good.items():
+                y = [0] * len(g) + [1] * len(bad[branch])
+                rows[kind].setdefault(branch, []).append(float(roc_auc_score(y, g + bad[branch])))
+    return {k: {b: round(float(np.mean(v)), 3) for b, v in r.items()} for k, r in rows.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--artifact", required=True, type=Path)
@@ -162,6 +194,7 @@ def main() -> None:
     ap.add_argument("--crop-tiles", default="0,125", help="tile sides for part 1 (0 = whole)")
     ap.add_argument("--fusions", default="mean,max")
     ap.add_argument("--parts", default="1,2")
+    ap.add_argument("--branches", action="store_true", help="also each image branch alone, and both fusions")
     args = ap.parse_args()
     write_sets(args.work, args.n, args.seed)
     rows = []
@@ -179,6 +212,10 @@ def main() -> None:
                 rows.append({"part": "crops", "tile": tile, "references": True, "fusion": fusion,
                              **aurocs(det, test, ("local", "global"), True)})
                 print(json.dumps(rows[-1]), flush=True)
+                if args.branches and fusion == args.fusions.split(",")[0]:
+                    rows.append({"part": "crops", "tile": tile, "branches": branch_aurocs(det, test, ("local", "global"),
+                                                                                          tile or None)})
+                    print(json.dumps(rows[-1]), flush=True)
     if "2" in parts:
         for tile in (0, CROP // 2):
             fusion = args.fusions.split(",")[0]

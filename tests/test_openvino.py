@@ -31,6 +31,7 @@ from service.runtime.precision import (
     TOLERANCES,
     TYPE_MAP_TOLERANCES,
     candidates,
+    compare,
     cpu_isa,
 )
 from service.server.app import create_app
@@ -41,7 +42,6 @@ from training.quantize import (
     OV_INT8,
     QuantizeOptions,
     add_int8,
-    compare,
     good_images,
 )
 
@@ -163,7 +163,9 @@ def test_auto_never_selects_a_precision_that_failed_its_check(int8_artifact, tmp
                                                     "int8": "no accuracy check recorded"}
     detector = Detector.load(folder, RuntimeOptions(backend="openvino", precision="auto"))
     choice = detector.backend.precision_choice
-    assert detector.backend.precision == choice.precision == "fp32" and "int8" not in choice.ms_per_image
+    # fp32, or bf16 on a CPU that has it natively (and where it passed its check at load): never int8
+    assert detector.backend.precision == choice.precision and choice.precision in ("fp32", "bf16")
+    assert "int8" not in choice.ms_per_image
     assert choice.skipped["int8"] == "its accuracy check failed" and choice.isa == cpu_isa()
     with pytest.raises(ArtifactError, match="failed its accuracy check"):  # nor when asked by name
         Detector.load(folder, RuntimeOptions(backend="openvino", precision="int8"))
@@ -172,7 +174,12 @@ def test_auto_never_selects_a_precision_that_failed_its_check(int8_artifact, tmp
 def test_auto_measures_every_passing_precision_and_serves_the_fastest(int8_artifact):
     detector = Detector.load(int8_artifact, RuntimeOptions(backend="openvino", precision="auto"))
     choice = detector.backend.precision_choice
-    assert set(choice.ms_per_image) == {"fp32", "int8"}
+    native_bf16 = "bf16" in cpu_isa() or "amx" in cpu_isa()  # the test runs on AVX2 and AVX-512 bf16 CPUs alike
+    assert set(choice.ms_per_image) | set(choice.skipped) == ({"fp32", "int8", "bf16"})
+    assert "int8" in choice.ms_per_image and ("bf16" in choice.ms_per_image) == (native_bf16 and "bf16" not in
+                                                                                choice.skipped)
+    if not native_bf16:
+        assert "no native bf16" in choice.skipped["bf16"]
     assert choice.ms_per_image[choice.precision] == min(choice.ms_per_image.values())
     assert detector.backend.provider == f"CPU:{choice.precision}"
 

@@ -38,11 +38,10 @@ from service.runtime.artifact import (
     load_manifest,
     write_manifest,
 )
-from service.runtime.backends.base import GRAPH_OUTPUTS, EncoderOutputs
 from service.runtime.detector import Detector, RuntimeOptions
 from service.runtime.precision import (
     TOLERANCES,
-    TYPE_MAP_TOLERANCES,
+    compare,
     cpu_isa,
     interleaved_median_ms,
 )
@@ -92,23 +91,6 @@ def calibration_split(detector: Detector, options: QuantizeOptions) -> tuple[np.
         return np.stack([detector.prepare(Image.open(p), filename=str(p)).pixel_values for p in ps])
     check, calib = paths[-n_check:], paths[:-n_check][:options.max_images]
     return pixels(calib), pixels(check)
-
-
-def compare(ref: EncoderOutputs, out: EncoderOutputs, allowed: np.ndarray, precision: str = "int8") -> Verification:
-    """`out` vs the fp32 `ref` (same inputs, class maps fetched) under the precision's tolerance;
-    type-map flips at near-ties (two allowed classes within the tolerance) are reported, not counted."""
-    tol = TOLERANCES[precision]
-    diffs = {n: float(np.max(np.abs(getattr(ref, n).astype(np.float64) - getattr(out, n))))
-             for n in GRAPH_OUTPUTS if n not in ("type_map", "class_probs")}
-    probs = np.where(allowed[:, :, None, None], ref.class_probs, -1.0)
-    picked = np.take_along_axis(probs, out.type_map[:, None].astype(np.int64), 1)[:, 0]
-    best = np.take_along_axis(probs, ref.type_map[:, None].astype(np.int64), 1)[:, 0]
-    differ = ref.type_map != out.type_map
-    beyond = float(np.mean(differ & (best - picked > tol)))
-    passed = all(v <= tol for v in diffs.values()) and beyond <= TYPE_MAP_TOLERANCES[precision]
-    return Verification(max_abs_diff=diffs, type_map_mismatch_fraction=beyond, tolerance=tol, passed=passed,
-                        type_map_tolerance=TYPE_MAP_TOLERANCES[precision], type_map_tie_margin=tol,
-                        type_map_flips_at_ties=float(np.mean(differ)) - beyond)
 
 
 def _allowed(manifest: Manifest, n: int) -> np.ndarray:
