@@ -76,10 +76,19 @@ def settings(demo_artifact, redis_url, fleet_dir) -> Settings:
                     samples_dir=fleet_dir / "samples", samples_policy='{"*": [{"kind": "all"}]}')
 
 
+# Ray Serve kills a proxy that is not ready within 5 s (RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S) and
+# serve.start then fails with ActorDiedError: on a loaded machine (CI with a busy core) starting a
+# proxy takes longer. Deadlines that hold on a slow machine, read by Ray's processes at ray.init.
+RAY_DEADLINES = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
+
+
 @pytest.fixture(scope="module")
 def ray_url(settings):
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in RAY_DEADLINES.items():
+            env.setenv(key, value)
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(settings, replicas=2, num_cpus=1), name="dapo-test", route_prefix="/")
