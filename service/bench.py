@@ -3,7 +3,8 @@
 - ``encoder``: the bare backend (ONNX Runtime fp32 / fp16 / int8, OpenVINO fp32 / bf16 / int8,
   torch fp32 / fp16 / bf16, and `auto`) swept over batch sizes: images/s, per-batch latency
   p50/p95/p99, peak GPU memory where there is a GPU, and the ratio to ONNX Runtime fp32 at the
-  same batch (`x_ort_fp32`). ONNX Runtime fp16 runs encoder_fp16.onnx (`dapo bake --fp16`), int8
+  same batch (`x_ort_fp32`); `--interleave ROUNDS` loads every configuration first and times
+  them in turns (medians), which a shared CPU needs for precision ratios. ONNX Runtime fp16 runs encoder_fp16.onnx (`dapo bake --fp16`), int8
   encoder_int8_ort.onnx and OpenVINO int8 encoder_int8.xml (`dapo quantize`); a precision the
   artifact or the CPU lacks gives a row with `skipped` and the reason. The CPU's ISA is printed.
 - ``e2e``: POST /detect on a real server process (uvicorn, default settings) against the bare
@@ -119,6 +120,57 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
     return rows
 
 
+class _Timed:
+    """A loaded configuration as `precision.interleaved_median_ms` calls it."""
+
+    def __init__(self, detector: Detector):
+        self.detector = detector
+
+    def run(self, x: np.ndarray, allowed: np.ndarray):
+        return self.detector.infer(x, allowed)
+
+
+def bench_encoder_interleaved(artifact: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
+                              rounds: int, providers: list[str] | None = None, threads: int | None = None
+                              ) -> list[dict]:
+    """Every (backend, precision) loaded first, then timed **in turns** per batch size (one call
+    of each per round, `rounds` rounds, medians): a load that changes during the run (another
+    process on a shared CPU) weighs on every configuration alike, where the sequential sweep
+    lets it decide the ratios. Rows: ms per image, ratio to ONNX Runtime fp32, what auto picked."""
+    from service.runtime.precision import interleaved_median_ms
+
+    loaded: dict[str, _Timed] = {}
+    rows: list[dict] = [{"cpu_isa": cpu_isa(), "interleaved_rounds": rounds}]
+    for backend in backends:
+        for precision in _precisions_for(backend, precisions, load_manifest(artifact)):
+            try:
+                loaded[f"{backend}:{precision}"] = _Timed(Detector.load(artifact, RuntimeOptions(
+                    backend=backend, providers=tuple(providers) if providers else None, precision=precision,
+                    verify=False, threads=threads)))
+            except (ArtifactError, RuntimeError, ValueError, ImportError) as e:
+                rows.append({"backend": backend, "precision": precision, "skipped": str(e)})
+    if not loaded:
+        return rows
+    manifest = next(iter(loaded.values())).detector.manifest
+    s, c = manifest.image_size, len(manifest.vocabulary)
+    for b in batch_sizes:
+        x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
+        ms = interleaved_median_ms(loaded, x, np.ones((b, c), bool), warm=1, runs=rounds)
+        base = ms.get("onnxruntime:fp32")
+        for name, t in ms.items():
+            backend, precision = name.split(":")
+            row = {"backend": backend, "provider": loaded[name].detector.backend.provider, "precision": precision,
+                   "batch": b, "ms_per_image": round(t / b, 2), "img_per_s": round(1000.0 * b / t, 2)}
+            if base is not None:
+                row["x_ort_fp32"] = round(base / t, 3)
+            picked = getattr(loaded[name].detector.backend, "precision_choice", None)
+            if picked is not None:
+                row["auto_picked"] = picked.precision
+                row["auto_ms_per_image_batch1"] = picked.ms_per_image
+            rows.append(row)
+    return rows
+
+
 def _precisions_for(backend: str, precisions: list[str], manifest) -> list[str]:
     """What this backend runs of the requested precisions: torch and OpenVINO all of them (a row
     says why one is skipped); ONNX Runtime always fp32 (the reference the others are compared
@@ -213,6 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-sizes", default="1,2,4,8")
     p.add_argument("--providers", help="ORT execution providers, comma list (default: best available)")
     p.add_argument("--seconds", type=float, default=3.0, help="time per encoder configuration")
+    p.add_argument("--interleave", type=int, metavar="ROUNDS", help="encoder: load every configuration, then "
+                   "time them in turns for ROUNDS rounds (medians; for shared CPUs and precision ratios)")
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=16)
@@ -234,9 +288,10 @@ def run(args: argparse.Namespace) -> int:
     artifact = Path(args.artifact)
     out: dict = {}
     if args.mode in ("encoder", "all"):
-        out["encoder"] = bench_encoder(artifact, args.backends.split(","), args.precisions.split(","),
-                                       [int(b) for b in args.batch_sizes.split(",")], args.seconds,
-                                       args.providers.split(",") if args.providers else None, args.threads)
+        sweep = (args.backends.split(","), args.precisions.split(","), [int(b) for b in args.batch_sizes.split(",")])
+        providers = args.providers.split(",") if args.providers else None
+        out["encoder"] = (bench_encoder_interleaved(artifact, *sweep, args.interleave, providers, args.threads)
+                          if args.interleave else bench_encoder(artifact, *sweep, args.seconds, providers, args.threads))
     if args.mode in ("e2e", "all"):
         out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format, server_env=server_env)
     if args.mode in ("load", "all"):

@@ -242,3 +242,22 @@ def test_quantize_cli_reports_and_refuses_a_root_without_good_parts(tmp_path):
     with pytest.raises(ValueError, match="no good images"):
         good_images(tmp_path)
     assert json.loads(json.dumps(TOLERANCES)) == TOLERANCES  # documented values are plain numbers
+
+
+def test_interleaved_encoder_bench_times_every_configuration_and_says_what_auto_picked(int8_artifact):
+    from service.bench import bench_encoder_interleaved
+
+    rows = bench_encoder_interleaved(int8_artifact, ["onnxruntime", "openvino"], ["fp32", "int8", "auto"], [1, 2],
+                                     rounds=2)
+    assert rows[0] == {"cpu_isa": cpu_isa(), "interleaved_rounds": 2}
+    timed = {(r["backend"], r["precision"], r["batch"]): r for r in rows[1:] if "skipped" not in r}
+    for backend in ("onnxruntime", "openvino"):
+        for precision in ("fp32", "int8", "auto"):
+            for batch in (1, 2):
+                row = timed[(backend, precision, batch)]
+                assert row["ms_per_image"] > 0 and row["img_per_s"] == pytest.approx(1000 / row["ms_per_image"], rel=0.02)
+    assert all(timed[("onnxruntime", "fp32", b)]["x_ort_fp32"] == 1.0 for b in (1, 2))
+    for backend in ("onnxruntime", "openvino"):  # auto says what it measured at load and what it serves
+        auto = timed[(backend, "auto", 1)]
+        assert auto["auto_picked"] in auto["auto_ms_per_image_batch1"]
+        assert auto["auto_ms_per_image_batch1"][auto["auto_picked"]] == min(auto["auto_ms_per_image_batch1"].values())
