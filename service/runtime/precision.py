@@ -5,7 +5,8 @@ Why measure instead of a rule: the same INT8 model measured 3.6x faster than fp3
 AVX-512 VNNI CPU and 0.8x (slower) on an AVX2 one; stations in plants differ the same way. So
 `auto` runs, at load, a few warm batches of 1 through each precision this backend can serve
 from the artifact *and* whose accuracy check passed at bake (`Manifest.precision_checks`), and
-keeps the fastest. A precision that failed its check, or that the CPU lacks (bf16 without
+keeps the fastest; a reduced precision only if it is at least `AUTO_MIN_GAIN` (1.1x) faster
+than fp32, since it costs some accuracy and a smaller gain is within the noise. A precision that failed its check, or that the CPU lacks (bf16 without
 AVX-512 bf16 / AMX), is never a candidate; fp32 always is, so auto is never slower than the
 backend's fp32 by more than the measurement's noise.
 
@@ -37,6 +38,8 @@ TOLERANCES = {"bf16": 2e-2, "int8": 5e-2}
 TYPE_MAP_TOLERANCES = {"bf16": 1e-2, "int8": 2e-2}
 AUTO_RUNS = 5  # timed rounds (one batch of 1 per candidate each, after 2 warm rounds); medians compared
 AUTO_WARM = 2
+# a reduced precision serves only when it measures this many times faster than fp32 at load (`pick`)
+AUTO_MIN_GAIN = 1.1
 CPU_BACKENDS = ("onnxruntime", "openvino")
 
 
@@ -141,6 +144,18 @@ def compare(ref: EncoderOutputs, out: EncoderOutputs, allowed: np.ndarray, preci
                         type_map_flips_at_ties=float(np.mean(differ)) - beyond)
 
 
+def pick(timings: dict[str, float]) -> tuple[str, dict[str, str]]:
+    """The precision auto serves from measured {precision: ms}, and why faster-looking ones were
+    passed over: a reduced precision must beat fp32 by AUTO_MIN_GAIN, since it costs accuracy and
+    a tie is measurement noise (on a CPU without VNNI, OpenVINO INT8 and fp32 measure within a
+    few % of each other, and the lower of two equal numbers is a coin toss)."""
+    fp32 = timings.get("fp32")
+    passed_over = {p: f"measured {t} ms against fp32's {fp32} ms: not {AUTO_MIN_GAIN}x faster"
+                   for p, t in timings.items() if fp32 is not None and p != "fp32" and t * AUTO_MIN_GAIN > fp32}
+    eligible = {p: t for p, t in timings.items() if p not in passed_over}
+    return (min(eligible, key=eligible.__getitem__) if eligible else "fp32"), passed_over
+
+
 def choose(manifest, backend: str, build, seed: int = 0):
     """Measure each candidate at batch 1 on this CPU and return (the fastest backend, Choice).
 
@@ -166,7 +181,8 @@ def choose(manifest, backend: str, build, seed: int = 0):
             continue
         built[precision] = candidate
     timings = {p: round(ms, 3) for p, ms in interleaved_median_ms(built, x, allowed).items()} if built else {}
-    best_precision = min(timings, key=timings.__getitem__) if timings else "fp32"
+    best_precision, not_faster = pick(timings)
+    skipped.update(not_faster)
     best = built.get(best_precision)
     if best is None:
         raise RuntimeError(f"precision auto: no precision of {backend} could run: {skipped}")
