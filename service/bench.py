@@ -228,8 +228,9 @@ def bench_e2e(artifact: Path, n_images: int = 16, width: int = 640, height: int 
 
 
 def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width: int = 640,
-               height: int = 480, server_env: dict[str, str] | None = None) -> dict:
-    """Images/s end to end with concurrent single-image clients (micro-batching at work)."""
+               height: int = 480, server_env: dict[str, str] | None = None, product: str | None = None) -> dict:
+    """Images/s end to end with concurrent single-image clients (micro-batching at work); with a
+    tiled `product`, also the encoder inputs (tiles + the whole-image pass) per second."""
     import httpx
 
     images = test_images(8, width, height)
@@ -237,7 +238,8 @@ def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width
                                                   limits=httpx.Limits(max_connections=concurrency)) as client:
         def one(i: int) -> tuple[float, int]:
             t = time.perf_counter()
-            r = client.post("/detect", files={"image": ("p.png", images[i % len(images)], "image/png")})
+            r = client.post("/detect", files={"image": ("p.png", images[i % len(images)], "image/png")},
+                            data={"product": product} if product else None)
             return time.perf_counter() - t, r.status_code
 
         one(0)
@@ -249,8 +251,16 @@ def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width
     ok = [t for t, code in results if code == 200]
     sizes = [line for line in metrics.splitlines() if line.startswith("dapo_batch_size_sum")
              or line.startswith("dapo_batch_size_count")]
-    return {"concurrency": concurrency, "requests": requests, "ok": len(ok), "img_per_s": round(len(ok) / wall, 2),
-            **percentiles(ok), "batch_size_metric": sizes}
+    out = {"concurrency": concurrency, "requests": requests, "ok": len(ok), "img_per_s": round(len(ok) / wall, 2),
+           **percentiles(ok), "batch_size_metric": sizes}
+    tiling = load_manifest(artifact).products.get(product).tiling if product else None
+    if tiling is not None:
+        from service.runtime.tiling import grid
+
+        count = grid(width, height, tiling, load_manifest(artifact).image_size).count
+        inputs = count + 1 if count > 1 else 1  # the tiles and the whole-image pass (a 1 x 1 grid: one input)
+        out.update({"product": product, "inputs_per_image": inputs, "inputs_per_s": round(inputs * len(ok) / wall, 2)})
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -278,6 +288,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-http", action="store_true", help="cpu-path: in-process stages only (no server)")
     p.add_argument("--tiles", type=int, default=4, help="cpu-path: N x N tiles of the 5 MP image vs untiled (0 = skip)")
     p.add_argument("--tiled-only", action="store_true", help="cpu-path: only the tiled vs untiled section")
+    p.add_argument("--product", help="load: the product each request names (a tiled one: tiles per second too)")
     p.add_argument("--server-env", action="append", default=[], metavar="DAPO_KEY=VALUE",
                    help="settings of the served process for e2e/load (repeatable), e.g. DAPO_BACKEND=torch")
 
@@ -295,7 +306,8 @@ def run(args: argparse.Namespace) -> int:
     if args.mode in ("e2e", "all"):
         out["e2e"] = bench_e2e(artifact, args.images, w, h, args.rounds, fmt=args.format, server_env=server_env)
     if args.mode in ("load", "all"):
-        out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h, server_env=server_env)
+        out["load"] = bench_load(artifact, args.concurrency, args.requests, w, h, server_env=server_env,
+                                 product=args.product)
     if args.mode == "cpu-path":
         from service.bench_cpu_path import CpuPathOptions, bench_cpu_path
 
