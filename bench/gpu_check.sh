@@ -41,5 +41,6 @@ m = read_manifest(sys.argv[1]); m.products["cam5mp"] = Product(tiling=Tiling(til
 PY
 python3 -m service.cli bench --artifact "$ART" --mode load --concurrency 64 --requests 400 --size 2448x2048 \
   --product cam5mp --server-env DAPO_BACKEND=torch --server-env DAPO_PRECISION=bf16 \
-  --server-env DAPO_MAX_BATCH_SIZE=64 --server-env DAPO_MAX_QUEUE_SIZE=2048 > "$OUT/load_tiled_5mp.json"
+  --server-env DAPO_MAX_BATCH_SIZE=64 --server-env DAPO_MAX_QUEUE_SIZE=2048 \
+  --server-env DAPO_MAX_INFLIGHT_REQUESTS=128 > "$OUT/load_tiled_5mp.json"
 echo done
