@@ -164,16 +164,23 @@ def test_torch_backend_fuses_like_onnxruntime(banked, textures):
         assert np.abs(x.scores.anomaly_map - y.scores.anomaly_map).max() < 1e-3
 
 
-def test_detect_says_whether_references_were_used_and_model_lists_bank_sizes(banked, textures):
+def detect_on_and_off(artifact: Path, textures: Path, max_batch_size: int = 1) -> tuple[dict, dict, dict, dict]:
+    """/detect of a wood scratch with the product's bank, with references=false, without a
+    product; and /v1/model (the real app in process)."""
     buf = io.BytesIO()
     Image.open(wood(textures, "scratch")[0]).save(buf, "PNG")
     files = [("image", ("s.png", buf.getvalue(), "image/png"))]
-    settings = Settings(artifact=banked, max_batch_size=1, max_queue_delay_ms=0, log_level="WARNING")
+    settings = Settings(artifact=artifact, max_batch_size=max_batch_size, max_queue_delay_ms=0, log_level="WARNING")
     with TestClient(create_app(settings, configure_logs=False)) as client:
         on = client.post("/detect", files=files, data={"product": "wood"}).json()["results"][0]
         off = client.post("/detect?references=false", files=files, data={"product": "wood"}).json()["results"][0]
         none = client.post("/detect", files=files).json()["results"][0]
         info = client.get("/v1/model").json()
+    return on, off, none, info
+
+
+def test_detect_says_whether_references_were_used_and_model_lists_bank_sizes(banked, textures):
+    on, off, none, info = detect_on_and_off(banked, textures)
     assert on["references_used"] is True and off["references_used"] is False and none["references_used"] is False
     assert on["anomaly_score"] != off["anomaly_score"]
     assert info["products"]["wood"]["references"] == {"images": K, "patches": LIMIT}

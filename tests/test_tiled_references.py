@@ -3,7 +3,6 @@
 fused on the stitched map when serving, off with references=false, leave-one-out in calibration."""
 from __future__ import annotations
 
-import io
 import json
 import shutil
 import subprocess
@@ -12,19 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
-from PIL import Image
+from test_references import detect_on_and_off  # the tests import each other flat
 
 from service.runtime.artifact import Tiling, read_manifest, write_manifest
 from service.runtime.detector import Detector, ImageLimits, Upload
-from service.server.app import create_app
-from service.server.settings import Settings
-from training.references import (
-    ReferenceOptions,
-    encode_sources,
-    product_references,
-    search_for,
-)
+from training.references import ReferenceOptions, encode_sources, product_references, search_for
 
 K = 4
 TILE = 32  # the textures are 64 px: 2 x 2 tiles, each seen at the encoder's S
@@ -116,16 +107,8 @@ def test_references_false_gives_the_tiled_answer_of_the_artifact_without_a_bank(
 
 
 def test_detect_on_a_tiled_product_says_references_were_used(tiled_banked, textures):
-    buf = io.BytesIO()
-    Image.open(wood(textures, "scratch")[0]).save(buf, "PNG")
-    files = [("image", ("s.png", buf.getvalue(), "image/png"))]
-    settings = Settings(artifact=tiled_banked, max_batch_size=4, max_queue_delay_ms=0, log_level="WARNING")
-    with TestClient(create_app(settings, configure_logs=False)) as client:
-        on = client.post("/detect?mask_format=rle", files=files, data={"product": "wood"}).json()["results"][0]
-        off = client.post("/detect?references=false&mask_format=rle", files=files,
-                          data={"product": "wood"}).json()["results"][0]
-        info = client.get("/v1/model").json()
-    assert on["references_used"] is True and off["references_used"] is False
+    on, off, none, info = detect_on_and_off(tiled_banked, textures, max_batch_size=4)
+    assert on["references_used"] is True and off["references_used"] is False and none["references_used"] is False
     assert on["anomaly_score"] != off["anomaly_score"]
     assert info["products"]["wood"]["references"] == {"images": K, "patches": LIMIT}
 
