@@ -274,3 +274,26 @@ def test_interleaved_encoder_bench_times_every_configuration_and_says_what_auto_
     for backend in ("onnxruntime", "openvino"):  # auto says what it measured at load and what it serves
         auto = timed[(backend, "auto", 1)]
         assert auto["auto_picked"] == pick(auto["auto_ms_per_image_batch1"])[0]
+
+
+def test_openvino_serves_a_product_s_reference_bank_like_onnxruntime(int8_artifact, textures, tmp_path):
+    from training.data import Sample
+    from training.references import ReferenceOptions, calibrate_references
+
+    folder = tmp_path / "banked"
+    shutil.copytree(int8_artifact, folder)
+    good = [Sample(image=p, mask=None, product="wood", defect=None, label=0, class_id=0)
+            for p in sorted((textures / "wood" / "good").glob("*.png"))[:6]]
+    calibrate_references(folder, good, ReferenceOptions(4, coreset_limit=120), 0.99, 0.999, 8)
+    images = [Image.open(p).convert("RGB") for p in sorted((textures / "wood" / "scratch").glob("*.png"))[:2]]
+    ort = Detector.load(folder)
+    for precision in ("fp32", "int8"):
+        ov = Detector.load(folder, RuntimeOptions(backend="openvino", precision=precision))
+        assert ov.backend.has_features and "wood" in ov.references.banks
+        tolerance = 1e-4 if precision == "fp32" else TOLERANCES["int8"]
+        for a, b in zip(ort.predict(images, ort.policy("wood")), ov.predict(images, ov.policy("wood")), strict=True):
+            assert abs(a.scores.anomaly_score - b.scores.anomaly_score) <= tolerance
+            assert float(np.abs(a.scores.anomaly_map - b.scores.anomaly_map).max()) <= tolerance
+        off = ov.predict(images, ov.policy("wood", references=False))
+        assert any(abs(x.scores.anomaly_score - y.scores.anomaly_score) > 1e-3
+                   for x, y in zip(off, ov.predict(images, ov.policy("wood"))))  # the bank is used

@@ -24,7 +24,7 @@ import openvino.properties as props
 import openvino.properties.hint as hints
 
 from service.runtime.backends.base import (
-    GRAPH_OUTPUTS,
+    FEATURE_OUTPUTS,
     INPUT_NAMES,
     OUTPUT_NAMES,
     EncoderOutputs,
@@ -73,6 +73,9 @@ class OpenVinoBackend:
         ran = self.compiled.get_property(hints.inference_precision)
         if precision != "int8" and ran != OV_TYPES[precision]:  # never a precision that was not asked for
             raise PrecisionUnavailable(f"OpenVINO compiled {self.model_path.name} at {ran}, not {precision}")
+        # the reference features (a product's bank, service.runtime.references) when the graph has them;
+        # the search then runs on ONNX Runtime's CPU provider, on the same CPU as this encoder
+        self.has_features = set(FEATURE_OUTPUTS) <= {n for out in self.compiled.outputs for n in out.get_names()}
         self.threads = int(self.compiled.get_property(props.inference_num_threads))
         self.provider = f"{DEVICE}:{precision}"
         self._local = threading.local()  # one infer request per calling thread (workers > 1)
@@ -83,10 +86,15 @@ class OpenVinoBackend:
             request = self._local.request = self.compiled.create_infer_request()
         return request
 
-    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False) -> EncoderOutputs:
+    def run(self, pixel_values: np.ndarray, allowed: np.ndarray, class_probs: bool = False,
+            features: bool = False) -> EncoderOutputs:
+        if features and not self.has_features:
+            raise ValueError(f"{self.model_path.name} has no {FEATURE_OUTPUTS} outputs (baked before references): "
+                             "re-bake the artifact to use references")
         feeds = dict(zip(INPUT_NAMES, (np.ascontiguousarray(pixel_values, dtype=np.float32),
                                        np.ascontiguousarray(allowed, dtype=bool))))
         request = self._request()
         request.infer(feeds, share_inputs=True, share_outputs=True)
-        names = GRAPH_OUTPUTS if class_probs else OUTPUT_NAMES  # copy out only what is asked
-        return EncoderOutputs(*(np.array(request.get_tensor(n).data, copy=True) for n in names))
+        # copy out only what is asked
+        names = (*OUTPUT_NAMES, *(("class_probs",) if class_probs else ()), *(FEATURE_OUTPUTS if features else ()))
+        return EncoderOutputs(**{n: np.array(request.get_tensor(n).data, copy=True) for n in names})
