@@ -155,9 +155,9 @@ def aurocs(det: Detector, test: Path, kinds: tuple[str, ...], references: bool) 
 
 def branch_values(det: Detector, folder: Path, bank, opts, policy) -> dict[str, list[float]]:
     """Each image's branches against the bank, as serving computes them."""
-    from training.references import encode_sources, image_branches
+    from training.references import encode_good, image_branches
 
-    encoded = encode_sources(det, sorted(folder.glob("*.png")), opts)
+    encoded = encode_good(det, sorted(folder.glob("*.png")), opts)
     bs = [image_branches(det, det.references, e, bank, policy) for e in encoded]
     return {"dapo": [b.dapo_image for b in bs], "nn_global": [b.nn_global for b in bs],
             "nn_patch_max": [b.nn_patch_max for b in bs],
@@ -172,7 +172,7 @@ def branch_aurocs(det: Detector, test: Path, kinds: tuple[str, ...], tile: int |
     from training.references import ReferenceOptions, reference_policy
 
     opts = ReferenceOptions(1, tiling=Tiling(tile=tile) if tile else None)
-    policy = reference_policy(det, opts)
+    policy = reference_policy(det, opts.tiling)
     rows: dict[str, dict[str, list[float]]] = {k: {} for k in kinds}
     for name in TEXTURES:
         bank = det.references.banks[name]

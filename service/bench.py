@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from service.runtime.artifact import ArtifactError, load_manifest
+from service.runtime.artifact import ArtifactError, load_manifest, read_manifest
+from service.runtime.backends.base import Backend
 from service.runtime.detector import Detector, RuntimeOptions
 from service.runtime.precision import cpu_isa
 from service.server.local_server import Server
@@ -120,16 +121,6 @@ def bench_encoder(artifact: Path, backends: list[str], precisions: list[str], ba
     return rows
 
 
-class _Timed:
-    """A loaded configuration as `precision.interleaved_median_ms` calls it."""
-
-    def __init__(self, detector: Detector):
-        self.detector = detector
-
-    def run(self, x: np.ndarray, allowed: np.ndarray):
-        return self.detector.infer(x, allowed)
-
-
 def bench_encoder_interleaved(artifact: Path, backends: list[str], precisions: list[str], batch_sizes: list[int],
                               rounds: int, providers: list[str] | None = None, threads: int | None = None
                               ) -> list[dict]:
@@ -139,31 +130,29 @@ def bench_encoder_interleaved(artifact: Path, backends: list[str], precisions: l
     lets it decide the ratios. Rows: ms per image, ratio to ONNX Runtime fp32, what auto picked."""
     from service.runtime.precision import interleaved_median_ms
 
-    loaded: dict[str, _Timed] = {}
+    manifest = load_manifest(artifact)  # files verified once; the loads below skip it
+    loaded: dict[str, Backend] = {}  # the bare encoders, as interleaved_median_ms calls them
     rows: list[dict] = [{"cpu_isa": cpu_isa(), "interleaved_rounds": rounds}]
     for backend in backends:
-        for precision in _precisions_for(backend, precisions, load_manifest(artifact)):
+        for precision in _precisions_for(backend, precisions, manifest):
             try:
-                loaded[f"{backend}:{precision}"] = _Timed(Detector.load(artifact, RuntimeOptions(
+                loaded[f"{backend}:{precision}"] = Detector.load(artifact, RuntimeOptions(
                     backend=backend, providers=tuple(providers) if providers else None, precision=precision,
-                    verify=False, threads=threads)))
+                    verify=False, threads=threads)).backend
             except (ArtifactError, RuntimeError, ValueError, ImportError) as e:
                 rows.append({"backend": backend, "precision": precision, "skipped": str(e)})
-    if not loaded:
-        return rows
-    manifest = next(iter(loaded.values())).detector.manifest
     s, c = manifest.image_size, len(manifest.vocabulary)
     for b in batch_sizes:
         x = np.random.default_rng(b).standard_normal((b, 3, s, s), dtype=np.float32)
-        ms = interleaved_median_ms(loaded, x, np.ones((b, c), bool), warm=1, runs=rounds)
+        ms = interleaved_median_ms(loaded, x, np.ones((b, c), bool), warm=1, runs=rounds) if loaded else {}
         base = ms.get("onnxruntime:fp32")
         for name, t in ms.items():
             backend, precision = name.split(":")
-            row = {"backend": backend, "provider": loaded[name].detector.backend.provider, "precision": precision,
+            row = {"backend": backend, "provider": loaded[name].provider, "precision": precision,
                    "batch": b, "ms_per_image": round(t / b, 2), "img_per_s": round(1000.0 * b / t, 2)}
             if base is not None:
                 row["x_ort_fp32"] = round(base / t, 3)
-            picked = getattr(loaded[name].detector.backend, "precision_choice", None)
+            picked = getattr(loaded[name], "precision_choice", None)
             if picked is not None:
                 row["auto_picked"] = picked.precision
                 row["auto_ms_per_image_batch1"] = picked.ms_per_image
@@ -253,11 +242,12 @@ def bench_load(artifact: Path, concurrency: int = 16, requests: int = 200, width
              or line.startswith("dapo_batch_size_count")]
     out = {"concurrency": concurrency, "requests": requests, "ok": len(ok), "img_per_s": round(len(ok) / wall, 2),
            **percentiles(ok), "batch_size_metric": sizes}
-    tiling = load_manifest(artifact).products.get(product).tiling if product else None
+    manifest = read_manifest(artifact) if product else None
+    tiling = manifest.products[product].tiling if manifest is not None and product in manifest.products else None
     if tiling is not None:
         from service.runtime.tiling import grid
 
-        count = grid(width, height, tiling, load_manifest(artifact).image_size).count
+        count = grid(width, height, tiling, manifest.image_size).count
         inputs = count + 1 if count > 1 else 1  # the tiles and the whole-image pass (a 1 x 1 grid: one input)
         out.update({"product": product, "inputs_per_image": inputs, "inputs_per_s": round(inputs * len(ok) / wall, 2)})
     return out

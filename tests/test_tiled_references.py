@@ -15,7 +15,14 @@ from test_references import detect_on_and_off  # the tests import each other fla
 
 from service.runtime.artifact import Tiling, read_manifest, write_manifest
 from service.runtime.detector import Detector, ImageLimits, Upload
-from training.references import ReferenceOptions, encode_sources, product_references, search_for
+from training.references import (
+    ReferenceOptions,
+    encode_good,
+    image_branches,
+    product_references,
+    reference_policy,
+    search_for,
+)
 
 K = 4
 TILE = 32  # the textures are 64 px: 2 x 2 tiles, each seen at the encoder's S
@@ -116,15 +123,15 @@ def test_detect_on_a_tiled_product_says_references_were_used(tiled_banked, textu
 def test_a_tiled_reference_never_scores_itself_at_zero(tiled_banked, good_dir):
     det = Detector.load(tiled_banked)
     opts = ReferenceOptions(K, coreset_limit=LIMIT, tiling=Tiling(tile=TILE))
-    encoded = encode_sources(det, wood(good_dir)[:K], opts)
+    encoded = encode_good(det, wood(good_dir)[:K], opts)
     assert all(len(e.outputs) == 1 + 4 for e in encoded)  # the whole image, then its 2 x 2 tiles
-    built = product_references(det, search_for(det), None, opts, encoded=encoded)
+    built = product_references(det, search_for(det), wood(good_dir)[:K], opts, encoded=encoded)
     assert len(built.branches) == K
     for b in built.branches:  # each reference's tiles against the other references' tiles
         assert b.nn_global > 1e-4 and b.nn_patch_max > 1e-4 and float(b.nn_map.min()) > 0.0
     # against the whole bank (which holds its own tiles' patches) its distances collapse
-    whole = det.references.tiled_branches(encoded[0].outputs, det.references.banks["wood"], encoded[0].tiles,
-                                          [m for m in encoded[0].outputs.anomaly_map], 0.0, 4.0)
+    whole = image_branches(det, det.references, encoded[0], det.references.banks["wood"],
+                           reference_policy(det, opts.tiling))
     assert whole.nn_global < 1e-3 and whole.nn_patch_max < built.branches[0].nn_patch_max
 
 

@@ -29,7 +29,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from service.runtime import tiling as tiles_of
 from service.runtime.artifact import Tiling
 from service.runtime.detector import Detector, Upload
 from service.runtime.references import Branches, ReferenceSet, dapo_image_score
@@ -40,9 +39,8 @@ from training.references import (
     TRUSTED_FILES,
     Encoded,
     ReferenceOptions,
-    encode_sources,
+    encode_good,
     image_branches,
-    load_images,
     product_references,
     reference_policy,
     search_for,
@@ -96,9 +94,8 @@ def zero_shot(detector: Detector, e: Encoded, mode: str, tiling: Tiling | None) 
     """DAPO alone (K = 0): its image score and map, tiled as served when the images are."""
     if e.tiles is None:
         return dapo_image_score(e.outputs, mode), e.outputs.anomaly_map[0]
-    policy = reference_policy(detector, ReferenceOptions(1, tiling=tiling), mode)
-    amaps, value = detector.tiled_dapo(e.outputs, policy, e.tiles)
-    return value, tiles_of.stitch_mean(e.tiles.grid, np.stack(amaps[e.first_tile:]))
+    value, anomaly, _ = detector.tiled_dapo(e.outputs, reference_policy(detector, tiling, mode), e.tiles)
+    return value, anomaly
 
 
 def row_scores(b: Branches, info, row: str) -> tuple[float, np.ndarray | None]:
@@ -145,7 +142,7 @@ def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference
                else encode_test(detector, items, batch_size, progress))
         pool = pools.get(product, [])
         paths = [s.image for s in pool]
-        pool_outs = encode_sources(detector, paths, ReferenceOptions(1, tiling=tiling)) if paths else []
+        pool_outs = encode_good(detector, paths, ReferenceOptions(1, tiling=tiling)) if paths else []
         used[product] = len(pool)
         for k in ks:
             if k == 0:
@@ -155,9 +152,8 @@ def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference
             if len(pool) < 1:
                 continue
             opts = ReferenceOptions(min(k, len(pool)), coreset_limit or DEFAULT_CORESET_LIMIT, tiling=tiling)
-            first = load_images(paths[:1]) if opts.images == 1 else None  # K = 1: its mirror
-            built = product_references(detector, search, first, opts, encoded=pool_outs[:opts.images])
-            policy = reference_policy(detector, opts)
+            built = product_references(detector, search, paths[:opts.images], opts, encoded=pool_outs[:opts.images])
+            policy = reference_policy(detector, tiling)
             branches = [image_branches(detector, holder, e, built.bank, policy) for e in enc.encoded]
             for row in ROWS:
                 per_product[k][product][row] = _metrics(enc, [row_scores(b, built.bank.info, row) for b in branches])

@@ -83,14 +83,9 @@ class Encoded:
     outputs: EncoderOutputs
     tiles: TiledInput | None = None
 
-    @property
-    def first_tile(self) -> int:
-        """Index of the first input whose patches go into a bank (a 1 x 1 grid's tile is the whole)."""
-        return 1 if self.tiles is not None and self.tiles.grid.count > 1 else 0
-
     def bank_patches(self) -> np.ndarray:
         """(P, F): the patches a bank keeps of this image (the whole image's, or every tile's)."""
-        pf = self.outputs.patch_features[self.first_tile:]
+        pf = self.outputs.patch_features[self.tiles.first_tile if self.tiles is not None else 0:]
         return pf.reshape(-1, pf.shape[-1])
 
     def global_feature(self) -> np.ndarray:
@@ -131,14 +126,15 @@ def encode_tiled(detector: Detector, sources: list[Upload | Image.Image], tiles:
     return out
 
 
-def encode_sources(detector: Detector, paths: list[Path], options: ReferenceOptions,
-                   progress: bool = False) -> list[Encoded]:
-    """Good images from files: untiled as PIL images (the references' own batches), tiled as the
-    files' bytes through the upload path the service decodes them by."""
+def encode_good(detector: Detector, good: list[Image.Image] | list[Path], options: ReferenceOptions,
+                progress: bool = False) -> list[Encoded]:
+    """Good images, as PIL images or files, encoded as the options' references are: untiled in
+    the references' own batches, tiled through the served tiled path (a file as its bytes, the
+    upload the service decodes)."""
     if options.tiling is None:
-        return encode(detector, load_images(paths), options.batch_size, progress)
-    return encode_tiled(detector, [Upload(str(p), Path(p).read_bytes()) for p in paths], options.tiling,
-                        options.batch_size, progress)
+        return encode(detector, [as_image(g) for g in good], options.batch_size, progress)
+    sources = [g if isinstance(g, Image.Image) else Upload(str(g), Path(g).read_bytes()) for g in good]
+    return encode_tiled(detector, sources, options.tiling, options.batch_size, progress)
 
 
 def image_branches(detector: Detector, holder: ReferenceSet, enc: Encoded, bank: Bank,
@@ -146,16 +142,16 @@ def image_branches(detector: Detector, holder: ReferenceSet, enc: Encoded, bank:
     """One encoded image's branches against a bank, as serving computes them (tiled or not)."""
     if enc.tiles is None:
         return holder.branches(enc.outputs, bank, policy.image_score)
-    amaps, value = detector.tiled_dapo(enc.outputs, policy, enc.tiles)
-    return holder.tiled_branches(enc.outputs, bank, enc.tiles, amaps, value, policy.gaussian_sigma)
+    value, anomaly, _ = detector.tiled_dapo(enc.outputs, policy, enc.tiles)
+    return holder.tiled_branches(enc.outputs, bank, enc.tiles, anomaly, value, policy.gaussian_sigma)
 
 
-def reference_policy(detector: Detector, options: ReferenceOptions, image_score_mode: str | None = None
+def reference_policy(detector: Detector, tiling: Tiling | None, image_score_mode: str | None = None
                      ) -> scoring.Policy:
     """Every class allowed (references never depend on the product filter), the manifest's
-    smoothing and image score, and the options' tiling."""
+    smoothing and image score, and the references' tiling."""
     base = scoring.policy(detector.manifest)
-    return replace(base, tiling=options.tiling, image_score=image_score_mode or base.image_score)
+    return replace(base, tiling=tiling, image_score=image_score_mode or base.image_score)
 
 
 def greedy_coreset(features: np.ndarray, n: int, seed: int = 0, projection: int = CORESET_PROJECTION) -> np.ndarray:
@@ -214,27 +210,14 @@ class ProductReferences:
     branches: list[Branches]  # one per good image scored (references LOO, then the others)
 
 
-def encode_mirror(detector: Detector, image: Image.Image, options: ReferenceOptions) -> Encoded:
-    """The horizontally flipped image, encoded as the references are (K = 1's stand-in)."""
-    flipped = ImageOps.mirror(image)
-    if options.tiling is None:
-        return encode(detector, [flipped], options.batch_size)[0]
-    return encode_tiled(detector, [flipped], options.tiling, options.batch_size)[0]
-
-
-def product_references(detector: Detector, search, good: list[Image.Image] | None, options: ReferenceOptions,
+def product_references(detector: Detector, search, good: list[Image.Image] | list[Path], options: ReferenceOptions,
                        file: str = "", image_score_mode: str | None = None, progress: bool = False,
                        encoded: list[Encoded] | None = None) -> ProductReferences:
-    """The bank from the first K good images, with its statistics measured on all of them:
-    `encoded` (already run, e.g. from files by `encode_sources`) or `good` (PIL images). With
-    K = 1 the first image (`good[0]`) is mirrored for the statistics."""
-    policy = reference_policy(detector, options, image_score_mode)
-    if encoded is None:
-        if options.tiling is not None:
-            encoded = encode_tiled(detector, list(good or []), options.tiling, options.batch_size, progress)
-        else:
-            encoded = encode(detector, list(good or []), options.batch_size, progress)
-    outs = encoded
+    """The bank from the first K good images (PIL images or files), with its statistics measured
+    on all of them; `encoded`: the same images already run (`encode_good`). With K = 1 the first
+    image is mirrored for the statistics."""
+    policy = reference_policy(detector, options.tiling, image_score_mode)
+    outs = encoded if encoded is not None else encode_good(detector, good, options, progress)
     k = min(options.images, len(outs))
     refs, others = outs[:k], outs[k:]
     patches, sources, globals_ = build_bank(refs, options)
@@ -242,9 +225,7 @@ def product_references(detector: Detector, search, good: list[Image.Image] | Non
     holder = ReferenceSet({}, search)
     branches: list[Branches] = []
     if k == 1:  # no other reference: the mirror image stands in for one, for the statistics only
-        if not good:
-            raise ValueError("one reference needs its image (good[0]) for the mirrored stand-in")
-        flipped = encode_mirror(detector, good[0], options)
+        flipped = encode_good(detector, [ImageOps.mirror(as_image(good[0]))], options)[0]
         mirror = Bank(flipped.bank_patches(), np.zeros(len(flipped.bank_patches()), np.int32),
                       flipped.global_feature(), bank.info)
         branches.append(image_branches(detector, holder, refs[0], mirror, policy))
@@ -273,6 +254,11 @@ def load_images(paths: list[Path]) -> list[Image.Image]:
         with Image.open(p) as im:
             out.append(ImageOps.exif_transpose(im).convert("RGB"))
     return out
+
+
+def as_image(good: Image.Image | Path) -> Image.Image:
+    """A good image given as a PIL image or a file, as an RGB image."""
+    return good if isinstance(good, Image.Image) else load_images([good])[0]
 
 
 def bank_path(artifact: Path, product: str) -> tuple[str, Path]:
@@ -304,10 +290,8 @@ def calibrate_references(artifact: str | Path, good: list, options: ReferenceOpt
         paths = sorted(paths)
         known = manifest.products.get(product)
         opts = replace(options, tiling=options.tiling or (known.tiling if known is not None else None))
-        encoded = encode_sources(detector, paths, opts, progress)
         name, path = bank_path(artifact, product)
-        first = load_images(paths[:1]) if min(opts.images, len(paths)) == 1 else None  # K = 1: its mirror
-        built = product_references(detector, search, first, opts, name, progress=progress, encoded=encoded)
+        built = product_references(detector, search, paths, opts, name, progress=progress)
         fused = [b.fused(built.bank.info) for b in built.branches]
         scores = np.array([f[0] for f in fused])
         pixels = np.concatenate([f[1].ravel() for f in fused])

@@ -250,33 +250,38 @@ class Detector:
         return Scores(value, scoring.is_anomalous(value, policy.image_threshold), amap,
                       outputs.type_scores[0], probs)
 
-    def tiled_dapo(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput
-                   ) -> tuple[list[np.ndarray], float]:
-        """A tiled image's per-input smoothed DAPO maps and its DAPO image score: each input
-        smoothed and scored as an untiled image is, the score combined by the tiling's rule."""
-        first = 1 if tiles.grid.count > 1 else 0  # a 1 x 1 grid's tile is the whole-image input
+    def tiled_dapo(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput,
+                   types: np.ndarray | None = None) -> tuple[float, np.ndarray, np.ndarray]:
+        """A tiled image's outputs -> (DAPO's image score, stitched smoothed anomaly map, stitched
+        type map), both (Hc, Wc): each input smoothed and scored as an untiled image is, the score
+        combined and the maps stitched by the rules of `service.runtime.tiling`. `types`: per-input
+        type maps to stitch instead of DAPO's own (the allowed-defect argmax, with references)."""
+        first = tiles.first_tile
         amaps = [scoring.smooth(outputs.anomaly_map[i], policy.gaussian_sigma) for i in range(len(outputs))]
         scores = [scoring.image_score(outputs.anomaly_score[i], amaps[i], policy.image_score)
                   for i in range(len(outputs))]
-        return amaps, tiling.image_score(scores[0], scores[first:], tiles.rule)
+        types = outputs.type_map if types is None else types
+        anomaly, stitched = tiling.stitch(tiles.grid, np.stack(amaps[first:]), types[first:])
+        return tiling.image_score(scores[0], scores[first:], tiles.rule), anomaly, stitched
 
     def tiled_maps(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput
                    ) -> tuple[float, np.ndarray, np.ndarray]:
-        """A tiled image's outputs -> (image score, stitched smoothed anomaly map, stitched type
-        map), both (Hc, Wc), by the rules of `service.runtime.tiling`; with the product's bank of
-        tiles (policy.references), the fused score and maps (`ReferenceSet.apply_tiled`)."""
-        amaps, value = self.tiled_dapo(outputs, policy, tiles)
-        if policy.references and policy.product is not None:
-            return self.references.apply_tiled(outputs, policy.product, tiles, amaps, value, policy.gaussian_sigma,
-                                               policy.pixel_threshold)
-        first = 1 if tiles.grid.count > 1 else 0
-        anomaly, types = tiling.stitch(tiles.grid, np.stack(amaps[first:]), outputs.type_map[first:])
+        """A tiled image's (image score, anomaly map, type map) as served: DAPO's (`tiled_dapo`),
+        or with the product's bank of tiles (policy.references) the fused score and map
+        (`ReferenceSet.apply_tiled`) and, when a pixel threshold will cut the map, the
+        allowed-defect type map (as `ReferenceSet.apply` does untiled)."""
+        if not (policy.references and policy.product is not None):
+            return self.tiled_dapo(outputs, policy, tiles)
+        defects = policy.pixel_threshold is not None and outputs.defect_type_map is not None
+        value, anomaly, types = self.tiled_dapo(outputs, policy, tiles, outputs.defect_type_map if defects else None)
+        value, anomaly = self.references.apply_tiled(outputs, policy.product, tiles, anomaly, value,
+                                                     policy.gaussian_sigma)
         return value, anomaly, types
 
     def _tiled_score(self, outputs: EncoderOutputs, policy: scoring.Policy, tiles: tiling.TiledInput) -> Scores:
         value, anomaly, _ = self.tiled_maps(outputs, policy, tiles)
-        first = 1 if tiles.grid.count > 1 else 0
-        probs = tiling.stitch_mean(tiles.grid, outputs.class_probs[first:]) if outputs.class_probs is not None else None
+        probs = (tiling.stitch_mean(tiles.grid, outputs.class_probs[tiles.first_tile:])
+                 if outputs.class_probs is not None else None)
         return Scores(value, scoring.is_anomalous(value, policy.image_threshold), anomaly, outputs.type_scores[0], probs)
 
     def render(self, prepared: Prepared, outputs: EncoderOutputs, policy: scoring.Policy,

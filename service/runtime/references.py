@@ -297,33 +297,24 @@ class ReferenceSet:
                         nn_map=pm[0], nn_global=float(gd[0]), nn_patch_max=float(mx[0]))
 
     def tiled_branches(self, outputs: EncoderOutputs, bank: Bank, tiles: tiling.TiledInput,
-                       dapo_maps: list[np.ndarray], dapo_image: float, sigma: float) -> Branches:
-        """A tiled image's outputs (the whole image, then its tiles) against a bank of tiles: every
-        map stitched onto the tiled image's canvas (module docstring). `dapo_maps` are the
-        per-input smoothed DAPO maps and `dapo_image` the tiled image score, as the tiled path
-        computes them (Detector.tiled_maps), so the DAPO branch is exactly what is served."""
-        g = tiles.grid
-        first = 1 if g.count > 1 else 0  # a 1 x 1 grid's tile is the whole-image input
+                       dapo_map: np.ndarray, dapo_image: float, sigma: float) -> Branches:
+        """A tiled image's outputs (the whole image, then its tiles) against a bank of tiles, with
+        DAPO's stitched map and tiled image score as the tiled path serves them
+        (`Detector.tiled_dapo`): each tile's distance map smoothed like DAPO's and stitched the
+        same way, the whole image's global distance, the largest patch distance of any tile."""
+        first = tiles.first_tile
         n = len(outputs.patch_features) - first
         whole = np.repeat(outputs.global_feature[:1], n, axis=0)  # one global query per search row
         pm, mx, gd = self.search(outputs.patch_features[first:], bank.patches, whole, bank.globals)
         nn = np.stack([smooth(m, sigma) for m in pm])
-        return Branches(dapo_map=tiling.stitch_mean(g, np.stack(dapo_maps[first:])), dapo_image=float(dapo_image),
-                        nn_map=tiling.stitch_mean(g, nn), nn_global=float(gd[0]), nn_patch_max=float(np.max(mx)))
+        return Branches(dapo_map=dapo_map, dapo_image=float(dapo_image), nn_map=tiling.stitch_mean(tiles.grid, nn),
+                        nn_global=float(gd[0]), nn_patch_max=float(np.max(mx)))
 
-    def apply_tiled(self, outputs: EncoderOutputs, product: str, tiles: tiling.TiledInput,
-                    dapo_maps: list[np.ndarray], dapo_image: float, sigma: float,
-                    pixel_threshold: float | None) -> tuple[float, np.ndarray, np.ndarray]:
-        """A tiled image's (fused image score, fused stitched map, stitched type map): the type map
-        is the allowed-defect argmax of the covering tile DAPO finds most anomalous (the tiled
-        blending rule), for the pixel threshold to cut (as `apply` does untiled)."""
+    def apply_tiled(self, outputs: EncoderOutputs, product: str, tiles: tiling.TiledInput, dapo_map: np.ndarray,
+                    dapo_image: float, sigma: float) -> tuple[float, np.ndarray]:
+        """A tiled image's fused (image score, stitched map) from DAPO's stitched map and score."""
         bank = self.banks[product]
-        score, amap = self.tiled_branches(outputs, bank, tiles, dapo_maps, dapo_image, sigma).fused(bank.info)
-        first = 1 if tiles.grid.count > 1 else 0
-        use_defects = pixel_threshold is not None and outputs.defect_type_map is not None
-        types = outputs.defect_type_map if use_defects else outputs.type_map
-        _, stitched = tiling.stitch(tiles.grid, np.stack(dapo_maps[first:]), types[first:])
-        return score, amap, stitched
+        return self.tiled_branches(outputs, bank, tiles, dapo_map, dapo_image, sigma).fused(bank.info)
 
     def apply(self, outputs: EncoderOutputs, product: str, image_score_mode: str,
               pixel_threshold: float | None) -> EncoderOutputs:

@@ -194,6 +194,12 @@ class TiledInput:
     pixel_values: list[np.ndarray]  # (3, S, S) per tile, in `grid.boxes` order; [] when count == 1
     rule: str = "max"
 
+    @property
+    def first_tile(self) -> int:
+        """Index of the first tile among the image's encoder outputs (the whole image, then the
+        tiles): 1, or 0 for a 1 x 1 grid, whose tile is the whole-image input."""
+        return 1 if self.grid.count > 1 else 0
+
 
 def decoded_box(box: tuple[int, int, int, int], image: Image.Image, width: int, height: int
                 ) -> tuple[float, float, float, float]:
