@@ -116,6 +116,44 @@ def test_regions_bbox_area_score_on_a_hand_made_map():
     assert len(find_regions(ClassMaps.identity(anomaly, classes), NAMES, min_px=2, max_regions=1)) == 1
 
 
+def regions_one_by_one(maps: ClassMaps, min_px: int, limit: int) -> list[dict]:
+    """An independent reference: each class labelled on its own, each component measured in its
+    own loop step on the full-resolution mask, then all sorted by (score, area) descending."""
+    from scipy import ndimage
+
+    full, anomaly_full = maps.full_classes(), maps.anomaly[maps.src_y][:, maps.src_x]
+    found = []
+    for c in range(1, len(NAMES)):
+        labels, n = ndimage.label(full == c, structure=np.ones((3, 3), bool))
+        for i in range(1, n + 1):
+            ys, xs = np.nonzero(labels == i)
+            if len(ys) >= min_px:
+                found.append({"defect_type": NAMES[c], "area_px": len(ys),
+                              "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                       int(ys.max() - ys.min() + 1)],
+                              "score": float(f"{float(anomaly_full[ys, xs].max()):.6g}")})
+    found.sort(key=lambda r: (-r["score"], -r["area_px"]))
+    return found[:limit]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_regions_of_a_noisy_map_match_one_by_one_measurement(seed):
+    """Thousands of components (what a random model's map gives): the one-pass statistics give
+    exactly the regions a per-component measurement on the full-size mask gives (the upload is
+    2x the map along each axis, so components keep their shapes)."""
+    rng = np.random.default_rng(seed)
+    classes = rng.choice(len(NAMES), size=(60, 70), p=[0.55, 0.15, 0.15, 0.15]).astype(np.uint8)
+    anomaly = np.round(rng.random((60, 70)), 2).astype(np.float32)  # coarse values: many score ties
+    maps = ClassMaps(anomaly, classes, np.arange(140) // 2, np.arange(120) // 2)
+    for min_px, limit in ((1, 10_000), (8, 40), (12, 5)):
+        got = find_regions(maps, NAMES, min_px, limit)
+        want = regions_one_by_one(maps, min_px, limit)
+        assert [(r["score"], r["area_px"]) for r in got] == [(r["score"], r["area_px"]) for r in want]
+        def key(r):
+            return r["defect_type"], r["score"], r["area_px"], r["bbox"]
+        assert sorted(map(key, got)) == sorted(map(key, want))
+
+
 def test_regions_are_eight_connected():
     classes = np.zeros((4, 4), np.uint8)
     classes[0, 0] = classes[1, 1] = classes[2, 2] = 1

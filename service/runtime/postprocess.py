@@ -182,10 +182,13 @@ def renormalised_type_scores(type_scores: np.ndarray, allowed: np.ndarray) -> np
     return scores / total if total > 0 else scores
 
 
-def masked_max(values: np.ndarray, where: np.ndarray) -> float:
-    """Max of values where `where` holds (-inf if nowhere)."""
-    picked = values[where]
-    return float(picked.max()) if picked.size else float("-inf")
+def label_maxima(values: np.ndarray, labels: np.ndarray, visible: np.ndarray, n: int) -> np.ndarray:
+    """(n,) float32: the max of `values` over the visible pixels of each label (-inf where it
+    has none), in one pass (`np.maximum.at`), whatever the number of labels."""
+    out = np.full(n, -np.inf, np.float32)
+    where = np.flatnonzero(visible)
+    np.maximum.at(out, labels.ravel()[where], values.ravel()[where])
+    return out
 
 
 def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndarray,
@@ -193,13 +196,13 @@ def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndar
     """Defect types with pixels at the original resolution, most likely first (score, then area)."""
     n_classes = len(class_names)
     weights = maps.pixel_weights
-    visible = weights > 0
     areas = np.bincount(maps.classes.ravel(), weights=weights.ravel(), minlength=n_classes)
     probs = renormalised_type_scores(type_scores, allowed)
     total = maps.width * maps.height
+    maxima = label_maxima(maps.anomaly, maps.classes, weights > 0, max(n_classes, int(maps.classes.max()) + 1))
     ranked = [
         {"name": class_names[c], "score": sig(probs[c]), "area_fraction": sig(areas[c] / total),
-         "max_pixel_score": sig(masked_max(maps.anomaly, (maps.classes == c) & visible))}
+         "max_pixel_score": sig(maxima[c])}
         for c in range(1, n_classes) if areas[c] > 0
     ]
     ranked.sort(key=lambda d: (-d["score"], -d["area_fraction"]))
@@ -211,44 +214,56 @@ def present_defects(classes: np.ndarray) -> list[int]:
     return [int(c) for c in np.nonzero(np.bincount(classes.ravel()))[0] if c != 0]
 
 
-def _class_regions(maps: ClassMaps, weights: np.ndarray, c: int, name: str, min_px: int,
-                   limit: int) -> list[dict[str, Any]]:
-    """Up to `limit` components of class c covering at least min_px original pixels, best first.
-
-    Each kept component's max is read inside its own bounding box, so the cost follows the
-    components' extent rather than one pass over the map per component.
-    """
-    labels, n = ndimage.label(maps.classes == c, structure=_EIGHT_CONNECTED)
-    if n == 0 or limit == 0:
-        return []
-    areas = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=n + 1)
-    boxes = ndimage.find_objects(labels)
-    regions = []
-    for i in np.nonzero(areas[1:] >= max(min_px, 1))[0] + 1:
-        rows, cols = boxes[i - 1]
-        bbox = maps.box(rows, cols)
-        if bbox is None:
-            continue
-        inside = (labels[rows, cols] == i) & (weights[rows, cols] > 0)
-        regions.append({"defect_type": name, "bbox": bbox, "area_px": int(round(areas[i])),
-                        "score": sig(masked_max(maps.anomaly[rows, cols], inside))})
-    regions.sort(key=lambda r: (-r["score"], -r["area_px"]))  # score desc, then area desc
-    return regions[:limit]
+def component_labels(classes: np.ndarray, present: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """8-connected components of every defect class, numbered across classes: (labels (H, W)
+    int32, 0 = none; owner (n + 1,), the class of each label), class by class, each class's in
+    `ndimage.label`'s order. Classes are disjoint, so one label map holds them all and the
+    statistics below take one pass for all classes."""
+    labels = np.zeros(classes.shape, np.int32)
+    owner = [0]
+    for c in present:
+        own, n = ndimage.label(classes == c, structure=_EIGHT_CONNECTED)
+        if n:
+            np.add(labels, own + np.int32(len(owner) - 1), out=labels, where=own > 0)
+            owner += [c] * n
+    return labels, np.asarray(owner, np.int32)
 
 
 def find_regions(maps: ClassMaps, class_names: list[str], min_px: int, max_regions: int) -> list[dict[str, Any]]:
-    """8-connected components per defect class, highest score first; tiny ones dropped.
+    """8-connected components per defect class, highest score then largest first (ties in class
+    order, then component order); components under min_px original pixels dropped.
 
     Components are found on the model-resolution class map. When the upload is at least the
     model size, nearest upsampling keeps 8-connectivity, so these are exactly the components of
     the returned mask; for smaller uploads, model pixels no original pixel maps to are ignored.
+
+    Areas and maxima of all components come from one pass each (bincount, `label_maxima`), and
+    boxes only for the `max_regions` kept: a noisy map has thousands of components, and one
+    Python step per component was most of a tiled answer's rendering. A component of area >= 1
+    has a visible pixel; its score is the max over its visible pixels, as the mask shows it.
     """
+    if max_regions <= 0:
+        return []
     weights = maps.pixel_weights
+    labels, owner = component_labels(maps.classes, present_defects(maps.classes))
+    areas = np.bincount(labels.ravel(), weights=weights.ravel(), minlength=len(owner))
+    kept = np.nonzero(areas[1:] >= max(min_px, 1))[0] + 1
+    if kept.size == 0:
+        return []
+    scores = [sig(v) for v in label_maxima(maps.anomaly, labels, weights > 0, len(owner))[kept]]
+    area_px = [int(round(a)) for a in areas[kept]]
+    order = sorted(range(len(kept)), key=lambda k: (-scores[k], -area_px[k]))  # stable: ties keep label order
+    boxes = ndimage.find_objects(labels)
     regions: list[dict[str, Any]] = []
-    for c in present_defects(maps.classes):
-        regions += _class_regions(maps, weights, c, class_names[c], min_px, max_regions)
-    regions.sort(key=lambda r: (-r["score"], -r["area_px"]))
-    return regions[:max_regions]
+    for k in order:
+        rows, cols = boxes[kept[k] - 1]
+        bbox = maps.box(rows, cols)
+        if bbox is not None:
+            regions.append({"defect_type": class_names[owner[kept[k]]], "bbox": bbox, "area_px": area_px[k],
+                            "score": scores[k]})
+        if len(regions) == max_regions:
+            break
+    return regions
 
 
 def rle_masks(maps: ClassMaps, class_names: list[str], present: list[int] | None = None) -> dict[str, dict[str, Any]]:

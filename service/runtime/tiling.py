@@ -145,13 +145,13 @@ def stitch(g: TileGrid, anomaly: np.ndarray, types: np.ndarray) -> tuple[np.ndar
     classes = np.zeros((hc, wc), np.uint8)
     tiles = ((cy, cx) for cy in g.cover_y for cx in g.cover_x)
     for i, ((r0, r1, sy), (c0, c1, sx)) in enumerate(tiles):
-        a = anomaly[i][np.ix_(sy, sx)]
-        t = types[i][np.ix_(sy, sx)]
+        a = anomaly[i].take(sy, axis=0).take(sx, axis=1)  # rows, then columns: faster than np.ix_
+        t = types[i].take(sy, axis=0).take(sx, axis=1)
         total[r0:r1, c0:c1] += a
         view, cls = best[r0:r1, c0:c1], classes[r0:r1, c0:c1]
         higher = a > view
-        view[higher] = a[higher]
-        cls[higher] = t[higher]
+        np.copyto(cls, t, where=higher)
+        np.copyto(view, a, where=higher)
     if g.count == 1:
         return total, classes
     return (total / coverage(g)).astype(np.float32), classes
@@ -164,7 +164,7 @@ def stitch_mean(g: TileGrid, maps: np.ndarray) -> np.ndarray:
     total = np.zeros((*maps.shape[1:-2], hc, wc), np.float32)
     tiles = ((cy, cx) for cy in g.cover_y for cx in g.cover_x)
     for i, ((r0, r1, sy), (c0, c1, sx)) in enumerate(tiles):
-        total[..., r0:r1, c0:c1] += maps[i][..., sy[:, None], sx[None, :]]
+        total[..., r0:r1, c0:c1] += maps[i].take(sy, axis=-2).take(sx, axis=-1)
     return total if g.count == 1 else total / coverage(g)
 
 
