@@ -182,6 +182,12 @@ def renormalised_type_scores(type_scores: np.ndarray, allowed: np.ndarray) -> np
     return scores / total if total > 0 else scores
 
 
+def masked_max(values: np.ndarray, where: np.ndarray) -> float:
+    """Max of values where `where` holds (-inf if nowhere)."""
+    picked = values[where]
+    return float(picked.max()) if picked.size else float("-inf")
+
+
 def label_maxima(values: np.ndarray, labels: np.ndarray, visible: np.ndarray, n: int) -> np.ndarray:
     """(n,) float32: the max of `values` over the visible pixels of each label (-inf where it
     has none), in one pass (`np.maximum.at`), whatever the number of labels."""
@@ -199,10 +205,10 @@ def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndar
     areas = np.bincount(maps.classes.ravel(), weights=weights.ravel(), minlength=n_classes)
     probs = renormalised_type_scores(type_scores, allowed)
     total = maps.width * maps.height
-    maxima = label_maxima(maps.anomaly, maps.classes, weights > 0, max(n_classes, int(maps.classes.max()) + 1))
+    visible = weights > 0
     ranked = [
         {"name": class_names[c], "score": sig(probs[c]), "area_fraction": sig(areas[c] / total),
-         "max_pixel_score": sig(maxima[c])}
+         "max_pixel_score": sig(masked_max(maps.anomaly, (maps.classes == c) & visible))}
         for c in range(1, n_classes) if areas[c] > 0
     ]
     ranked.sort(key=lambda d: (-d["score"], -d["area_fraction"]))
