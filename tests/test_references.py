@@ -124,6 +124,60 @@ def test_one_reference_uses_its_mirror_for_the_statistics(banked, textures):
     assert built.bank.info.nn_global.std > 0 and built.bank.info.nn_patch_max.mean > 0
 
 
+def nearest_distance(query: np.ndarray, bank: np.ndarray) -> float:
+    """An independent nearest-neighbour distance, in float64."""
+    return float(np.sqrt(((bank.astype(np.float64) - query.astype(np.float64)) ** 2).sum(1)).min())
+
+
+def test_the_global_branch_searches_the_mean_of_the_patch_features(banked, textures):
+    """What `dapo calibrate --references` writes by default: the bank's globals are each
+    reference's L2-normalised mean patch feature, and a served image is searched with its own."""
+    det = Detector.load(banked)
+    bank = det.references.banks["wood"]
+    assert bank.info.global_feature == "patch_mean"
+    allowed = np.ones((1, len(det.class_names)), bool)
+    refs = [Image.open(p).convert("RGB") for p in wood(textures)[:K]]
+    for img, stored in zip(refs, bank.globals, strict=True):
+        out = det.infer(det.pixel_values(img)[None], allowed, features=True)
+        mean = out.patch_features[0].astype(np.float64).mean(0)
+        np.testing.assert_allclose(stored, mean / np.linalg.norm(mean), atol=1e-5)
+    probe = images(textures)[0]
+    out = det.infer(det.pixel_values(probe)[None], allowed, features=True)
+    mean = out.patch_features[0].astype(np.float64).mean(0)
+    served = det.references.branches(out, bank, "global").nn_global
+    assert served == pytest.approx(nearest_distance(mean / np.linalg.norm(mean), bank.globals), abs=1e-4)
+    assert served > 1e-3  # a scratched image is not one of the references
+
+
+def test_a_bank_written_before_the_descriptor_field_is_searched_with_the_class_token(banked, tmp_path, textures):
+    """Manifests without `global_feature` hold class-token banks (built before the descriptor was
+    measured): they are served as built; a patch-mean manifest over such a bank is refused."""
+    old = tmp_path / "old"
+    shutil.copytree(banked, old)
+    data = tmp_path / "good"
+    (data / "wood" / "good").mkdir(parents=True)
+    for p in wood(textures)[:6]:
+        shutil.copy(p, data / "wood" / "good" / p.name)
+    run = subprocess.run([sys.executable, "-m", "service.cli", "calibrate", "--artifact", str(old), "--data", str(data),
+                          "--layout", "folder", "--references", str(K), "--global-feature", "class_token"],
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads((old / "manifest.json").read_text())
+    assert manifest["products"]["wood"]["references"].pop("global_feature") == "class_token"
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    det = Detector.load(old)
+    bank = det.references.banks["wood"]
+    assert bank.info.global_feature == "class_token"
+    out = det.infer(det.pixel_values(images(textures)[0])[None], np.ones((1, len(det.class_names)), bool),
+                    features=True)
+    served = det.references.branches(out, bank, "global").nn_global
+    assert served == pytest.approx(nearest_distance(out.global_feature[0], bank.globals), abs=1e-4)
+    manifest["products"]["wood"]["references"]["global_feature"] = "patch_mean"  # a wrong manifest
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="are not patch means"):
+        Detector.load(old)
+
+
 def test_greedy_coreset_bounds_the_bank_and_covers_it_better_than_chance():
     rng = np.random.default_rng(0)
     x = np.concatenate([rng.normal(0, 1, (400, 16)), rng.normal(8, 0.1, (5, 16))]).astype(np.float32)

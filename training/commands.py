@@ -377,6 +377,9 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
     c.add_argument("--coreset-limit", type=int, default=None,
                    help="most patch features kept per product (greedy coreset past it; default: measured)")
     c.add_argument("--fusion", choices=["max", "mean"], default="mean", help="how the z-scored branches are fused")
+    c.add_argument("--global-feature", choices=["patch_mean", "class_token"], default="patch_mean",
+                   help="the image descriptor of the global branch: the mean of the image's patch features "
+                        "(default, measured) or DAPO's pooled class token (docs/references.md)")
 
 
 def calibrate(args: argparse.Namespace) -> int:
@@ -397,7 +400,7 @@ def calibrate(args: argparse.Namespace) -> int:
 
         try:  # a tiled product's bank is built from its tiles (--tile, or the tiling it already has)
             refs = ReferenceOptions(args.references, args.coreset_limit or DEFAULT_CORESET_LIMIT, args.fusion,
-                                    tiling=tiling)
+                                    tiling=tiling, global_feature=args.global_feature)
         except ValueError as e:
             sys.exit(f"dapo calibrate: {e}")
     try:

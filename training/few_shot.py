@@ -8,7 +8,7 @@ the reference features) and scored, per K, by each branch alone and fused:
 
     dapo        zero-shot: DAPO's image score and anomaly map (K = 0)
     nn_patch    image: max over patches of the nearest-neighbour distance; map: that distance
-    nn_global   image: nearest-neighbour distance of the global feature (no map)
+    nn_global   image: nearest-neighbour distance of the image descriptor (no map; `global_query`)
     fused_max   the z-scored branches fused by max
     fused_mean  ... by mean (what serving does by default)
 Metrics: image AUROC, pixel AUROC, AUPRO (training.metrics), averaged over categories.

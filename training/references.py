@@ -5,7 +5,8 @@ Steps, per product (service.runtime.references says how the bank is served):
    product's good images, with the reference features;
 2. keep the first K (sorted by path, so a rerun keeps the same ones) as references: all their
    patch features, subsampled by PatchCore's greedy coreset (k-centre on a random projection)
-   when there are more than `coreset_limit`, and their global features;
+   when there are more than `coreset_limit`, and their image descriptors (`global_query`: the
+   mean of each image's patch features by default);
 3. score each reference against the bank *less its own patches* (leave-one-out: a reference
    never scores itself at zero), and every other good image against the whole bank; the
    branches' means and stds on those scores are what z-scores each branch;
@@ -36,10 +37,12 @@ from service.runtime.detector import Detector, ImageLimits, Upload
 from service.runtime.tiling import TiledInput
 from service.runtime.references import (
     FUSIONS,
+    GLOBAL_FEATURES,
     Bank,
     Branches,
     ReferenceSet,
     bank_file,
+    global_query,
     make_search,
 )
 
@@ -62,6 +65,7 @@ class ReferenceOptions:
     seed: int = 0
     batch_size: int = 8
     tiling: Tiling | None = None  # a tiled product's bank is built from tiles (module docstring)
+    global_feature: str = GLOBAL_FEATURES[0]  # the image descriptor (References.global_feature; measured)
 
     def __post_init__(self):
         if self.images < 1:
@@ -70,6 +74,8 @@ class ReferenceOptions:
             raise ValueError(f"coreset limit must be at least 1, got {self.coreset_limit}")
         if self.fusion not in FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.global_feature not in GLOBAL_FEATURES:
+            raise ValueError(f"global feature must be one of {GLOBAL_FEATURES}, got {self.global_feature!r}")
 
 
 TRUSTED_FILES = ImageLimits(max_pixels=1 << 40, max_side=1 << 20)  # local good parts, not uploads
@@ -88,9 +94,9 @@ class Encoded:
         pf = self.outputs.patch_features[self.tiles.first_tile if self.tiles is not None else 0:]
         return pf.reshape(-1, pf.shape[-1])
 
-    def global_feature(self) -> np.ndarray:
-        """(1, E): the whole image's global feature."""
-        return self.outputs.global_feature[:1]
+    def global_feature(self, kind: str) -> np.ndarray:
+        """(1, E): the whole image's descriptor of this kind (`global_query`)."""
+        return global_query(self.outputs, kind, slice(0, 1))
 
 
 def need_features(detector: Detector) -> None:
@@ -191,7 +197,7 @@ def build_bank(refs: list[Encoded], options: ReferenceOptions) -> tuple[np.ndarr
     patches = np.concatenate(per_image)
     sources = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(per_image)])
     keep = greedy_coreset(patches, options.coreset_limit, options.seed)
-    return patches[keep], sources[keep], np.concatenate([r.global_feature() for r in refs])
+    return patches[keep], sources[keep], np.concatenate([r.global_feature(options.global_feature) for r in refs])
 
 
 def placeholder_info(file: str, images: int, patches: int, options: ReferenceOptions) -> References:
@@ -199,7 +205,8 @@ def placeholder_info(file: str, images: int, patches: int, options: ReferenceOpt
     unit = BranchStats(mean=0.0, std=1.0)
     return References(file=file, images=images, patches=patches, coreset_limit=options.coreset_limit,
                       fusion=options.fusion, dapo_map=unit, nn_map=unit, dapo_image=unit, nn_global=unit,
-                      nn_patch_max=unit, tile=options.tiling.tile if options.tiling is not None else None)
+                      nn_patch_max=unit, tile=options.tiling.tile if options.tiling is not None else None,
+                      global_feature=options.global_feature)
 
 
 @dataclass
@@ -227,7 +234,7 @@ def product_references(detector: Detector, search, good: list[Image.Image] | lis
     if k == 1:  # no other reference: the mirror image stands in for one, for the statistics only
         flipped = encode_good(detector, [ImageOps.mirror(as_image(good[0]))], options)[0]
         mirror = Bank(flipped.bank_patches(), np.zeros(len(flipped.bank_patches()), np.int32),
-                      flipped.global_feature(), bank.info)
+                      flipped.global_feature(options.global_feature), bank.info)
         branches.append(image_branches(detector, holder, refs[0], mirror, policy))
         branches.append(image_branches(detector, holder, flipped, bank, policy))
     else:
@@ -316,7 +323,7 @@ def calibrate_references(artifact: str | Path, good: list, options: ReferenceOpt
     manifest.provenance["calibration"] = {"image_quantile": image_quantile, "pixel_quantile": pixel_quantile,
                                           "drift_bins": drift_bins, "products": sorted(table),
                                           "references": options.images, "coreset_limit": options.coreset_limit,
-                                          "fusion": options.fusion,
+                                          "fusion": options.fusion, "global_feature": options.global_feature,
                                           "tiling": options.tiling.model_dump() if options.tiling else None}
     write_manifest(artifact, type(manifest).model_validate(manifest.model_dump()))
     return table

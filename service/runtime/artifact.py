@@ -116,6 +116,12 @@ class References(BaseModel):
     # the tile side (original px) the bank's patches were cut at: a tiled product's bank holds its
     # good parts' tile features (docs/tiling.md); None = whole images. Must equal the product's tiling
     tile: int | None = Field(default=None, ge=16)
+    # the image-level descriptor the bank's `globals` hold and each image is searched with
+    # (service.runtime.references.global_query): "patch_mean", the L2-normalised mean of the
+    # image's reference patch features (what `dapo calibrate --references` writes), or
+    # "class_token", DAPO's pooled global feature (manifests without the field: every bank built
+    # before the descriptor was measured, served as they were built)
+    global_feature: Literal["patch_mean", "class_token"] = "class_token"
 
 
 class Product(BaseModel):
