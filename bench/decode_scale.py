@@ -22,12 +22,14 @@ import io
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from service.runtime import imaging
+from service.runtime import imaging, tiling
+from service.runtime.artifact import Tiling
 from service.runtime.detector import Detector, ImageLimits, RuntimeOptions, Upload
 from training.synth import render
 
@@ -75,10 +77,36 @@ def answer_shift(detector: Detector, data: bytes, full: Image.Image) -> dict:
     a, b = scaled.scores.anomaly_map, reference.scores.anomaly_map
     classes = [np.asarray(detector.infer(p[None], policy.allowed[None]).type_map[0])
                for p in (detector.prepare(Upload("x.jpg", data), LIMITS).pixel_values, detector.pixel_values(full))]
-    return {"anomaly_score_scaled": round(scaled.anomaly_score, 5), "anomaly_score_full": round(reference.anomaly_score, 5),
-            "anomaly_score_abs_diff": float(f"{abs(scaled.anomaly_score - reference.anomaly_score):.3g}"),
+    s_scaled, s_full = scaled.scores.anomaly_score, reference.scores.anomaly_score
+    return {"anomaly_score_scaled": round(s_scaled, 5), "anomaly_score_full": round(s_full, 5),
+            "anomaly_score_abs_diff": float(f"{abs(s_scaled - s_full):.3g}"),
             "map_mean_abs_diff": float(f"{np.abs(a - b).mean():.3g}"), "map_max_abs_diff": float(f"{np.abs(a - b).max():.3g}"),
             "class_map_pixels_changed": float(f"{(classes[0] != classes[1]).mean():.3g}")}
+
+
+def tile_shift(detector: Detector, data: bytes, full: Image.Image, n: int) -> dict:
+    """A tiled product of n x n tiles: its tiles' inputs from the served decode (each tile keeps
+    >= 1.75 x S decoded pixels, `imaging.tiled_min_side`) and from a decode one DCT step coarser,
+    each against the tiles cut from a full decode (grey levels), with the cut's thread CPU ms
+    (what docs/tiling.md's CPU budget rests on)."""
+    m = detector.manifest
+    width, height = full.size
+    tiles = Tiling(tile=-(-max(width, height) // n))
+    g = tiling.grid(width, height, tiles, m.image_size)
+    reference = np.stack(tiling.cut(full, g, m.mean, m.std))
+    served = imaging.tiled_min_side(width, height, m.image_size, tiles.tile)
+    out = {"tile": tiles.tile}
+    for label, min_side in (("served", served), ("one_step_coarser", served // 2)):
+        img = imaging.load(Image.open(io.BytesIO(data)), "x", min_side)
+        c0 = time.thread_time()
+        cut = np.stack(tiling.cut(img, g, m.mean, m.std))
+        cpu_ms = 1000 * (time.thread_time() - c0)
+        diff = grey_levels(cut, reference, m.std)
+        tile_decoded = min(tiles.tile, min(width, height)) * min(img.size) / min(width, height)
+        out[label] = {"decoded": list(img.size), "tile_px_per_input_px": round(tile_decoded / m.image_size, 2),
+                      "mean": round(float(diff.mean()), 3), "max": round(float(diff.max()), 1),
+                      "cut_cpu_ms": round(cpu_ms, 2)}
+    return out
 
 
 def images(photos: Path | None) -> dict[str, bytes]:
@@ -91,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--artifact", action="append", required=True, type=Path)
     p.add_argument("--photos", type=Path, help="a folder of real JPEG photos to use instead")
+    p.add_argument("--tiles", type=int, default=0, metavar="N",
+                   help="also the inputs of N x N tiles: the served decode vs one DCT step coarser (docs/tiling.md)")
     args = p.parse_args(argv)
     blobs = images(args.photos)
     report = []
@@ -100,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             full = imaging.decode(data, name, LIMITS.max_pixels, LIMITS.max_side)
             report.append({"artifact": str(folder), "image_size": detector.manifest.image_size, "image": name,
                            "input": input_shift(detector, data, full), "answer": answer_shift(detector, data, full)})
+            if args.tiles:
+                report[-1]["tiles"] = tile_shift(detector, data, full, args.tiles)
             print(json.dumps(report[-1]), file=sys.stderr)
     print(json.dumps(report, indent=1))
     return 0

@@ -6,7 +6,14 @@ import io
 
 from PIL import Image
 
-from service.bench_cpu_path import bench_json, bench_png_levels, bench_stages, configurations, photo_like_jpeg
+from service.bench_cpu_path import (
+    bench_json,
+    bench_png_levels,
+    bench_stages,
+    bench_tiled,
+    configurations,
+    photo_like_jpeg,
+)
 from service.runtime.detector import Detector
 
 
@@ -31,3 +38,15 @@ def test_stages_cover_every_mask_format_with_and_without_views(demo_artifact):
     mask = {r["level"]: r["kb"] for r in levels if r["picture"] == "mask_full"}
     assert mask[9] <= mask[1] < mask[0]  # zlib compresses, more with a higher level
     assert bench_json(detector, images, reps=1)[0]["kb"] > 0
+
+
+def test_tiled_section_compares_a_tiled_product_with_the_same_image_untiled(demo_artifact):
+    detector = Detector.load(demo_artifact)
+    out = bench_tiled(detector, photo_like_jpeg(600, 500, seed=2), 2, reps=1)
+    assert out["image"] == "600x500" and out["tile"] == 300
+    for row in out["rows"]:
+        untiled, tiled = row["untiled"], row["tiled_2x2"]
+        assert untiled["inputs"] == 1 and tiled["inputs"] == 1 + 4  # the whole image, then 2 x 2 tiles
+        assert tiled["prepare_cpu_ms"] > 0 and untiled["prepare_cpu_ms"] > 0
+        assert row["ratio_cpu"] == round(tiled["cpu_ms"] / untiled["cpu_ms"], 3)
+        assert row["floor_ratio_cpu"] == round(tiled["prepare_cpu_ms"] / untiled["cpu_ms"], 3)
