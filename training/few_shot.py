@@ -32,14 +32,15 @@ from tqdm import tqdm
 from service.runtime.artifact import Tiling
 from service.runtime.detector import Detector, Upload
 from service.runtime.references import Branches, ReferenceSet, dapo_image_score
+from service.runtime.scoring import Policy
 from training.data import AnomalyDataset, Sample, Vocabulary, with_vocabulary
 from training.detector_eval import resize_map, truth
 from training.metrics import binary_metrics, mean_over
 from training.references import (
-    TRUSTED_FILES,
     Encoded,
     ReferenceOptions,
     encode_good,
+    encode_tiled,
     image_branches,
     product_references,
     reference_policy,
@@ -76,25 +77,21 @@ def encode_test_tiled(detector: Detector, samples: list[Sample], tiling: Tiling,
                       progress: bool) -> TestSet:
     """The test images through the served tiled path; truth drawn at map_size x map_size."""
     samples = with_vocabulary(samples, Vocabulary(detector.manifest.defect_names))
-    allowed = np.ones(len(detector.manifest.vocabulary), bool)
-    enc = TestSet([], [], [])
-    for s in tqdm(samples, desc="encode (tiled)", disable=not progress, leave=False):
-        prepared = detector.prepare(Upload(str(s.image), s.image.read_bytes()), TRUSTED_FILES, tiles=tiling)
-        outputs = detector.infer_inputs(prepared.inputs(), allowed, batch_size=batch_size, features=True)
+    encoded = encode_tiled(detector, [Upload(str(s.image), s.image.read_bytes()) for s in samples], tiling,
+                           batch_size, progress)
+    masks = []
+    for s in samples:
         with Image.open(s.image) as im:
             stored = im.size  # the mask's grid is the stored file's (as training.detector_eval reads it)
-        mask, _ = truth(s, (map_size, map_size), stored)
-        enc.labels.append(int(s.label != 0))
-        enc.masks.append(mask != 0)
-        enc.encoded.append(Encoded(outputs, prepared.tiles))
-    return enc
+        masks.append(truth(s, (map_size, map_size), stored)[0] != 0)
+    return TestSet([int(s.label != 0) for s in samples], masks, encoded)
 
 
-def zero_shot(detector: Detector, e: Encoded, mode: str, tiling: Tiling | None) -> tuple[float, np.ndarray]:
+def zero_shot(detector: Detector, e: Encoded, policy: Policy) -> tuple[float, np.ndarray]:
     """DAPO alone (K = 0): its image score and map, tiled as served when the images are."""
     if e.tiles is None:
-        return dapo_image_score(e.outputs, mode), e.outputs.anomaly_map[0]
-    value, anomaly, _ = detector.tiled_dapo(e.outputs, reference_policy(detector, tiling, mode), e.tiles)
+        return dapo_image_score(e.outputs, policy.image_score), e.outputs.anomaly_map[0]
+    value, anomaly, _ = detector.tiled_dapo(e.outputs, policy, e.tiles)
     return value, anomaly
 
 
@@ -130,7 +127,7 @@ def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference
     pools, test = split_references(samples, reference_samples, max(ks))
     search = search_for(detector)
     holder = ReferenceSet({}, search)
-    mode = detector.manifest.image_score
+    policy = reference_policy(detector, tiling)
     size = map_size or detector.manifest.image_size
     by_product: dict[str, list[Sample]] = defaultdict(list)
     for s in test:
@@ -146,14 +143,13 @@ def few_shot(detector: Detector, samples: list[Sample], ks: list[int], reference
         used[product] = len(pool)
         for k in ks:
             if k == 0:
-                per_product[0][product]["dapo"] = _metrics(enc, [zero_shot(detector, e, mode, tiling)
+                per_product[0][product]["dapo"] = _metrics(enc, [zero_shot(detector, e, policy)
                                                                  for e in enc.encoded])
                 continue
             if len(pool) < 1:
                 continue
             opts = ReferenceOptions(min(k, len(pool)), coreset_limit or DEFAULT_CORESET_LIMIT, tiling=tiling)
             built = product_references(detector, search, paths[:opts.images], opts, encoded=pool_outs[:opts.images])
-            policy = reference_policy(detector, tiling)
             branches = [image_branches(detector, holder, e, built.bank, policy) for e in enc.encoded]
             for row in ROWS:
                 per_product[k][product][row] = _metrics(enc, [row_scores(b, built.bank.info, row) for b in branches])

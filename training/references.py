@@ -17,8 +17,8 @@ With K = 1 there is no other reference: the horizontally flipped image stands in
 
 A tiled product (`ReferenceOptions.tiling`, `dapo calibrate --tile PX --references K`) is encoded
 through the tiled path the service runs (`Detector.prepare(..., tiles=...)`: the whole image,
-then its tiles): its bank holds the patch features of the references' *tiles* and the global
-features of their whole-image passes, and its statistics come from the stitched, tiled branches
+then its tiles): its bank holds the patch features of the references' *tiles* and the
+descriptors of their whole-image passes, and its statistics come from the stitched, tiled branches
 (`ReferenceSet.tiled_branches`), so what is calibrated is what is served.
 """
 from __future__ import annotations
@@ -125,7 +125,7 @@ def encode_tiled(detector: Detector, sources: list[Upload | Image.Image], tiles:
     need_features(detector)
     allowed_row = np.ones(len(detector.manifest.vocabulary), bool)
     out: list[Encoded] = []
-    for i, src in enumerate(tqdm(sources, desc="references (tiled)", disable=not progress, leave=False)):
+    for i, src in enumerate(tqdm(sources, desc="encode (tiled)", disable=not progress, leave=False)):
         prepared = detector.prepare(src, TRUSTED_FILES, filename=f"image[{i}]", tiles=tiles)
         outputs = detector.infer_inputs(prepared.inputs(), allowed_row, batch_size=batch_size, features=True)
         out.append(Encoded(outputs, prepared.tiles))

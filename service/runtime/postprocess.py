@@ -202,10 +202,10 @@ def rank_defect_types(maps: ClassMaps, type_scores: np.ndarray, allowed: np.ndar
     """Defect types with pixels at the original resolution, most likely first (score, then area)."""
     n_classes = len(class_names)
     weights = maps.pixel_weights
+    visible = weights > 0
     areas = np.bincount(maps.classes.ravel(), weights=weights.ravel(), minlength=n_classes)
     probs = renormalised_type_scores(type_scores, allowed)
     total = maps.width * maps.height
-    visible = weights > 0
     ranked = [
         {"name": class_names[c], "score": sig(probs[c]), "area_fraction": sig(areas[c] / total),
          "max_pixel_score": sig(masked_max(maps.anomaly, (maps.classes == c) & visible))}

@@ -21,14 +21,14 @@ from DAPO: a pixel the fused map calls defective takes the argmax over the allow
 classes (`defect_type_map`).
 
 A tiled product (docs/tiling.md) keeps a bank of its good parts' *tiles*: the patch features of
-every tile (the scale the encoder sees the part at), and the global feature of the whole-image
-pass. Serving searches each tile's patches, smooths each tile's distance map as the tiled path
+every tile (the scale the encoder sees the part at), and the image descriptor of the whole-image
+pass (`global_query`). Serving searches each tile's patches, smooths each tile's distance map as the tiled path
 smooths DAPO's, and stitches both branches' maps with the tiles' blending rule (mean of the
 covering tiles) before z-scoring and fusing on the stitched map; the image fuses DAPO's tiled
-image score, the whole image's global distance and the max over all tiles' patch distances
+image score, the whole image's descriptor distance and the max over all tiles' patch distances
 (`tiled_branches`). Why this split: small defects are found at the tiles' scale and global
-texture changes by the whole part's global feature (the measurements in the references issue:
-patches of 2 x 2 tiles with the whole image's class token beat either alone).
+texture changes by the whole part's descriptor (the measurements in the references issue:
+patches of 2 x 2 tiles with a whole-image descriptor beat either alone).
 
 The nearest-neighbour search runs where the encoder runs: a second small ONNX graph on the
 encoder's own execution providers (squared distances ||a||^2 - 2ab + ||b||^2, a ReduceMin, the
@@ -324,7 +324,7 @@ class ReferenceSet:
         """A tiled image's outputs (the whole image, then its tiles) against a bank of tiles, with
         DAPO's stitched map and tiled image score as the tiled path serves them
         (`Detector.tiled_dapo`): each tile's distance map smoothed like DAPO's and stitched the
-        same way, the whole image's global distance, the largest patch distance of any tile."""
+        same way, the whole image's descriptor distance, the largest patch distance of any tile."""
         first = tiles.first_tile
         n = len(outputs.patch_features) - first
         whole = np.repeat(global_query(outputs, bank.info.global_feature, slice(0, 1)), n, axis=0)  # one per search row

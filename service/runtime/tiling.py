@@ -75,6 +75,12 @@ class TileGrid:
         return len(self.xs) * len(self.ys)
 
     @property
+    def inputs(self) -> int:
+        """Encoder inputs per image: the whole image, then the tiles; a 1 x 1 grid's only tile is
+        the whole-image input itself."""
+        return self.count + 1 if self.count > 1 else 1
+
+    @property
     def boxes(self) -> list[tuple[int, int, int, int]]:
         """(left, top, right, bottom) of every tile, row by row (the order of inputs and maps)."""
         return [(x, y, x + self.tile_w, y + self.tile_h) for y in self.ys for x in self.xs]
@@ -198,7 +204,7 @@ class TiledInput:
     def first_tile(self) -> int:
         """Index of the first tile among the image's encoder outputs (the whole image, then the
         tiles): 1, or 0 for a 1 x 1 grid, whose tile is the whole-image input."""
-        return 1 if self.grid.count > 1 else 0
+        return self.grid.inputs - self.grid.count
 
 
 def decoded_box(box: tuple[int, int, int, int], image: Image.Image, width: int, height: int
