@@ -17,7 +17,7 @@ from PIL import Image
 from service.runtime.artifact import ArtifactError, load_manifest
 from service.runtime.backends.torch_backend import TorchSearch
 from service.runtime.detector import Detector
-from service.runtime.references import OrtSearch, squash
+from service.runtime.references import FUSED_SCALE, OrtSearch, squash
 from service.server.app import create_app
 from service.server.settings import Settings
 from training.references import (
@@ -240,10 +240,44 @@ def test_detect_says_whether_references_were_used_and_model_lists_bank_sizes(ban
     assert info["products"]["wood"]["references"] == {"images": K, "patches": LIMIT}
 
 
-def test_squash_is_monotone_and_centred():
+@pytest.mark.parametrize("kind", ["softsign", "sigmoid"])
+def test_squash_is_monotone_and_centred(kind):
     z = np.array([-10.0, 0.0, 2.0, 30.0])
-    s = squash(z)
-    assert s[1] == 0.5 and np.all(np.diff(s) > 0) and s[-1] < 1.0
+    s = squash(z, kind)
+    assert s[1] == 0.5 and np.all(np.diff(s) > 0) and s[-1] < 1.0 and s[0] > 0.0
+
+
+def test_the_softsign_squash_keeps_far_out_pixels_apart_in_a_float32_map():
+    """Why new banks squash by softsign: DAPO's map has a tiny std on good parts, so defect pixels
+    reach z of hundreds; a sigmoid makes them all exactly 1.0 in the float32 map (ties that cost
+    pixel AUROC), softsign keeps their order."""
+    z = np.array([50.0, 100.0, 1000.0, 10000.0])
+    assert np.all(np.diff(squash(z, "softsign").astype(np.float32)) > 0)
+    assert np.all(squash(z, "sigmoid").astype(np.float32)[1:] == 1.0)
+    with pytest.raises(ValueError, match="unknown squash"):
+        squash(z, "tanh")
+
+
+def test_a_bank_written_before_the_squash_field_is_served_with_the_sigmoid(banked, tmp_path, textures):
+    """New banks say softsign; a manifest without the field (its thresholds were quantiles of
+    sigmoid-squashed scores) is served with the sigmoid: the same fused z, squashed as it was built."""
+    new = Detector.load(banked)
+    assert new.references.banks["wood"].info.squash == "softsign"
+    old = tmp_path / "old"
+    shutil.copytree(banked, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    manifest["products"]["wood"]["references"].pop("squash")
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    det = Detector.load(old)
+    assert det.references.banks["wood"].info.squash == "sigmoid"
+    imgs = images(textures)
+    a = new.predict(imgs, new.policy("wood"))
+    b = det.predict(imgs, det.policy("wood"))
+    for x, y in zip(a, b, strict=True):  # one fused z behind both: invert each squash
+        u = 2.0 * x.scores.anomaly_score - 1.0
+        z_soft = FUSED_SCALE * u / (1.0 - abs(u))
+        z_sig = FUSED_SCALE * np.log(y.scores.anomaly_score / (1.0 - y.scores.anomaly_score))
+        assert z_soft == pytest.approx(z_sig, rel=1e-6, abs=1e-6)
 
 
 def test_a_schema_2_manifest_is_upgraded_to_products_without_references(demo_artifact, tmp_path):

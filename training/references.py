@@ -38,6 +38,7 @@ from service.runtime.tiling import TiledInput
 from service.runtime.references import (
     FUSIONS,
     GLOBAL_FEATURES,
+    SQUASHES,
     Bank,
     Branches,
     ReferenceSet,
@@ -206,7 +207,7 @@ def placeholder_info(file: str, images: int, patches: int, options: ReferenceOpt
     return References(file=file, images=images, patches=patches, coreset_limit=options.coreset_limit,
                       fusion=options.fusion, dapo_map=unit, nn_map=unit, dapo_image=unit, nn_global=unit,
                       nn_patch_max=unit, tile=options.tiling.tile if options.tiling is not None else None,
-                      global_feature=options.global_feature)
+                      global_feature=options.global_feature, squash=SQUASHES[0])
 
 
 @dataclass

@@ -122,6 +122,10 @@ class References(BaseModel):
     # "class_token", DAPO's pooled global feature (manifests without the field: every bank built
     # before the descriptor was measured, served as they were built)
     global_feature: Literal["patch_mean", "class_token"] = "class_token"
+    # how a fused z-score becomes a score in [0, 1] (service.runtime.references.squash): "softsign"
+    # for the banks `dapo calibrate --references` writes; "sigmoid" for manifests without the field
+    # (their thresholds and baselines were computed with it, so they are served as they were built)
+    squash: Literal["softsign", "sigmoid"] = "sigmoid"
 
 
 class Product(BaseModel):

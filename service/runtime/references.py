@@ -15,8 +15,11 @@ At serving time, for a product that has a bank (and unless the call says `refere
 
 z(.) = (x - mean) / std with the good parts' own leave-one-out statistics (each reference scored
 against the others), so fusing needs no defective sample; `fuse` is the per-product rule
-(max or mean, measured in docs/references.md); `squash(z) = sigmoid(z / FUSED_SCALE)` keeps
-scores and thresholds in [0, 1] like every other score of the service. Defect *types* still come
+(max or mean, measured in docs/references.md); `squash` keeps scores and thresholds in [0, 1]
+like every other score of the service: `0.5 + 0.5 * softsign(z / FUSED_SCALE)` for the banks
+`dapo calibrate` writes, never equal to 1 in float32 for any finite z, so the fused map keeps its
+ranking where DAPO's branch is far out (a sigmoid, what older banks use, rounds every z above
+about 70 to exactly 1.0 in a float32 map: measured, docs/references.md). Defect *types* still come
 from DAPO: a pixel the fused map calls defective takes the argmax over the allowed defect
 classes (`defect_type_map`).
 
@@ -49,7 +52,8 @@ from service.runtime.artifact import BranchStats, Manifest, References
 from service.runtime.backends.base import EncoderOutputs
 from service.runtime.scoring import smooth
 
-FUSED_SCALE = 4.0  # squash(z) = sigmoid(z / FUSED_SCALE): z = 0 (a typical good part) -> 0.5
+FUSED_SCALE = 4.0  # squash(z) of z / FUSED_SCALE: z = 0 (a typical good part) -> 0.5
+SQUASHES = ("softsign", "sigmoid")  # References.squash; the first is what new banks use
 FUSIONS = ("max", "mean")
 BANK_DIR = "references"
 GLOBAL_FEATURES = ("patch_mean", "class_token")  # References.global_feature; the first is what new banks use
@@ -244,9 +248,17 @@ def fuse(zs: list, rule: str):
     raise ValueError(f"unknown fusion rule {rule!r}; known: {FUSIONS}")
 
 
-def squash(z):
-    """A fused z-score -> (0, 1), monotone: thresholds and answers stay in [0, 1]."""
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, np.float64) / FUSED_SCALE))
+def squash(z, kind: str):
+    """A fused z-score -> (0, 1), monotone: thresholds and answers stay in [0, 1]. "softsign"
+    (0.5 + 0.5 u / (1 + |u|)) approaches 1 as 1 - 0.5 / u, so a float32 map still tells z = 100
+    from z = 1000; "sigmoid" (older banks, their thresholds computed with it) is 1.0 in float32
+    from z of about 70."""
+    u = np.asarray(z, np.float64) / FUSED_SCALE
+    if kind == "softsign":
+        return 0.5 + 0.5 * u / (1.0 + np.abs(u))
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-u))
+    raise ValueError(f"unknown squash {kind!r}; known: {SQUASHES}")
 
 
 @dataclass(frozen=True)
@@ -265,7 +277,7 @@ class Branches:
         image = fuse([zscore(self.dapo_image, info.dapo_image), zscore(self.nn_global, info.nn_global),
                       zscore(self.nn_patch_max, info.nn_patch_max)], rule)
         amap = fuse([zscore(self.dapo_map, info.dapo_map), zscore(self.nn_map, info.nn_map)], rule)
-        return float(squash(image)), squash(amap).astype(np.float32)
+        return float(squash(image, info.squash)), squash(amap, info.squash).astype(np.float32)
 
 
 def dapo_image_score(outputs: EncoderOutputs, mode: str) -> float:
