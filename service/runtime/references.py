@@ -52,7 +52,7 @@ from service.runtime.artifact import BranchStats, Manifest, References
 from service.runtime.backends.base import EncoderOutputs
 from service.runtime.scoring import smooth
 
-FUSED_SCALE = 4.0  # squash(z) of z / FUSED_SCALE: z = 0 (a typical good part) -> 0.5
+FUSED_SCALE = 4.0  # squash works on u = z / FUSED_SCALE; z = 0 (a typical good part) -> 0.5
 SQUASHES = ("softsign", "sigmoid")  # References.squash; the first is what new banks use
 FUSIONS = ("max", "mean")
 BANK_DIR = "references"
