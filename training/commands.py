@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from service.runtime.artifact import DEMO_ARTIFACT
+from service.runtime.artifact import DEMO_ARTIFACT, FUSIONS, GLOBAL_FEATURES
 from service.runtime.drift import DRIFT_BINS
 
 
@@ -376,8 +376,8 @@ def calibrate_arguments(c: argparse.ArgumentParser) -> None:
                         "fused with DAPO's maps when serving; docs/references.md); 0 = thresholds only")
     c.add_argument("--coreset-limit", type=int, default=None,
                    help="most patch features kept per product (greedy coreset past it; default: measured)")
-    c.add_argument("--fusion", choices=["max", "mean"], default="mean", help="how the z-scored branches are fused")
-    c.add_argument("--global-feature", choices=["patch_mean", "class_token"], default="patch_mean",
+    c.add_argument("--fusion", choices=FUSIONS, default=FUSIONS[0], help="how the z-scored branches are fused")
+    c.add_argument("--global-feature", choices=GLOBAL_FEATURES, default=GLOBAL_FEATURES[0],
                    help="the image descriptor of the global branch: the mean of the image's patch features "
                         "(default, measured) or DAPO's pooled class token (docs/references.md)")
 

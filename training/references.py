@@ -62,7 +62,7 @@ FEW_SAMPLES, FEW_SAMPLES_STD = 5, 0.25  # below 5 values: std >= 25 % of the mea
 class ReferenceOptions:
     images: int  # K: good images kept per product (all of them if fewer)
     coreset_limit: int = DEFAULT_CORESET_LIMIT
-    fusion: str = "mean"  # measured against max in docs/references.md
+    fusion: str = FUSIONS[0]  # measured against max in docs/references.md
     seed: int = 0
     batch_size: int = 8
     tiling: Tiling | None = None  # a tiled product's bank is built from tiles (module docstring)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
@@ -100,6 +100,13 @@ class BranchStats(BaseModel):
     std: float = Field(gt=0.0)
 
 
+# A reference bank's choices; the first of each tuple is what `dapo calibrate --references` writes.
+Fusion = Literal["mean", "max"]  # how the z-scored branches are combined (measured: docs/references.md)
+GlobalFeature = Literal["patch_mean", "class_token"]  # the image descriptor (References.global_feature)
+Squash = Literal["softsign", "sigmoid"]  # fused z -> [0, 1] (References.squash)
+FUSIONS, GLOBAL_FEATURES, SQUASHES = get_args(Fusion), get_args(GlobalFeature), get_args(Squash)
+
+
 class References(BaseModel):
     """A product's reference bank (`dapo calibrate --references K`); see service.runtime.references."""
 
@@ -107,7 +114,7 @@ class References(BaseModel):
     images: int = Field(ge=1)  # good images it was built from
     patches: int = Field(ge=1)  # patch features kept (after coreset subsampling)
     coreset_limit: int = Field(ge=1)  # most patches kept (greedy coreset past it)
-    fusion: Literal["max", "mean"] = "mean"  # how the z-scored branches are combined (measured: docs/references.md)
+    fusion: Fusion = "mean"  # how the z-scored branches are combined (measured: docs/references.md)
     dapo_map: BranchStats  # DAPO's anomaly map, per pixel
     nn_map: BranchStats  # nearest-neighbour patch distance, per pixel (upsampled)
     dapo_image: BranchStats  # DAPO's image score (the manifest's image_score mode)
@@ -121,11 +128,11 @@ class References(BaseModel):
     # image's reference patch features (what `dapo calibrate --references` writes), or
     # "class_token", DAPO's pooled global feature (manifests without the field: every bank built
     # before the descriptor was measured, served as they were built)
-    global_feature: Literal["patch_mean", "class_token"] = "class_token"
+    global_feature: GlobalFeature = "class_token"
     # how a fused z-score becomes a score in [0, 1] (service.runtime.references.squash): "softsign"
     # for the banks `dapo calibrate --references` writes; "sigmoid" for manifests without the field
     # (their thresholds and baselines were computed with it, so they are served as they were built)
-    squash: Literal["softsign", "sigmoid"] = "sigmoid"
+    squash: Squash = "sigmoid"
 
 
 class Product(BaseModel):

@@ -272,8 +272,8 @@ class Detector:
         allowed-defect type map (as `ReferenceSet.apply` does untiled)."""
         if not (policy.references and policy.product is not None):
             return self.tiled_dapo(outputs, policy, tiles)
-        defects = policy.pixel_threshold is not None and outputs.defect_type_map is not None
-        value, anomaly, types = self.tiled_dapo(outputs, policy, tiles, outputs.defect_type_map if defects else None)
+        value, anomaly, types = self.tiled_dapo(outputs, policy, tiles,
+                                                self.references.defect_types(outputs, policy.pixel_threshold))
         value, anomaly = self.references.apply_tiled(outputs, policy.product, tiles, anomaly, value,
                                                      policy.gaussian_sigma)
         return value, anomaly, types

@@ -7,8 +7,9 @@ AVX-512 VNNI CPU and 0.8x (slower) on an AVX2 one; stations in plants differ the
 from the artifact *and* whose accuracy check passed at bake (`Manifest.precision_checks`), and
 keeps the fastest; a reduced precision only if it is at least `AUTO_MIN_GAIN` (1.1x) faster
 than fp32, since it costs some accuracy and a smaller gain is within the noise. A precision that
-failed its check, or that the CPU lacks (bf16 without AVX-512 bf16 / AMX), is never a candidate; fp32 always is, so auto is never slower than the
-backend's fp32 by more than the measurement's noise.
+failed its check, or that the CPU lacks (bf16 without AVX-512 bf16 / AMX), is never a candidate;
+fp32 always is, so auto is never slower than the backend's fp32 by more than the measurement's
+noise.
 
 The tolerances below are the one definition of "passes" for reduced precisions: bake
 (`training.quantize`) checks against them, and bf16 (no file, so no bake check) is checked here

@@ -48,15 +48,12 @@ from pathlib import Path
 import numpy as np
 
 from service.runtime import tiling
-from service.runtime.artifact import BranchStats, Manifest, References
+from service.runtime.artifact import FUSIONS, GLOBAL_FEATURES, SQUASHES, BranchStats, Manifest, References
 from service.runtime.backends.base import EncoderOutputs
 from service.runtime.scoring import smooth
 
 FUSED_SCALE = 4.0  # squash works on u = z / FUSED_SCALE; z = 0 (a typical good part) -> 0.5
-SQUASHES = ("softsign", "sigmoid")  # References.squash; the first is what new banks use
-FUSIONS = ("max", "mean")
 BANK_DIR = "references"
-GLOBAL_FEATURES = ("patch_mean", "class_token")  # References.global_feature; the first is what new banks use
 BANK_KEYS = ("patches", "sources", "globals")  # (M, F) float32, (M,) int32 image index, (K, E) float32
 OPSET = 18
 
@@ -351,6 +348,13 @@ class ReferenceSet:
         bank = self.banks[product]
         return self.tiled_branches(outputs, bank, tiles, dapo_map, dapo_image, sigma).fused(bank.info)
 
+    @staticmethod
+    def defect_types(outputs: EncoderOutputs, pixel_threshold: float | None) -> np.ndarray | None:
+        """The allowed-defect type maps (B, S, S) a fused map's pixels take their type from when a
+        pixel threshold will cut it; None: DAPO's own type map stands (no threshold, or an
+        encoder without the reference outputs). One rule for the untiled and the tiled path."""
+        return outputs.defect_type_map if pixel_threshold is not None else None
+
     def apply(self, outputs: EncoderOutputs, product: str, image_score_mode: str,
               pixel_threshold: float | None) -> EncoderOutputs:
         """One image's outputs with the fused score and map in place of DAPO's (type scores,
@@ -358,8 +362,8 @@ class ReferenceSet:
         argmax over the allowed defect classes; without a threshold DAPO's own type map stands."""
         bank = self.banks[product]
         score, amap = self.branches(outputs, bank, image_score_mode).fused(bank.info)
-        type_map = outputs.type_map
-        if pixel_threshold is not None and outputs.defect_type_map is not None:
-            type_map = np.where(amap[None] >= pixel_threshold, outputs.defect_type_map, 0).astype(np.uint8)
+        type_map, defects = outputs.type_map, self.defect_types(outputs, pixel_threshold)
+        if defects is not None:
+            type_map = np.where(amap[None] >= pixel_threshold, defects, 0).astype(np.uint8)
         return replace(outputs, anomaly_score=np.array([score], np.float32), anomaly_map=amap[None],
                        type_map=type_map)
